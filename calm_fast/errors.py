@@ -1,0 +1,16 @@
+"""Exception types shared by the C++ extension and the pure-Python code paths."""
+
+
+class CalmFastError(Exception):
+    """Base class of calm_fast's own errors."""
+
+
+class CacheFullError(CalmFastError, RuntimeError):
+    """The KV cache has fewer free blocks than an operation needs. Nothing was changed."""
+
+
+class UnknownStreamError(CalmFastError, KeyError):
+    """A stream id that the cache manager does not know (never created, or freed)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

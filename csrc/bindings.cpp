@@ -1,0 +1,195 @@
+// pybind11 bindings for calm_fast._C. No torch headers: tensors arrive as numpy views
+// (torch.Tensor.numpy() shares memory), so nothing is copied and nothing links libtorch.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "kv_manager.h"
+#include "paged_attention_cpu.h"
+
+namespace py = pybind11;
+using namespace calm_fast;
+
+namespace {
+
+template <typename T>
+T* checked(py::array& a, const char* name, int ndim, bool writable) {
+  if (!py::isinstance<py::array_t<T>>(a) || !a.dtype().is(py::dtype::of<T>())) {
+    throw std::invalid_argument(std::string(name) + " has dtype " +
+                                std::string(py::str(a.dtype())) + ", expected " +
+                                std::string(py::str(py::dtype::of<T>())));
+  }
+  if (ndim >= 0 && a.ndim() != ndim) {
+    throw std::invalid_argument(std::string(name) + " must have " + std::to_string(ndim) +
+                                " dims, got " + std::to_string(a.ndim()));
+  }
+  if (!(a.flags() & py::array::c_style)) {
+    throw std::invalid_argument(std::string(name) + " must be C-contiguous");
+  }
+  if (writable && !a.writeable()) {
+    throw std::invalid_argument(std::string(name) + " must be writable");
+  }
+  return static_cast<T*>(a.mutable_data());
+}
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + ")";
+}
+
+py::int_ page_table(const KVManager& m, py::array streams, py::array indptr, py::array indices,
+                    py::array last_page_len, py::object start) {
+  int64_t* ids = checked<int64_t>(streams, "streams", 1, false);
+  const int64_t n = streams.shape(0);
+  int32_t* ip = checked<int32_t>(indptr, "indptr", 1, true);
+  int32_t* ix = checked<int32_t>(indices, "indices", 1, true);
+  int32_t* lp = checked<int32_t>(last_page_len, "last_page_len", 1, true);
+  int32_t* st = nullptr;
+  py::array start_arr;
+  if (!start.is_none()) {
+    start_arr = start.cast<py::array>();
+    st = checked<int32_t>(start_arr, "start", 1, true);
+    if (start_arr.shape(0) < n) throw std::invalid_argument("start buffer too small");
+  }
+  if (indptr.shape(0) < n + 1) {
+    throw std::invalid_argument("indptr holds " + std::to_string(indptr.shape(0)) +
+                                " entries, needs " + std::to_string(n + 1));
+  }
+  if (last_page_len.shape(0) < n) {
+    throw std::invalid_argument("last_page_len holds " +
+                                std::to_string(last_page_len.shape(0)) + " entries, needs " +
+                                std::to_string(n));
+  }
+  return py::int_(m.page_table(ids, n, ip, ix, indices.shape(0), lp, st));
+}
+
+void paged_attention(py::array q, py::array k, py::array v, py::array indptr, py::array indices,
+                     py::array last_page_len, py::object start, py::array out, double scale) {
+  const float* qp = checked<float>(q, "q", 3, false);
+  const float* kp = checked<float>(k, "k_cache", 4, false);
+  const float* vp = checked<float>(v, "v_cache", 4, false);
+  float* op = checked<float>(out, "out", 3, true);
+  const int32_t* ip = checked<int32_t>(indptr, "indptr", 1, false);
+  const int32_t* ix = checked<int32_t>(indices, "indices", 1, false);
+  const int32_t* lp = checked<int32_t>(last_page_len, "last_page_len", 1, false);
+  const int64_t B = q.shape(0), H = q.shape(1), D = q.shape(2);
+  const int64_t NB = k.shape(0), BS = k.shape(1), HKV = k.shape(2);
+  if (k.shape(3) != D || shape_str(k) != shape_str(v)) {
+    throw std::invalid_argument("k_cache " + shape_str(k) + " and v_cache " + shape_str(v) +
+                                " must both be (num_blocks, block_size, kv_heads, " +
+                                std::to_string(D) + ")");
+  }
+  if (HKV <= 0 || H % HKV != 0) {
+    throw std::invalid_argument("query heads " + std::to_string(H) +
+                                " must be a multiple of kv heads " + std::to_string(HKV));
+  }
+  if (shape_str(out) != shape_str(q)) {
+    throw std::invalid_argument("out " + shape_str(out) + " must match q " + shape_str(q));
+  }
+  if (indptr.shape(0) < B + 1 || last_page_len.shape(0) < B) {
+    throw std::invalid_argument("page table covers fewer streams than q's batch of " +
+                                std::to_string(B));
+  }
+  const int32_t* st = nullptr;
+  py::array start_arr;
+  if (!start.is_none()) {
+    start_arr = start.cast<py::array>();
+    st = checked<int32_t>(start_arr, "start", 1, false);
+    if (start_arr.shape(0) < B) throw std::invalid_argument("start covers fewer than batch");
+  }
+  // Validate the table fully: a bad index here would be an out-of-bounds read.
+  if (ip[0] != 0) throw std::invalid_argument("indptr[0] must be 0");
+  for (int64_t b = 0; b < B; ++b) {
+    if (ip[b + 1] < ip[b] || ip[b + 1] > indices.shape(0)) {
+      throw std::invalid_argument("indptr is not a non-decreasing offset array into indices");
+    }
+    const bool any = ip[b + 1] > ip[b];
+    const int32_t first = (st != nullptr && any) ? st[b] : 0;
+    if (any && (lp[b] < 1 || lp[b] > BS || first < 0 || first >= BS ||
+                (ip[b + 1] - ip[b] == 1 && first > lp[b]))) {
+      throw std::invalid_argument("stream " + std::to_string(b) +
+                                  ": last_page_len/start out of range for block_size " +
+                                  std::to_string(BS));
+    }
+    for (int32_t p = ip[b]; p < ip[b + 1]; ++p) {
+      if (ix[p] < 0 || ix[p] >= NB) {
+        throw std::invalid_argument("page index " + std::to_string(ix[p]) +
+                                    " out of range [0, " + std::to_string(NB) + ")");
+      }
+    }
+  }
+  py::gil_scoped_release nogil;
+  paged_decode_attention_cpu(qp, kp, vp, ip, ix, lp, st, B, H, HKV, D, BS,
+                             static_cast<float>(scale), op);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "calm_fast native part: paged KV-cache manager and CPU decode attention";
+
+  // Errors are raised as calm_fast.errors classes so the C++ manager and its Python twin
+  // raise the very same exception types.
+  py::module_ errors = py::module_::import("calm_fast.errors");
+  static py::object cache_full = errors.attr("CacheFullError");
+  static py::object unknown_stream = errors.attr("UnknownStreamError");
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const CacheFullError& e) {
+      PyErr_SetString(cache_full.ptr(), e.what());
+    } catch (const UnknownStreamError& e) {
+      PyErr_SetString(unknown_stream.ptr(), e.what());
+    }
+  });
+
+#ifdef CALM_FAST_OPENMP
+  m.attr("has_openmp") = true;
+#else
+  m.attr("has_openmp") = false;
+#endif
+
+  py::class_<KVManager>(m, "KVManager")
+      .def(py::init<int64_t, int64_t>(), py::arg("num_blocks"), py::arg("block_size"))
+      .def("new_stream", &KVManager::new_stream)
+      .def("fork", &KVManager::fork, py::arg("stream"))
+      .def(
+          "append",
+          [](KVManager& self, int64_t stream, int64_t n) {
+            AppendResult r = self.append(stream, n);
+            py::array_t<int32_t> slots(static_cast<py::ssize_t>(r.slots.size()));
+            std::copy(r.slots.begin(), r.slots.end(), slots.mutable_data());
+            py::array_t<int32_t> copies({static_cast<py::ssize_t>(r.copies.size()),
+                                         static_cast<py::ssize_t>(3)});
+            auto c = copies.mutable_unchecked<2>();
+            for (size_t i = 0; i < r.copies.size(); ++i) {
+              c(i, 0) = r.copies[i].src;
+              c(i, 1) = r.copies[i].dst;
+              c(i, 2) = r.copies[i].rows;
+            }
+            return py::make_tuple(slots, copies);
+          },
+          py::arg("stream"), py::arg("n"))
+      .def("blocks_needed", &KVManager::blocks_needed, py::arg("stream"), py::arg("n"))
+      .def("trim_front", &KVManager::trim_front, py::arg("stream"), py::arg("keep_last"))
+      .def("free", &KVManager::free, py::arg("stream"))
+      .def("page_table", &page_table, py::arg("streams"), py::arg("indptr"),
+           py::arg("indices"), py::arg("last_page_len"), py::arg("start") = py::none())
+      .def("blocks", [](const KVManager& s, int64_t id) { return s.stream(id).blocks; })
+      .def("length", [](const KVManager& s, int64_t id) { return s.stream(id).length; })
+      .def("start", [](const KVManager& s, int64_t id) { return s.stream(id).start; })
+      .def("position", [](const KVManager& s, int64_t id) { return s.stream(id).position; })
+      .def("has_stream", &KVManager::has_stream)
+      .def("streams", &KVManager::stream_ids)
+      .def("refcount", &KVManager::refcount, py::arg("block"))
+      .def_property_readonly("num_blocks", &KVManager::num_blocks)
+      .def_property_readonly("block_size", &KVManager::block_size)
+      .def_property_readonly("num_free_blocks", &KVManager::num_free_blocks)
+      .def_property_readonly("num_streams", &KVManager::num_streams);
+
+  m.def("paged_decode_attention", &paged_attention, py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("indptr"), py::arg("indices"), py::arg("last_page_len"),
+        py::arg("start"), py::arg("out"), py::arg("scale"),
+        "Single-query attention of a ragged batch over paged fp32 K/V (writes `out`).");
+}
