@@ -1,0 +1,15 @@
+"""Test-wide setup.
+
+TRITON_INTERPRET must be set before any ``@triton.jit`` decorator runs, so it is set here,
+before test modules import calm_fast.kernels. On a CUDA machine set CALM_FAST_TRITON_GPU=1
+to run the same kernel tests on the GPU instead of the interpreter.
+"""
+import os
+
+if os.environ.get("CALM_FAST_TRITON_GPU", "0") == "0":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+# Two cores: keep intra-op threads fixed so timings and reductions are repeatable.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
