@@ -1,0 +1,73 @@
+"""Shared helpers for the benchmark scripts: timing, machine description, CSV rows."""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    """CPU model (or GPU name) and core count, for the results table."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} x{os.cpu_count()}"
+
+
+def timeit(fn, *, warmup: int = 3, min_time: float = 0.5, max_iters: int = 10_000) -> float:
+    """Median seconds per call over repeated blocks (robust to a noisy shared machine)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    start = time.perf_counter()
+    while (time.perf_counter() - start < min_time or len(samples) < 5) and len(samples) < max_iters:
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def write_rows(name: str, rows: list[dict]) -> Path:
+    """Append rows to benchmarks/results/<name>.csv with date/machine/version columns."""
+    import calm_fast
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.csv"
+    stamp = {
+        "date": _dt.date.today().isoformat(),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "calm_fast": calm_fast.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    rows = [{**stamp, **r} for r in rows]
+    fields = list(rows[0].keys())
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))
