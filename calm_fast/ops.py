@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
+
+from .kernels import paged_attention as _pa
+from .kernels.paged_attention import paged_decode_attention_ref  # noqa: F401 (re-export)
 
 try:
     from . import _C
@@ -22,32 +24,8 @@ def force_reference() -> bool:
 
 
 # -- paged single-query decode attention ---------------------------------------------------
-def paged_decode_attention_ref(q, k_cache, v_cache, indptr, indices, last_page_len,
-                               start=None, scale=None):
-    """Torch oracle: gather each stream's live rows from its pages, then SDPA.
-
-    q: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; CSR page table as in
-    ``PagedKVCache.page_table``. Returns [B, H, D]; a stream with no live rows gives zeros.
-    """
-    B, H, D = q.shape
-    bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    scale = D ** -0.5 if scale is None else scale
-    out = torch.zeros_like(q)
-    for b in range(B):
-        p0, p1 = int(indptr[b]), int(indptr[b + 1])
-        if p1 == p0:
-            continue
-        pages = indices[p0:p1].long().to(k_cache.device)
-        first = int(start[b]) if start is not None else 0
-        stop = (p1 - p0 - 1) * bs + int(last_page_len[b])
-        k = k_cache[pages].reshape(-1, hkv, D)[first:stop]  # [L, Hkv, D]
-        v = v_cache[pages].reshape(-1, hkv, D)[first:stop]
-        if k.shape[0] == 0:
-            continue
-        k = k.repeat_interleave(H // hkv, dim=1).transpose(0, 1)  # [H, L, D]
-        v = v.repeat_interleave(H // hkv, dim=1).transpose(0, 1)
-        out[b] = F.scaled_dot_product_attention(q[b, :, None], k, v, scale=scale)[:, 0]
-    return out
+def _triton_ok(t: torch.Tensor) -> bool:
+    return t.is_cuda and _pa.triton is not None and not force_reference()
 
 
 def paged_decode_attention(q, k_cache, v_cache, indptr, indices, last_page_len,
@@ -55,6 +33,11 @@ def paged_decode_attention(q, k_cache, v_cache, indptr, indices, last_page_len,
     """Single-query attention of a ragged batch over paged K/V (see the reference)."""
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
+    if _triton_ok(q):
+        dev = q.device
+        return _pa.paged_decode_attention_triton(
+            q, k_cache, v_cache, indptr.to(dev), indices.to(dev), last_page_len.to(dev),
+            None if start is None else start.to(dev), scale, out)
     cpu_fast = (
         _C is not None and not force_reference() and q.device.type == "cpu"
         and q.dtype == torch.float32 and k_cache.dtype == torch.float32
