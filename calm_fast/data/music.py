@@ -1,0 +1,197 @@
+"""Offline music with captions: scores shipped inside the music21 wheel, rendered with
+fluidsynth and a General MIDI soundfont (Debian's fluid-soundfont-gm).
+
+Each render picks, from the seed, a work, a transposition (-5..+5 semitones), a tempo and a
+General MIDI instrument for every part (one shared instrument or one per part), renders
+24 kHz audio, and cuts one segment. The caption says what was rendered, in words a
+text-to-music model can learn: composer/collection, ensemble, instruments, tempo, key, meter.
+Works are split into train/test by work, never by segment.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from .tools import MissingToolError, require_tool
+
+SAMPLE_RATE = 24_000
+SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
+
+# General MIDI programs (0-based) by family, with the words used in captions.
+INSTRUMENTS = {
+    0: "piano", 6: "harpsichord", 19: "church organ", 24: "nylon guitar", 40: "violin",
+    41: "viola", 42: "cello", 43: "double bass", 46: "harp", 48: "string ensemble",
+    52: "choir", 56: "trumpet", 57: "trombone", 60: "french horn", 68: "oboe", 70: "bassoon",
+    71: "clarinet", 73: "flute", 75: "pan flute", 79: "ocarina",
+}
+COLLECTIONS = {
+    "bach": "Bach chorale", "palestrina": "Palestrina motet", "ryansMammoth": "fiddle tune",
+    "oneills1850": "Irish folk tune", "essenFolksong": "European folk song",
+    "trecento": "medieval ballata", "monteverdi": "Monteverdi madrigal",
+    "beethoven": "Beethoven", "mozart": "Mozart", "haydn": "Haydn", "josquin": "Josquin motet",
+}
+
+
+def _music21():
+    try:
+        import music21
+    except ImportError:
+        raise MissingToolError("the music builder needs music21: pip install "
+                               "'calm_fast[data]' (its corpus ships inside the wheel)") from None
+    return music21
+
+
+def list_works(collections=tuple(COLLECTIONS)) -> list[str]:
+    """Corpus paths (relative to the music21 corpus) of the chosen collections, sorted."""
+    m21 = _music21()
+    out = []
+    for p in m21.corpus.getCorePaths():
+        rel = str(p).split("/corpus/", 1)[1]
+        if rel.split("/")[0] in collections and p.suffix in (".mxl", ".krn", ".abc", ".xml"):
+            out.append(rel)
+    return sorted(out)
+
+
+def split_works(works: list[str], seed: int = 0, test: float = 0.1):
+    order = list(works)
+    random.Random(seed).shuffle(order)
+    n_test = max(1, round(test * len(order))) if len(order) > 1 else 0
+    return order[n_test:], order[:n_test]
+
+
+def render_midi(midi_path: str, wav_path: str) -> None:
+    exe = require_tool("fluidsynth")
+    sf2 = require_tool(SOUNDFONT)
+    res = subprocess.run([exe, "-ni", "-g", "0.5", "-r", str(SAMPLE_RATE), "-F", wav_path,
+                          sf2, midi_path], capture_output=True, text=True, timeout=600)
+    if res.returncode != 0 or not os.path.exists(wav_path):
+        raise RuntimeError(f"fluidsynth failed: {res.stderr.strip()[:300]}")
+
+
+def render_work(rel_path: str, rng: random.Random, max_seconds: float = 30.0):
+    """Parse, vary and render one work. Returns (mono float32 audio at 24 kHz, metadata)."""
+    m21 = _music21()
+    score = m21.corpus.parse(rel_path)
+    if isinstance(score, m21.stream.Opus):  # abc collections hold many tunes
+        score = score.scores[rng.randrange(len(score.scores))]
+    semis = rng.randint(-5, 5)
+    if semis:
+        score = score.transpose(semis)
+    key = score.analyze("key")
+    ts = score.recurse().getElementsByClass(m21.meter.TimeSignature).first()
+    # Tempo and instruments are set on the MIDI events, not in the score tree: editing
+    # music21 streams in place breaks on some corpus files (shared TimeSignature objects).
+    mf = m21.midi.translate.streamToMidiFile(score)
+    bpm = rng.randint(60, 160)
+    note_tracks = [t for t in mf.tracks if any(e.isNoteOn() for e in t.events)]
+    shared = rng.random() < 0.5
+    programs = [rng.choice(list(INSTRUMENTS))] * len(note_tracks) if shared else \
+        [rng.choice(list(INSTRUMENTS)) for _ in note_tracks]
+    for track in mf.tracks:
+        for ev in track.events:
+            if ev.type == m21.midi.MetaEvents.SET_TEMPO:
+                ev.data = (60_000_000 // bpm).to_bytes(3, "big")
+    for track, prog in zip(note_tracks, programs):
+        for ev in track.events:
+            if ev.type == m21.midi.ChannelVoiceMessages.PROGRAM_CHANGE:
+                ev.data = prog
+    with tempfile.TemporaryDirectory() as tmp:
+        mid, wav_path = os.path.join(tmp, "w.mid"), os.path.join(tmp, "w.wav")
+        mf.open(mid, "wb")
+        mf.write()
+        mf.close()
+        render_midi(mid, wav_path)
+        wav, sr = sf.read(wav_path, dtype="float32")
+    if wav.ndim == 2:
+        wav = wav.mean(axis=1)
+    if sr != SAMPLE_RATE:
+        raise RuntimeError(f"fluidsynth wrote {sr} Hz, expected {SAMPLE_RATE}")
+    nz = np.flatnonzero(np.abs(wav) > 1e-4)
+    if nz.size == 0:
+        raise RuntimeError(f"{rel_path} rendered to silence")
+    wav = wav[nz[0]:nz[-1] + 1]
+    seg = int(max_seconds * SAMPLE_RATE)
+    if len(wav) > seg:  # a random segment, so long works give varied training windows
+        start = rng.randrange(len(wav) - seg)
+        wav = wav[start:start + seg]
+    wav = wav * (10 ** (-1 / 20) / max(float(np.abs(wav).max()), 1e-9))
+    names = sorted({INSTRUMENTS[p] for p in programs})
+    meta = {
+        "work": rel_path, "collection": rel_path.split("/")[0], "transpose": semis,
+        "bpm": bpm, "key": f"{key.tonic.name} {key.mode}",
+        "meter": ts.ratioString if ts is not None else "unknown", "instruments": names,
+        "n_parts": len(note_tracks),
+    }
+    meta["caption"] = caption(meta)
+    return wav.astype(np.float32), meta
+
+
+def caption(meta: dict) -> str:
+    what = COLLECTIONS.get(meta["collection"], meta["collection"])
+    inst = " and ".join(meta["instruments"]) if len(meta["instruments"]) <= 2 else \
+        ", ".join(meta["instruments"][:-1]) + " and " + meta["instruments"][-1]
+    solo = "solo " if meta["n_parts"] == 1 else ""
+    return (f"{what} for {solo}{inst}, {meta['bpm']} BPM, in {meta['key']}, "
+            f"{meta['meter']} time")
+
+
+def _job(args):
+    idx, candidates, split, seed, out_dir, max_seconds = args
+    errors = []
+    for rel in candidates:  # a few corpus files trip music21's MIDI export: take the next
+        rng = random.Random(seed * 1_000_003 + idx)
+        try:
+            wav, meta = render_work(rel, rng, max_seconds)
+            break
+        except Exception as e:  # noqa: BLE001 - reported below if every candidate fails
+            errors.append(f"{rel}: {type(e).__name__}: {e}")
+    else:
+        raise RuntimeError(f"render {idx}: every candidate work failed:\n" + "\n".join(errors))
+    path = Path(out_dir) / split / f"{idx:06d}.flac"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.flac")
+    sf.write(tmp, wav, SAMPLE_RATE, subtype="PCM_16")
+    os.replace(tmp, path)
+    return {"path": str(path.relative_to(out_dir)), "split": split, "sample_rate": SAMPLE_RATE,
+            "duration": round(len(wav) / SAMPLE_RATE, 3), **meta}
+
+
+def build_music_dataset(out_dir, n_renders: int = 50, seed: int = 0,
+                        collections=tuple(COLLECTIONS), max_seconds: float = 30.0,
+                        workers: int = 2) -> Path:
+    """Render ``n_renders`` captioned segments into ``out_dir`` with a JSONL manifest."""
+    if n_renders <= 0:
+        raise ValueError(f"n_renders must be positive, got {n_renders}")
+    require_tool("fluidsynth")
+    require_tool(SOUNDFONT)
+    train, test = split_works(list_works(collections), seed)
+    if not train:
+        raise ValueError(f"no works found in collections {collections}")
+    rng = random.Random(seed)
+    jobs = []
+    for i in range(n_renders):
+        split = "test" if test and rng.random() < 0.1 else "train"
+        pool = test if split == "test" else train
+        jobs.append((i, [rng.choice(pool) for _ in range(4)], split, seed, str(out_dir),
+                     max_seconds))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as ex:
+            rows = list(ex.map(_job, jobs))
+    else:
+        rows = [_job(j) for j in jobs]
+    manifest = Path(out_dir) / "manifest.jsonl"
+    tmp = manifest.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, manifest)
+    return manifest
