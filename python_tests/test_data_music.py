@@ -14,7 +14,8 @@ pytestmark = pytest.mark.skipif(shutil.which("fluidsynth") is None,
 
 
 def test_build_is_deterministic_and_captioned(tmp_path):
-    kw = dict(n_renders=3, seed=1, collections=("oneills1850",), max_seconds=4.0, workers=1)
+    kw = dict(n_renders=3, seed=1, collections=("oneills1850",), max_seconds=4.0,
+              mma_fraction=0.0, workers=1)
     m1 = music.build_music_dataset(tmp_path / "a", **kw)
     m2 = music.build_music_dataset(tmp_path / "b", **kw)
     rows = [json.loads(line) for line in m1.read_text().splitlines()]
@@ -30,6 +31,19 @@ def test_build_is_deterministic_and_captioned(tmp_path):
         np.testing.assert_array_equal(wav, wav2)
 
 
+@pytest.mark.skipif(shutil.which("mma") is None, reason="mma not installed")
+def test_mma_accompaniment(tmp_path):
+    import random
+
+    wav, meta = music.render_mma(random.Random(0), max_seconds=3.0)
+    assert wav.dtype == np.float32 and 1.0 < len(wav) / 24_000 <= 3.0 + 1e-3
+    assert meta["style"] in meta["caption"] and f"{meta['bpm']} BPM" in meta["caption"]
+    rows = music.build_music_dataset(tmp_path, n_renders=2, seed=0, collections=("bach",),
+                                     max_seconds=2.0, mma_fraction=1.0, workers=1)
+    rows = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert {r["collection"] for r in rows if r["split"] == "train"} <= {"mma"}
+
+
 def test_split_is_by_work():
     works = music.list_works(("bach",))
     train, test = music.split_works(works, seed=0)
@@ -40,4 +54,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="n_renders"):
         music.build_music_dataset("/tmp/unused", n_renders=0)
     with pytest.raises(ValueError, match="no works"):
-        music.build_music_dataset("/tmp/unused-calm", n_renders=1, collections=("nope",))
+        music.build_music_dataset("/tmp/unused-calm", n_renders=1, collections=("nope",),
+                                  mma_fraction=0.0)
+    with pytest.raises(ValueError, match="mma_fraction"):
+        music.build_music_dataset("/tmp/unused-calm", n_renders=1, mma_fraction=2.0)

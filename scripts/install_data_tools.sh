@@ -7,4 +7,4 @@ apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
   espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k \
   fortunes fortunes-min bible-kjv \
-  fluidsynth fluid-soundfont-gm
+  fluidsynth fluid-soundfont-gm mma

@@ -114,15 +114,7 @@ def render_work(rel_path: str, rng: random.Random, max_seconds: float = 30.0):
         wav = wav.mean(axis=1)
     if sr != SAMPLE_RATE:
         raise RuntimeError(f"fluidsynth wrote {sr} Hz, expected {SAMPLE_RATE}")
-    nz = np.flatnonzero(np.abs(wav) > 1e-4)
-    if nz.size == 0:
-        raise RuntimeError(f"{rel_path} rendered to silence")
-    wav = wav[nz[0]:nz[-1] + 1]
-    seg = int(max_seconds * SAMPLE_RATE)
-    if len(wav) > seg:  # a random segment, so long works give varied training windows
-        start = rng.randrange(len(wav) - seg)
-        wav = wav[start:start + seg]
-    wav = wav * (10 ** (-1 / 20) / max(float(np.abs(wav).max()), 1e-9))
+    wav = _segment(wav, rng, max_seconds)
     names = sorted({INSTRUMENTS[p] for p in programs})
     meta = {
         "work": rel_path, "collection": rel_path.split("/")[0], "transpose": semis,
@@ -131,7 +123,78 @@ def render_work(rel_path: str, rng: random.Random, max_seconds: float = 30.0):
         "n_parts": len(note_tracks),
     }
     meta["caption"] = caption(meta)
-    return wav.astype(np.float32), meta
+    return wav, meta
+
+
+# -- MMA accompaniment styles -------------------------------------------------------------------
+MMA_LIB = "/usr/share/mma/lib/stdlib"
+NOTE_NAMES = ["C", "Db", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B"]
+# Roman-numeral progressions as (semitones above the tonic, chord quality) per bar.
+PROGRESSIONS = {
+    "I-vi-ii-V": [(0, ""), (9, "m"), (2, "m"), (7, "7")],
+    "I-IV-V-I": [(0, ""), (5, ""), (7, "7"), (0, "")],
+    "ii-V-I": [(2, "m7"), (7, "7"), (0, "maj7"), (0, "maj7")],
+    "12-bar blues": [(0, "7")] * 4 + [(5, "7")] * 2 + [(0, "7")] * 2 + [(7, "7"), (5, "7"),
+                                                                       (0, "7"), (7, "7")],
+}
+
+
+def list_grooves(lib: str = MMA_LIB) -> list[tuple[str, str]]:
+    """(groove name, style file stem) for the first groove of each MMA style file."""
+    require_tool("mma")
+    out = []
+    for path in sorted(Path(lib).glob("*.mma")):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("DefGroove"):
+                out.append((line.split()[1], path.stem))
+                break
+    if not out:
+        raise MissingToolError(f"no MMA styles under {lib}: reinstall the Debian package 'mma'")
+    return out
+
+
+def render_mma(rng: random.Random, max_seconds: float = 30.0):
+    """An accompaniment in a random MMA groove, key, tempo and progression."""
+    exe = require_tool("mma")
+    groove, style = rng.choice(list_grooves())
+    tonic = rng.randrange(12)
+    prog_name = rng.choice(sorted(PROGRESSIONS))
+    prog = PROGRESSIONS[prog_name]
+    bpm = rng.randint(70, 160)
+    bars = prog * max(1, -(-16 // len(prog)))  # at least 16 bars
+    lines = [f"Tempo {bpm}", f"Groove {groove}"]
+    lines += [f"{i + 1} {NOTE_NAMES[(tonic + st) % 12]}{q}" for i, (st, q) in enumerate(bars)]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, mid, wav_path = (os.path.join(tmp, n) for n in ("s.mma", "s.mid", "s.wav"))
+        Path(src).write_text("\n".join(lines) + "\n")
+        res = subprocess.run([exe, src, "-f", mid], capture_output=True, text=True,
+                             timeout=120, cwd=tmp)
+        if res.returncode != 0 or not os.path.exists(mid):
+            raise RuntimeError(f"mma failed for groove {groove}: {res.stdout[-300:]}")
+        render_midi(mid, wav_path)
+        wav, sr = sf.read(wav_path, dtype="float32")
+    if wav.ndim == 2:
+        wav = wav.mean(axis=1)
+    wav = _segment(wav, rng, max_seconds)
+    meta = {"work": f"mma:{style}", "collection": "mma", "style": style, "groove": groove,
+            "bpm": bpm, "key": f"{NOTE_NAMES[tonic]} major", "progression": prog_name,
+            "transpose": 0, "instruments": [], "n_parts": 0, "meter": "unknown"}
+    meta["caption"] = (f"{style} accompaniment in {NOTE_NAMES[tonic]} major, {bpm} BPM, "
+                       f"{prog_name} progression")
+    return wav, meta
+
+
+def _segment(wav: np.ndarray, rng: random.Random, max_seconds: float) -> np.ndarray:
+    """Trim silent ends, cut one random window of at most ``max_seconds``, peak -1 dBFS."""
+    nz = np.flatnonzero(np.abs(wav) > 1e-4)
+    if nz.size == 0:
+        raise RuntimeError("the render is silent")
+    wav = wav[nz[0]:nz[-1] + 1]
+    seg = int(max_seconds * SAMPLE_RATE)
+    if len(wav) > seg:  # a random window, so long renders give varied training segments
+        start = rng.randrange(len(wav) - seg)
+        wav = wav[start:start + seg]
+    return (wav * (10 ** (-1 / 20) / max(float(np.abs(wav).max()), 1e-9))).astype(np.float32)
 
 
 def caption(meta: dict) -> str:
@@ -149,7 +212,8 @@ def _job(args):
     for rel in candidates:  # a few corpus files trip music21's MIDI export: take the next
         rng = random.Random(seed * 1_000_003 + idx)
         try:
-            wav, meta = render_work(rel, rng, max_seconds)
+            wav, meta = (render_mma(rng, max_seconds) if rel == "mma" else
+                         render_work(rel, rng, max_seconds))
             break
         except Exception as e:  # noqa: BLE001 - reported below if every candidate fails
             errors.append(f"{rel}: {type(e).__name__}: {e}")
@@ -166,12 +230,19 @@ def _job(args):
 
 def build_music_dataset(out_dir, n_renders: int = 50, seed: int = 0,
                         collections=tuple(COLLECTIONS), max_seconds: float = 30.0,
-                        workers: int = 2) -> Path:
-    """Render ``n_renders`` captioned segments into ``out_dir`` with a JSONL manifest."""
+                        mma_fraction: float = 0.25, workers: int = 2) -> Path:
+    """Render ``n_renders`` captioned segments into ``out_dir`` with a JSONL manifest.
+
+    A fraction ``mma_fraction`` of the renders are MMA accompaniment styles (train split).
+    """
     if n_renders <= 0:
         raise ValueError(f"n_renders must be positive, got {n_renders}")
     require_tool("fluidsynth")
     require_tool(SOUNDFONT)
+    if not 0 <= mma_fraction <= 1:
+        raise ValueError(f"mma_fraction must be in [0, 1], got {mma_fraction}")
+    if mma_fraction > 0:
+        list_grooves()  # fail now, not in a worker, if mma is missing
     train, test = split_works(list_works(collections), seed)
     if not train:
         raise ValueError(f"no works found in collections {collections}")
@@ -179,9 +250,12 @@ def build_music_dataset(out_dir, n_renders: int = 50, seed: int = 0,
     jobs = []
     for i in range(n_renders):
         split = "test" if test and rng.random() < 0.1 else "train"
-        pool = test if split == "test" else train
-        jobs.append((i, [rng.choice(pool) for _ in range(4)], split, seed, str(out_dir),
-                     max_seconds))
+        if split == "train" and rng.random() < mma_fraction:
+            candidates = ["mma"] * 2
+        else:
+            pool = test if split == "test" else train
+            candidates = [rng.choice(pool) for _ in range(4)]
+        jobs.append((i, candidates, split, seed, str(out_dir), max_seconds))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     if workers > 1:
         with ProcessPoolExecutor(workers) as ex:

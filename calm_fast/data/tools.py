@@ -14,6 +14,7 @@ PACKAGES = {
     "text2wave": "festival",
     "bible": "bible-kjv",
     "fluidsynth": "fluidsynth",
+    "mma": "mma",
     "/usr/share/games/fortunes": "fortunes-min",
     "/usr/share/sounds/sf2/FluidR3_GM.sf2": "fluid-soundfont-gm",
 }
