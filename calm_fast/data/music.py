@@ -10,6 +10,7 @@ Works are split into train/test by work, never by segment.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import random
 import subprocess
@@ -258,7 +259,9 @@ def build_music_dataset(out_dir, n_renders: int = 50, seed: int = 0,
         jobs.append((i, candidates, split, seed, str(out_dir), max_seconds))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     if workers > 1:
-        with ProcessPoolExecutor(workers) as ex:
+        # spawn, not fork: a forked child of a process whose torch/OpenMP thread pool has
+        # started can deadlock (seen in the test suite).
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
             rows = list(ex.map(_job, jobs))
     else:
         rows = [_job(j) for j in jobs]

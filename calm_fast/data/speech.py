@@ -12,6 +12,7 @@ normalised to -1 dBFS and written as FLAC PCM_16; the manifest is JSONL, one lin
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import random
 import subprocess
@@ -169,7 +170,9 @@ def build_speech_dataset(out_dir, n_utterances: int = 200, seed: int = 0,
                            ("test", test) if r < held_out_voices + 0.1 else ("train", train))
         jobs.append((i, spk, rng.choice(pool), split, str(out_dir)))
     if workers > 1:
-        with ProcessPoolExecutor(workers) as ex:
+        # spawn, not fork: a forked child of a process whose torch/OpenMP thread pool has
+        # started can deadlock (seen in the test suite).
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
             rows = list(ex.map(_job, jobs, chunksize=4))
     else:
         rows = [_job(j) for j in jobs]
