@@ -1,0 +1,87 @@
+"""The ``calm-fast`` command line.
+
+    calm-fast data speech OUT [--n 200] [--seed 0] [--workers 2]
+    calm-fast data music OUT [--n 50] [--seed 0] [--seconds 30]
+    calm-fast info
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _data_speech(a):
+    from .data.speech import build_speech_dataset
+
+    m = build_speech_dataset(a.out, n_utterances=a.n, seed=a.seed, n_pseudo=a.pseudo,
+                             workers=a.workers)
+    print(f"wrote {m}")
+
+
+def _data_music(a):
+    from .data.music import build_music_dataset
+
+    m = build_music_dataset(a.out, n_renders=a.n, seed=a.seed, max_seconds=a.seconds,
+                            mma_fraction=a.mma, workers=a.workers)
+    print(f"wrote {m}")
+
+
+def _info(a):
+    import torch
+
+    import calm_fast
+
+    try:
+        from . import _C
+
+        native = f"yes (openmp={_C.has_openmp})"
+    except ImportError as e:
+        native = f"no ({e})"
+    try:
+        import triton
+
+        tri = triton.__version__
+    except ImportError:
+        tri = "not installed"
+    print(json.dumps({"calm_fast": calm_fast.__version__, "torch": torch.__version__,
+                      "cuda": torch.cuda.is_available(), "native extension": native,
+                      "triton": tri}, indent=1))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="calm-fast", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    data = sub.add_parser("data", help="build offline datasets").add_subparsers(
+        dest="what", required=True)
+    sp = data.add_parser("speech", help="multi-speaker TTS speech from Debian engines")
+    sp.add_argument("out")
+    sp.add_argument("--n", type=int, default=200)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--pseudo", type=int, default=2, help="pseudo-speakers per base voice")
+    sp.add_argument("--workers", type=int, default=2)
+    sp.set_defaults(fn=_data_speech)
+    mu = data.add_parser("music", help="captioned music from music21 scores and MMA styles")
+    mu.add_argument("out")
+    mu.add_argument("--n", type=int, default=50)
+    mu.add_argument("--seed", type=int, default=0)
+    mu.add_argument("--seconds", type=float, default=30.0)
+    mu.add_argument("--mma", type=float, default=0.25, help="fraction of MMA renders")
+    mu.add_argument("--workers", type=int, default=2)
+    mu.set_defaults(fn=_data_music)
+    sub.add_parser("info", help="versions and available fast paths").set_defaults(fn=_info)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, RuntimeError, OSError) as e:  # user errors: one clear line, exit 1
+        print(f"calm-fast: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
