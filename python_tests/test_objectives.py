@@ -214,3 +214,45 @@ def test_head_batch_multiplier_needs_fewer_backbone_passes():
 
     one, eight = run(1), run(8)
     assert eight < 0.9 * one, (one, eight)
+
+
+def test_latent_distillation_student_matches_teacher_cfg():
+    """A 1-layer student regresses a 2-layer teacher's CFG-combined output (alpha 1.5); the
+    teacher and its head stay frozen; the student never sees the null branch."""
+    torch.manual_seed(0)
+    d = 16
+    teacher = nn.Sequential(nn.Linear(2 * d, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(),
+                            nn.Linear(64, d)).requires_grad_(False)
+    student = nn.Sequential(nn.Linear(2 * d, 128), nn.GELU(), nn.Linear(128, d))
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n):
+        x = torch.randn(n, 4, d, generator=g)  # [B, T, d] "past latents"
+        cond = torch.randn(n, 1, d, generator=g).expand(-1, 4, -1)
+        return x, cond
+
+    def z(net, x, cond):
+        return net(torch.cat([x, cond], -1))
+
+    x_ev, c_ev = batch(512)
+    mask = torch.ones(512, 4, dtype=torch.bool)
+
+    def eval_err():
+        with torch.no_grad():
+            return obj.latent_distillation_loss(z(student, x_ev, c_ev), z(teacher, x_ev, c_ev),
+                                                z(teacher, x_ev, torch.zeros_like(c_ev)), 1.5,
+                                                mask).item()
+
+    before = eval_err()
+    for _ in range(600):
+        x, c = batch(128)
+        with torch.no_grad():
+            zc, zn = z(teacher, x, c), z(teacher, x, torch.zeros_like(c))
+        loss = obj.latent_distillation_loss(z(student, x, c), zc, zn, 1.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = eval_err()
+    target_var = z(teacher, x_ev, c_ev).var().item()
+    assert after < 0.1 * before and after < 0.05 * target_var, (before, after, target_var)
