@@ -104,20 +104,12 @@ class PagedKVCache:
         All or nothing: if the cache cannot hold every stream's rows, CacheFullError is
         raised before any stream changes.
         """
-        streams = list(streams)
-        need = self.blocks_needed(streams, n)
-        if need > self.manager.num_free_blocks:
-            raise CacheFullError(
-                f"KV cache full: {len(streams)} stream(s) need {need} more block(s) to "
-                f"append {n} row(s) each, but only {self.manager.num_free_blocks} of "
-                f"{self.manager.num_blocks} blocks are free (block_size {self.block_size})")
-        out = np.empty((len(streams), n), np.int64)
-        for i, s in enumerate(streams):
-            slots, copies = self.manager.append(s, n)
-            for src, dst, rows in copies.tolist():
-                self.k[:, dst, :rows] = self.k[:, src, :rows]
-                self.v[:, dst, :rows] = self.v[:, src, :rows]
-            out[i] = slots
+        ids = np.asarray(list(streams), dtype=np.int64)
+        slots, copies = self.manager.append_batch(ids, n)  # raises before changing anything
+        for src, dst, rows in copies.tolist():
+            self.k[:, dst, :rows] = self.k[:, src, :rows]
+            self.v[:, dst, :rows] = self.v[:, src, :rows]
+        out = slots.astype(np.int64)
         return torch.from_numpy(out).to(self.k.device)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

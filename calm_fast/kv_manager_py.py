@@ -111,6 +111,27 @@ class PyKVManager:
         s.position += n
         return slots, np.asarray(copies, np.int32).reshape(-1, 3)
 
+    def append_batch(self, streams, n: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(streams)
+        if ids.dtype != np.int64 or ids.ndim != 1:
+            raise ValueError(f"streams has dtype {ids.dtype}, expected int64 (1-D)")
+        ids = ids.tolist()
+        dup = sorted(i for i in set(ids) if ids.count(i) > 1)
+        if dup:
+            raise ValueError(f"stream {dup[0]} is listed twice")
+        needed = sum(self.blocks_needed(s, n) for s in ids)
+        if needed > len(self._free):
+            raise CacheFullError(
+                f"KV cache full: {len(ids)} stream(s) need {needed} more block(s) to append "
+                f"{n} row(s) each, but only {len(self._free)} of {self._num_blocks} blocks are "
+                f"free (block_size {self._block_size})")
+        slots = np.empty((len(ids), n), np.int32)
+        copies = []
+        for i, s in enumerate(ids):
+            slots[i], c = self.append(s, n)
+            copies.append(c)
+        return slots, np.concatenate(copies or [np.zeros((0, 3), np.int32)]).reshape(-1, 3)
+
     def trim_front(self, stream: int, keep_last: int) -> None:
         if keep_last < 0:
             raise ValueError(f"keep_last must be >= 0, got {keep_last}")

@@ -38,6 +38,20 @@ std::string shape_str(const py::array& a) {
   return s + ")";
 }
 
+py::tuple to_python(const AppendResult& r, std::vector<py::ssize_t> slot_shape) {
+  py::array_t<int32_t> slots(slot_shape);
+  std::copy(r.slots.begin(), r.slots.end(), slots.mutable_data());
+  py::array_t<int32_t> copies({static_cast<py::ssize_t>(r.copies.size()),
+                               static_cast<py::ssize_t>(3)});
+  auto c = copies.mutable_unchecked<2>();
+  for (size_t i = 0; i < r.copies.size(); ++i) {
+    c(i, 0) = r.copies[i].src;
+    c(i, 1) = r.copies[i].dst;
+    c(i, 2) = r.copies[i].rows;
+  }
+  return py::make_tuple(slots, copies);
+}
+
 py::int_ page_table(const KVManager& m, py::array streams, py::array indptr, py::array indices,
                     py::array last_page_len, py::object start) {
   int64_t* ids = checked<int64_t>(streams, "streams", 1, false);
@@ -157,20 +171,19 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "append",
           [](KVManager& self, int64_t stream, int64_t n) {
-            AppendResult r = self.append(stream, n);
-            py::array_t<int32_t> slots(static_cast<py::ssize_t>(r.slots.size()));
-            std::copy(r.slots.begin(), r.slots.end(), slots.mutable_data());
-            py::array_t<int32_t> copies({static_cast<py::ssize_t>(r.copies.size()),
-                                         static_cast<py::ssize_t>(3)});
-            auto c = copies.mutable_unchecked<2>();
-            for (size_t i = 0; i < r.copies.size(); ++i) {
-              c(i, 0) = r.copies[i].src;
-              c(i, 1) = r.copies[i].dst;
-              c(i, 2) = r.copies[i].rows;
-            }
-            return py::make_tuple(slots, copies);
+            return to_python(self.append(stream, n), {static_cast<py::ssize_t>(n)});
           },
           py::arg("stream"), py::arg("n"))
+      .def(
+          "append_batch",
+          [](KVManager& self, py::array streams, int64_t n) {
+            const int64_t* ids = checked<int64_t>(streams, "streams", 1, false);
+            const py::ssize_t s = streams.shape(0);
+            AppendResult r = self.append_batch(ids, s, n);
+            return to_python(r, {s, static_cast<py::ssize_t>(n)});
+          },
+          py::arg("streams"), py::arg("n"),
+          "n rows for every stream, all or nothing; slots shaped [len(streams), n]")
       .def("blocks_needed", &KVManager::blocks_needed, py::arg("stream"), py::arg("n"))
       .def("trim_front", &KVManager::trim_front, py::arg("stream"), py::arg("keep_last"))
       .def("free", &KVManager::free, py::arg("stream"))

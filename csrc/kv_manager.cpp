@@ -125,6 +125,33 @@ AppendResult KVManager::append(int64_t id, int64_t n) {
   return out;
 }
 
+AppendResult KVManager::append_batch(const int64_t* ids, int64_t n_streams, int64_t n) {
+  int64_t needed = 0;
+  std::vector<int64_t> seen(ids, ids + n_streams);
+  std::sort(seen.begin(), seen.end());
+  if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) {
+    throw std::invalid_argument("stream " + std::to_string(*std::adjacent_find(
+                                    seen.begin(), seen.end())) + " is listed twice");
+  }
+  for (int64_t i = 0; i < n_streams; ++i) needed += blocks_needed(ids[i], n);
+  if (needed > num_free_blocks()) {
+    throw CacheFullError("KV cache full: " + std::to_string(n_streams) + " stream(s) need " +
+                         std::to_string(needed) + " more block(s) to append " +
+                         std::to_string(n) + " row(s) each, but only " +
+                         std::to_string(num_free_blocks()) + " of " +
+                         std::to_string(num_blocks_) + " blocks are free (block_size " +
+                         std::to_string(block_size_) + ")");
+  }
+  AppendResult out;
+  out.slots.reserve(n_streams * n);
+  for (int64_t i = 0; i < n_streams; ++i) {
+    AppendResult r = append(ids[i], n);
+    out.slots.insert(out.slots.end(), r.slots.begin(), r.slots.end());
+    out.copies.insert(out.copies.end(), r.copies.begin(), r.copies.end());
+  }
+  return out;
+}
+
 void KVManager::trim_front(int64_t id, int64_t keep_last) {
   if (keep_last < 0) {
     throw std::invalid_argument("keep_last must be >= 0, got " + std::to_string(keep_last));

@@ -48,6 +48,9 @@ class KVManager {
   int64_t new_stream();
   int64_t fork(int64_t stream);
   AppendResult append(int64_t stream, int64_t n);
+  // n rows for every listed stream, all or nothing: either each stream gets its rows
+  // (slots stream-major, [n_streams * n]) or CacheFullError leaves everything unchanged.
+  AppendResult append_batch(const int64_t* streams, int64_t n_streams, int64_t n);
   // Keeps only the last `keep_last` rows; whole blocks that fall out are released.
   void trim_front(int64_t stream, int64_t keep_last);
   void free(int64_t stream);

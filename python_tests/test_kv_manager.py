@@ -98,6 +98,28 @@ class ManagerMachine(RuleBasedStateMachine):
         self.expected[sid] += values
 
     @precondition(lambda self: self.ms is not None and self.expected)
+    @rule(data=st.data(), n=st.integers(0, 6))
+    def append_batch(self, data, n):
+        sids = data.draw(st.lists(st.sampled_from(self.streams()), min_size=1, unique=True))
+        before = snapshot(self.ms[0])
+        res = call_both(self.ms, "append_batch", np.asarray(sids, np.int64), n)
+        if res[0] == "err":
+            assert res[1] is CacheFullError and f"{len(sids)} stream(s) need" in res[2]
+            assert snapshot(self.ms[0]) == before  # all or nothing
+            return
+        slots, copies = res[1]
+        assert slots.shape == (len(sids), n)
+        for store in self.store:
+            for src, dst, rows in copies.tolist():
+                store[dst * self.bs:dst * self.bs + rows] = store[src * self.bs:src * self.bs + rows]
+        for i, sid in enumerate(sids):
+            values = list(range(self.counter, self.counter + n))
+            self.counter += n
+            for store in self.store:
+                store[slots[i]] = values
+            self.expected[sid] += values
+
+    @precondition(lambda self: self.ms is not None and self.expected)
     @rule(data=st.data(), keep=st.integers(0, 30))
     def trim(self, data, keep):
         sid = data.draw(st.sampled_from(self.streams()))
@@ -273,6 +295,19 @@ def test_bad_sizes_are_rejected(Manager):
         m.free(a)
     with pytest.raises(KeyError):  # also a KeyError for callers that catch that
         m.length(a)
+
+
+@pytest.mark.parametrize("Manager", BACKENDS)
+def test_append_batch_rejects_duplicates_and_bad_ids(Manager):
+    m = Manager(8, 4)
+    a = m.new_stream()
+    with pytest.raises(ValueError, match=f"stream {a} is listed twice"):
+        m.append_batch(np.array([a, a], np.int64), 1)
+    with pytest.raises(UnknownStreamError):
+        m.append_batch(np.array([a, 42], np.int64), 1)
+    with pytest.raises(ValueError, match="dtype"):
+        m.append_batch(np.array([a], np.int32), 1)
+    assert m.length(a) == 0 and m.num_free_blocks == 8
 
 
 @pytest.mark.parametrize("Manager", BACKENDS)
