@@ -1,0 +1,167 @@
+"""The backbone's CPU fast path: a pre-LN RoPE Transformer over PagedKVCache, with packed
+weights and ragged positions.
+
+Layer math (the published Pocket TTS / Kyutai stack): h = LN1(x); q, k, v = h W_in (no
+bias); RoPE on q, k with (real, imag) pairs interleaved, frequencies max_period^(-2i/D);
+x += ls1 * attn(q, K, V) W_out; x += ls2 * gelu_tanh(LN2(x) W1) W2. LayerNorm eps 1e-5.
+
+Why it is fast where the published module is not: weights are pre-transposed once for
+``x @ W``; the RoPE tables are computed once per call for the whole batch; K/V go straight
+into their paged slots (no concatenation, no masks over a dense buffer); decode attention
+is the C++ kernel over the page table; and each stream keeps its own position, so streams
+of different lengths share one batched step (the published cache needs equal offsets).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .cache import PagedKVCache
+
+
+@dataclass
+class PackedLayer:
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    w_qkv: torch.Tensor  # [d, (H + 2 Hkv) Dh]
+    w_o: torch.Tensor  # [H Dh, d]
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+    w1: torch.Tensor  # [d, ff]
+    w2: torch.Tensor  # [ff, d]
+    ls1: torch.Tensor | None = None
+    ls2: torch.Tensor | None = None
+
+
+@dataclass
+class PackedBackbone:
+    layers: list
+    d_model: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    max_period: float = 10_000.0
+    eps: float = 1e-5
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for L in self.layers
+                   for t in L.__dict__.values() if isinstance(t, torch.Tensor))
+
+    def make_cache(self, num_blocks: int, block_size: int = 16, max_streams: int = 256,
+                   dtype=torch.float32, device="cpu", backend=None) -> PagedKVCache:
+        return PagedKVCache(len(self.layers), num_blocks, block_size, self.kv_heads,
+                            self.head_dim, dtype=dtype, device=device,
+                            max_streams=max_streams, backend=backend)
+
+
+def pack_transformer(sd: dict, prefix: str = "", heads: int | None = None,
+                     kv_heads: int | None = None, max_period: float = 10_000.0) -> PackedBackbone:
+    """Pack a state dict in the published ``StreamingTransformer`` layout
+    (``layers.{i}.self_attn.in_proj.weight``, ``...out_proj.weight``, ``norm1``, ``norm2``,
+    ``linear1``, ``linear2``, optional ``layer_scale_{1,2}.scale``)."""
+    g = {k[len(prefix):]: v.detach() for k, v in sd.items() if k.startswith(prefix)}
+    n = 1 + max((int(k.split(".")[1]) for k in g if k.startswith("layers.")), default=-1)
+    if n == 0:
+        raise KeyError(f"no 'layers.<i>.' keys under prefix {prefix!r}")
+    if heads is None:
+        raise ValueError("heads must be given (the state dict does not record it)")
+    kv_heads = kv_heads or heads
+    d = g["layers.0.norm1.weight"].shape[0]
+    attn_dim = g["layers.0.self_attn.out_proj.weight"].shape[1]
+    head_dim = attn_dim // heads
+    want = (heads + 2 * kv_heads) * head_dim
+    if g["layers.0.self_attn.in_proj.weight"].shape[0] != want:
+        raise ValueError(f"in_proj has {g['layers.0.self_attn.in_proj.weight'].shape[0]} "
+                         f"outputs, expected {want} for {heads} heads / {kv_heads} kv heads")
+    layers = []
+    for i in range(n):
+        p = f"layers.{i}."
+        t = lambda k: g[p + k].t().contiguous()  # noqa: E731
+        layers.append(PackedLayer(
+            g[p + "norm1.weight"], g[p + "norm1.bias"], t("self_attn.in_proj.weight"),
+            t("self_attn.out_proj.weight"), g[p + "norm2.weight"], g[p + "norm2.bias"],
+            t("linear1.weight"), t("linear2.weight"),
+            g.get(p + "layer_scale_1.scale"), g.get(p + "layer_scale_2.scale")))
+    return PackedBackbone(layers, d, heads, kv_heads, head_dim, max_period)
+
+
+def rope_tables(p: PackedBackbone, positions: torch.Tensor):
+    """cos/sin tables [N, 1, Dh/2] for absolute positions [N] (float32 math, as published)."""
+    half = p.head_dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=positions.device)
+                      * (-math.log(p.max_period) * 2 / p.head_dim))
+    ang = positions.to(torch.float32)[:, None] * freqs[None]
+    return torch.cos(ang)[:, None], torch.sin(ang)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, H, Dh] with (real, imag) pairs interleaved along Dh."""
+    xr, xi = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = xr * cos - xi * sin
+    out[..., 1::2] = xr * sin + xi * cos
+    return out
+
+
+def _qkv(p: PackedBackbone, L: PackedLayer, x: torch.Tensor, cos, sin):
+    h = F.layer_norm(x, (p.d_model,), L.ln1_w, L.ln1_b, p.eps)
+    qkv = h @ L.w_qkv
+    H, Hk, D = p.heads, p.kv_heads, p.head_dim
+    q = qkv[:, :H * D].view(-1, H, D)
+    k = qkv[:, H * D:(H + Hk) * D].view(-1, Hk, D)
+    v = qkv[:, (H + Hk) * D:].view(-1, Hk, D)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _finish(p: PackedBackbone, L: PackedLayer, x: torch.Tensor, attn: torch.Tensor):
+    upd = attn.reshape(x.shape[0], -1) @ L.w_o
+    x = x + (upd * L.ls1 if L.ls1 is not None else upd)
+    h = F.layer_norm(x, (p.d_model,), L.ln2_w, L.ln2_b, p.eps)
+    upd = F.gelu(h @ L.w1, approximate="tanh") @ L.w2
+    return x + (upd * L.ls2 if L.ls2 is not None else upd)
+
+
+@torch.no_grad()
+def step(p: PackedBackbone, cache: PagedKVCache, streams, x: torch.Tensor) -> torch.Tensor:
+    """One new row per stream: x [B, d] -> [B, d]. Each stream's row sits at its own
+    position (rows already in its cache), so ragged streams batch together."""
+    streams = list(streams)
+    if x.dim() != 2 or x.shape != (len(streams), p.d_model):
+        raise ValueError(f"step input must be [{len(streams)}, {p.d_model}], got {tuple(x.shape)}")
+    pos = torch.tensor([cache.position(s) for s in streams], device=x.device)
+    slots = cache.reserve(streams, 1)[:, 0]
+    cos, sin = rope_tables(p, pos)
+    for li, L in enumerate(p.layers):
+        q, k, v = _qkv(p, L, x, cos, sin)
+        cache.write(li, slots, k, v)
+        x = _finish(p, L, x, cache.attend(li, q, streams))
+    return x
+
+
+@torch.no_grad()
+def prefill(p: PackedBackbone, cache: PagedKVCache, stream: int, x: torch.Tensor) -> torch.Tensor:
+    """T new rows of one stream: x [T, d] -> [T, d], causal over its cached rows too."""
+    if x.dim() != 2 or x.shape[1] != p.d_model or x.shape[0] == 0:
+        raise ValueError(f"prefill input must be [T>0, {p.d_model}], got {tuple(x.shape)}")
+    T = x.shape[0]
+    start = cache.position(stream)
+    pos = start + torch.arange(T, device=x.device)
+    slots = cache.reserve([stream], T)[0]
+    cos, sin = rope_tables(p, pos)
+    rep = p.heads // p.kv_heads
+    for li, L in enumerate(p.layers):
+        q, k, v = _qkv(p, L, x, cos, sin)
+        cache.write(li, slots, k, v)
+        K, V = cache.gather(li, stream)  # [Lk, Hkv, D], the new rows last
+        Lk = K.shape[0]
+        # query i (absolute start + i) sees keys up to index Lk - T + i
+        mask = (torch.arange(Lk, device=x.device)[None] <=
+                (Lk - T + torch.arange(T, device=x.device))[:, None])
+        attn = F.scaled_dot_product_attention(
+            q.transpose(0, 1), K.repeat_interleave(rep, 1).transpose(0, 1),
+            V.repeat_interleave(rep, 1).transpose(0, 1), attn_mask=mask)
+        x = _finish(p, L, x, attn.transpose(0, 1))
+    return x

@@ -1,0 +1,121 @@
+"""Backbone fast path: equals the published StreamingTransformer; prefill == steps; ragged
+batches == single streams."""
+import pytest
+import torch
+
+from calm_fast import fast_backbone as fb
+
+
+def random_sd(layers=2, d=32, heads=4, kv_heads=4, ff=64, layer_scale=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hd = d // heads
+    r = lambda *s: torch.randn(*s, generator=g) / s[-1] ** 0.5  # noqa: E731
+    sd = {}
+    for i in range(layers):
+        p = f"layers.{i}."
+        sd |= {p + "norm1.weight": 1 + 0.1 * r(d), p + "norm1.bias": 0.1 * r(d),
+               p + "norm2.weight": 1 + 0.1 * r(d), p + "norm2.bias": 0.1 * r(d),
+               p + "self_attn.in_proj.weight": r((heads + 2 * kv_heads) * hd, d),
+               p + "self_attn.out_proj.weight": r(d, heads * hd),
+               p + "linear1.weight": r(ff, d), p + "linear2.weight": r(d, ff)}
+        if layer_scale:
+            sd |= {p + "layer_scale_1.scale": 0.5 + r(d), p + "layer_scale_2.scale": 0.5 + r(d)}
+    return sd
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_matches_published_streaming_transformer(kv_heads):
+    tr_mod = pytest.importorskip("pocket_tts.modules.transformer")
+    from pocket_tts.modules.stateful_module import (StatefulModule, increment_steps,
+                                                    init_states)
+
+    torch.manual_seed(0)
+    ref = tr_mod.StreamingTransformer(d_model=32, num_heads=4, num_layers=2,
+                                      dim_feedforward=64, num_kv_heads=kv_heads).eval()
+    with torch.no_grad():
+        for prm in ref.parameters():
+            prm.add_(0.1 * torch.randn_like(prm))
+    for name, mod in ref.named_modules():  # what the package's TTSModel does at load
+        if isinstance(mod, StatefulModule):
+            mod._module_absolute_name = name
+    p = fb.pack_transformer(ref.state_dict(), heads=4, kv_heads=kv_heads)
+    x = torch.randn(1, 9, 32)
+    state = init_states(ref, batch_size=1, sequence_length=32)
+    with torch.no_grad():
+        want_prefix = ref(x[:, :6], state)
+        increment_steps(ref, state, 6)
+        want_steps = []
+        for t in range(6, 9):
+            want_steps.append(ref(x[:, t:t + 1], state)[:, 0])
+            increment_steps(ref, state, 1)
+    cache = p.make_cache(16, 4)
+    s = cache.new_stream()
+    got_prefix = fb.prefill(p, cache, s, x[0, :6])
+    torch.testing.assert_close(got_prefix, want_prefix[0], rtol=1e-5, atol=1e-5)
+    for t in range(6, 9):
+        torch.testing.assert_close(fb.step(p, cache, [s], x[:, t]), want_steps[t - 6],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer_scale", [False, True])
+def test_prefill_equals_steps(layer_scale):
+    p = fb.pack_transformer(random_sd(layer_scale=layer_scale), heads=4)
+    x = torch.randn(10, 32)
+    c1 = p.make_cache(16, 4)
+    a = c1.new_stream()
+    full = fb.prefill(p, c1, a, x)
+    c2 = p.make_cache(16, 4)
+    b = c2.new_stream()
+    part = [fb.prefill(p, c2, b, x[:3])]
+    part += [fb.step(p, c2, [b], x[t:t + 1]) for t in range(3, 10)]
+    torch.testing.assert_close(torch.cat(part), full, rtol=1e-5, atol=1e-5)
+
+
+def test_ragged_batch_equals_single_streams():
+    p = fb.pack_transformer(random_sd(kv_heads=2, seed=3), heads=4, kv_heads=2)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randn(n, 32, generator=g) for n in (2, 7, 4)]
+    nxt = torch.randn(3, 32, generator=g)
+    cache = p.make_cache(32, 4)
+    ids = [cache.new_stream() for _ in prompts]
+    for s, pr in zip(ids, prompts):
+        fb.prefill(p, cache, s, pr)
+    batched = fb.step(p, cache, ids, nxt)
+    for i, pr in enumerate(prompts):
+        c = p.make_cache(8, 4)
+        s = c.new_stream()
+        fb.prefill(p, c, s, pr)
+        torch.testing.assert_close(batched[i], fb.step(p, c, [s], nxt[i:i + 1])[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_forked_prefix_continues_like_a_fresh_stream():
+    p = fb.pack_transformer(random_sd(seed=5), heads=4)
+    prompt, a_next, b_next = torch.randn(5, 32), torch.randn(1, 32), torch.randn(1, 32)
+    cache = p.make_cache(16, 4)
+    root = cache.new_stream()
+    fb.prefill(p, cache, root, prompt)
+    fork = cache.fork(root)
+    out = fb.step(p, cache, [root, fork], torch.cat([a_next, b_next]))
+    c2 = p.make_cache(16, 4)
+    s = c2.new_stream()
+    fb.prefill(p, c2, s, prompt)
+    torch.testing.assert_close(out[1:], fb.step(p, c2, [s], b_next), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs():
+    sd = random_sd()
+    with pytest.raises(ValueError, match="heads must be given"):
+        fb.pack_transformer(sd)
+    with pytest.raises(ValueError, match="expected 48 for 4 heads / 1 kv heads"):
+        fb.pack_transformer(sd, heads=4, kv_heads=1)
+    with pytest.raises(KeyError, match="no 'layers"):
+        fb.pack_transformer({"x": torch.zeros(1)}, heads=1)
+    p = fb.pack_transformer(sd, heads=4)
+    cache = p.make_cache(8, 4)
+    s = cache.new_stream()
+    with pytest.raises(ValueError, match=r"step input must be \[1, 32\]"):
+        fb.step(p, cache, [s], torch.randn(1, 16))
+    with pytest.raises(ValueError, match="prefill input"):
+        fb.prefill(p, cache, s, torch.randn(0, 32))
