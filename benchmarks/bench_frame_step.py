@@ -1,0 +1,108 @@
+"""One generation frame at `pocket` shapes on CPU: backbone step (6 x 1024, 16 heads, FFN
+4096) + output LayerNorm + 1-step LSD head (6 x 512). The peer is the pocket-tts package's
+own StreamingTransformer + SimpleMLPAdaLN (random weights, its streaming state); ours is
+fast_backbone.step over PagedKVCache + the fused CPU head, on the same weights.
+
+    python benchmarks/bench_frame_step.py [--threads 2] [--ctx 150] [--batches 1,8,64]
+
+The bound is (weights + K/V bytes read) / measured read bandwidth, or FLOPs / measured
+matmul rate, whichever is larger. Appends to benchmarks/results/frame_step.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, timeit, write_rows  # noqa: E402
+from roofline import matmul_flops, read_bandwidth  # noqa: E402
+
+from calm_fast import fast_backbone as fb  # noqa: E402
+from calm_fast.kernels.fused_head import head_cpu, lsd_decode, pack_head  # noqa: E402
+
+D, HEADS, LAYERS, FF, LATENT = 1024, 16, 6, 4096, 32
+
+
+def build_peer():
+    from pocket_tts.modules.mlp import SimpleMLPAdaLN
+    from pocket_tts.modules.stateful_module import StatefulModule
+    from pocket_tts.modules.transformer import StreamingTransformer
+
+    torch.manual_seed(0)
+    tr = StreamingTransformer(d_model=D, num_heads=HEADS, num_layers=LAYERS,
+                              dim_feedforward=FF).eval()
+    for name, mod in tr.named_modules():
+        if isinstance(mod, StatefulModule):
+            mod._module_absolute_name = name
+    head = SimpleMLPAdaLN(LATENT, 512, LATENT, D, 6, num_time_conds=2).eval()
+    norm = torch.nn.LayerNorm(D, eps=1e-5)
+    return tr, head, norm
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ctx", type=int, default=150, help="positions already in the cache")
+    ap.add_argument("--batches", default="1,8,64")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from pocket_tts.models.flow_lm import lsd_decode as peer_lsd
+    from pocket_tts.modules.stateful_module import increment_steps, init_states
+
+    tr, head, norm = build_peer()
+    pb = fb.pack_transformer(tr.state_dict(), heads=HEADS)
+    ph = pack_head(head.state_dict())
+    bw, peak = read_bandwidth(), matmul_flops()
+    print(f"measured: read {bw / 1e9:.1f} GB/s, fp32 matmul {peak / 1e9:.1f} GFLOP/s")
+    rows = []
+    with torch.inference_mode():
+        # -- peer, batch 1 (its cache needs equal offsets across a batch) --
+        state = init_states(tr, batch_size=1, sequence_length=args.ctx + 400)
+        tr(torch.randn(1, args.ctx, D), state)
+        increment_steps(tr, state, args.ctx)
+        x1 = torch.randn(1, 1, D)
+
+        def peer_frame():
+            z = norm(tr(x1, state))[:, -1]
+            increment_steps(tr, state, 1)
+            return peer_lsd(lambda s, t, x: head(z, s, t, x), torch.randn(1, LATENT), 1)
+
+        t_peer = timeit(peer_frame, min_time=2.0, max_iters=200)
+        for B in map(int, args.batches.split(",")):
+            cache = pb.make_cache(B * ((args.ctx + 400) // 16 + 2), 16, max_streams=B)
+            streams = [cache.new_stream() for _ in range(B)]
+            for s in streams:
+                fb.prefill(pb, cache, s, torch.randn(args.ctx, D))
+            xb = torch.randn(B, D)
+
+            def ours_frame():
+                z = fb.step(pb, cache, streams, xb)
+                z = torch.nn.functional.layer_norm(z, (D,), norm.weight, norm.bias, 1e-5)
+                return lsd_decode(head_cpu, ph, z, torch.randn(B, LATENT), 1)
+
+            t_ours = timeit(ours_frame, min_time=2.0, max_iters=200)
+            kv = 2 * LAYERS * (args.ctx + 100) * D * 4 * B
+            nbytes = pb.nbytes() + ph.nbytes() + kv
+            flops = 2 * B * (pb.nbytes() + ph.nbytes()) / 4
+            bound = max(nbytes / bw, flops / peak)
+            rows.append({
+                "batch": B, "ctx": args.ctx,
+                "peer_ms": f"{t_peer * 1e3:.1f}" if B == 1 else "",
+                "ours_ms": f"{t_ours * 1e3:.1f}",
+                "ours_ms_per_stream": f"{t_ours * 1e3 / B:.2f}",
+                "bound_ms": f"{bound * 1e3:.1f}",
+                "ours_vs_bound": f"{t_ours / bound:.2f}x",
+                "speedup_vs_peer": f"{t_peer * B / t_ours:.1f}x",
+                "frames_per_s": f"{B / t_ours:.0f}",
+                "x_realtime": f"{B / t_ours / 12.5:.1f}",
+            })
+    print_table(rows, list(rows[0].keys()))
+    print("->", write_rows("frame_step", [{**r, "read_GB/s": f"{bw / 1e9:.1f}",
+                                          "matmul_GFLOP/s": f"{peak / 1e9:.1f}"} for r in rows]))
+
+
+if __name__ == "__main__":
+    main()
