@@ -35,12 +35,26 @@ struct Args {
   float* out;
 };
 
+// Calls fn(t, row) for the live rows of stream b in order: t counts from 0 and row is the
+// row's offset in floats into the K (or V) cache.
+template <typename Fn>
+inline void for_each_row(const Args& a, int64_t b, int64_t first, Fn&& fn) {
+  const int64_t row_stride = a.kv_heads * a.dim;
+  const int32_t p0 = a.indptr[b], p1 = a.indptr[b + 1];
+  int64_t t = 0;
+  for (int32_t p = p0; p < p1; ++p) {
+    const int64_t r0 = (p == p0) ? first : 0;
+    const int64_t r1 = (p == p1 - 1) ? a.last_page_len[b] : a.block_size;
+    const int64_t base = (int64_t)a.indices[p] * a.block_size * row_stride;
+    for (int64_t r = r0; r < r1; ++r, ++t) fn(t, base + r * row_stride);
+  }
+}
+
 // Attention of stream b for kv heads [g0, g1) (and their query-head groups). Rows are
 // walked page by page, and within a row all requested heads are handled together, so a
 // task over every head reads each cache row as one contiguous run.
 void attend(const Args& a, int64_t b, int64_t g0, int64_t g1) {
   const int64_t group = a.heads / a.kv_heads;
-  const int64_t row_stride = a.kv_heads * a.dim;
   const int32_t p0 = a.indptr[b], p1 = a.indptr[b + 1];
   const int64_t first = (a.start != nullptr && p1 > p0) ? a.start[b] : 0;
   const int64_t rows =
@@ -52,18 +66,12 @@ void attend(const Args& a, int64_t b, int64_t g0, int64_t g1) {
   const float* qb = a.q + (b * a.heads + g0 * group) * a.dim;
   thread_local std::vector<float> scores;  // reused across calls: no per-task allocation
   scores.resize(nh * rows);
-  int64_t t = 0;
-  for (int32_t p = p0; p < p1; ++p) {
-    const int64_t r0 = (p == p0) ? first : 0;
-    const int64_t r1 = (p == p1 - 1) ? a.last_page_len[b] : a.block_size;
-    const float* kp = a.k + (int64_t)a.indices[p] * a.block_size * row_stride;
-    for (int64_t r = r0; r < r1; ++r, ++t) {
-      const float* krow = kp + r * row_stride;
-      for (int64_t h = 0; h < nh; ++h) {
-        scores[h * rows + t] = dot(qb + h * a.dim, krow + (g0 + h / group) * a.dim, a.dim) * a.scale;
-      }
+  for_each_row(a, b, first, [&](int64_t t, int64_t row) {
+    const float* krow = a.k + row;
+    for (int64_t h = 0; h < nh; ++h) {
+      scores[h * rows + t] = dot(qb + h * a.dim, krow + (g0 + h / group) * a.dim, a.dim) * a.scale;
     }
-  }
+  });
   for (int64_t h = 0; h < nh; ++h) {
     float* s = scores.data() + h * rows;
     float m = -std::numeric_limits<float>::infinity();
@@ -76,21 +84,15 @@ void attend(const Args& a, int64_t b, int64_t g0, int64_t g1) {
     const float inv = 1.0f / sum;
     for (int64_t i = 0; i < rows; ++i) s[i] *= inv;
   }
-  t = 0;
-  for (int32_t p = p0; p < p1; ++p) {
-    const int64_t r0 = (p == p0) ? first : 0;
-    const int64_t r1 = (p == p1 - 1) ? a.last_page_len[b] : a.block_size;
-    const float* vp = a.v + (int64_t)a.indices[p] * a.block_size * row_stride;
-    for (int64_t r = r0; r < r1; ++r, ++t) {
-      const float* vrow = vp + r * row_stride;
-      for (int64_t h = 0; h < nh; ++h) {
-        const float w = scores[h * rows + t];
-        const float* vr = vrow + (g0 + h / group) * a.dim;
-        float* oh = o + h * a.dim;
-        for (int64_t d = 0; d < a.dim; ++d) oh[d] += w * vr[d];
-      }
+  for_each_row(a, b, first, [&](int64_t t, int64_t row) {
+    const float* vrow = a.v + row;
+    for (int64_t h = 0; h < nh; ++h) {
+      const float w = scores[h * rows + t];
+      const float* vr = vrow + (g0 + h / group) * a.dim;
+      float* oh = o + h * a.dim;
+      for (int64_t d = 0; d < a.dim; ++d) oh[d] += w * vr[d];
     }
-  }
+  });
 }
 
 }  // namespace

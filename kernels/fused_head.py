@@ -208,6 +208,15 @@ def head_cpu(p: PackedHead, c: torch.Tensor, x: torch.Tensor, times: tuple = ())
 if triton is not None:
 
     @triton.jit
+    def _mma(acc, a, w, IEEE: tl.constexpr):
+        """acc += a @ w: exact fp32 (ieee) for fp32 weights, else in the weights' dtype."""
+        if IEEE:
+            acc += tl.dot(a, w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a.to(w.dtype), w)
+        return acc
+
+    @triton.jit
     def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gate_ptr, out_ptr, M, N, K,
                        stride_x, stride_g, stride_o,
                        PRE_SILU: tl.constexpr, POST_SILU: tl.constexpr,
@@ -227,10 +236,7 @@ if triton is not None:
                 a = a * tl.sigmoid(a)
             w = tl.load(w_ptr + rk[:, None] * N + rn[None, :],
                         mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
-            if IEEE:
-                acc += tl.dot(a, w.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(a.to(w.dtype), w)
+            acc = _mma(acc, a, w, IEEE)
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         if POST_SILU:
             acc = acc * tl.sigmoid(acc)
@@ -279,10 +285,7 @@ if triton is not None:
             a = a * (1.0 + scale) + shift
             w = tl.load(w_ptr + rk[:, None] * N + rn[None, :],
                         mask=(rk[:, None] < W) & (rn[None, :] < N), other=0.0)
-            if IEEE:
-                acc += tl.dot(a, w.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(a.to(w.dtype), w)
+            acc = _mma(acc, a, w, IEEE)
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         if POST_SILU:
             acc = acc * tl.sigmoid(acc)

@@ -9,19 +9,16 @@ Works are split into train/test by work, never by segment.
 """
 from __future__ import annotations
 
-import json
-import multiprocessing as mp
 import os
 import random
 import subprocess
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-from .tools import MissingToolError, require_tool
+from .tools import MissingToolError, require_tool, run_jobs, write_flac, write_manifest
 
 SAMPLE_RATE = 24_000
 SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
@@ -221,10 +218,7 @@ def _job(args):
     else:
         raise RuntimeError(f"render {idx}: every candidate work failed:\n" + "\n".join(errors))
     path = Path(out_dir) / split / f"{idx:06d}.flac"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.flac")
-    sf.write(tmp, wav, SAMPLE_RATE, subtype="PCM_16")
-    os.replace(tmp, path)
+    write_flac(path, wav, SAMPLE_RATE)
     return {"path": str(path.relative_to(out_dir)), "split": split, "sample_rate": SAMPLE_RATE,
             "duration": round(len(wav) / SAMPLE_RATE, 3), **meta}
 
@@ -258,17 +252,5 @@ def build_music_dataset(out_dir, n_renders: int = 50, seed: int = 0,
             candidates = [rng.choice(pool) for _ in range(4)]
         jobs.append((i, candidates, split, seed, str(out_dir), max_seconds))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    if workers > 1:
-        # spawn, not fork: a forked child of a process whose torch/OpenMP thread pool has
-        # started can deadlock (seen in the test suite).
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-            rows = list(ex.map(_job, jobs))
-    else:
-        rows = [_job(j) for j in jobs]
-    manifest = Path(out_dir) / "manifest.jsonl"
-    tmp = manifest.with_suffix(".jsonl.tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, manifest)
-    return manifest
+    rows = run_jobs(_job, jobs, workers)
+    return write_manifest(Path(out_dir), rows)

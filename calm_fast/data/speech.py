@@ -12,12 +12,10 @@ normalised to -1 dBFS and written as FLAC PCM_16; the manifest is JSONL, one lin
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import random
 import subprocess
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import numpy as np
 import soundfile as sf
 
 from . import text as text_mod
-from .tools import require_tool
+from .tools import require_tool, run_jobs, write_flac, write_manifest
 
 SAMPLE_RATE = 24_000
 FLITE_VOICES = ("slt", "awb", "rms", "kal16")
@@ -131,12 +129,8 @@ def synthesize(spk: Speaker, sentence: str) -> np.ndarray:
 def _job(args):
     idx, spk, sentence, split, out_dir = args
     rel = f"{split}/{spk.speaker_id}/{idx:06d}.flac"
-    path = Path(out_dir) / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
     wav = synthesize(spk, sentence)
-    tmp = path.with_suffix(".tmp.flac")
-    sf.write(tmp, wav, SAMPLE_RATE, subtype="PCM_16")
-    os.replace(tmp, path)  # never leave a half-written file under its final name
+    write_flac(Path(out_dir) / rel, wav, SAMPLE_RATE)
     return {"path": rel, "text": sentence, "split": split, "sample_rate": SAMPLE_RATE,
             "duration": round(len(wav) / SAMPLE_RATE, 3), **asdict(spk)}
 
@@ -169,17 +163,5 @@ def build_speech_dataset(out_dir, n_utterances: int = 200, seed: int = 0,
             split, pool = (("val", val) if r < held_out_voices + 0.05 else
                            ("test", test) if r < held_out_voices + 0.1 else ("train", train))
         jobs.append((i, spk, rng.choice(pool), split, str(out_dir)))
-    if workers > 1:
-        # spawn, not fork: a forked child of a process whose torch/OpenMP thread pool has
-        # started can deadlock (seen in the test suite).
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-            rows = list(ex.map(_job, jobs, chunksize=4))
-    else:
-        rows = [_job(j) for j in jobs]
-    manifest = out_dir / "manifest.jsonl"
-    tmp = manifest.with_suffix(".jsonl.tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, manifest)
-    return manifest
+    rows = run_jobs(_job, jobs, workers, chunksize=4)
+    return write_manifest(Path(out_dir), rows)
