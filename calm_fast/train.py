@@ -94,6 +94,14 @@ def init_distributed() -> tuple[int, int]:
     return _dist_info()
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly (all ranks meet first). Without it, gloo's threads
+    can abort the interpreter at exit ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, loss_fn, batch_fn, cfg: TrainConfig,
                  sample_fn=None, params=None):

@@ -9,7 +9,7 @@ import signal
 import torch
 import torch.nn as nn
 
-from calm_fast.train import Trainer, TrainConfig
+from calm_fast.train import Trainer, TrainConfig, shutdown_distributed
 
 
 def make_model():
@@ -62,4 +62,7 @@ if __name__ == "__main__":
     ap.add_argument("--kill-at", type=int)
     ap.add_argument("--no-dropout", action="store_true")
     args = ap.parse_args()
-    run(args.out, args.steps, args.kill_at, dropout=not args.no_dropout)
+    try:
+        run(args.out, args.steps, args.kill_at, dropout=not args.no_dropout)
+    finally:
+        shutdown_distributed()
