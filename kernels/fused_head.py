@@ -18,7 +18,6 @@ benchmarks/results/fused_head.csv.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
