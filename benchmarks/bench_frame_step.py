@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=150, help="positions already in the cache")
     ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--int8", action="store_true",
+                    help="also time int8 weights: ours (backbone + head) vs the peer's "
+                         "quantize_dynamic of its attention and FFN")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from pocket_tts.models.flow_lm import lsd_decode as peer_lsd
@@ -71,31 +74,40 @@ def main() -> None:
             return peer_lsd(lambda s, t, x: head(z, s, t, x), torch.randn(1, LATENT), 1)
 
         t_peer = timeit(peer_frame, min_time=2.0, max_iters=200)
-        for B in map(int, args.batches.split(",")):
-            cache = pb.make_cache(B * ((args.ctx + 400) // 16 + 2), 16, max_streams=B)
+        variants = [("fp32", pb, ph, t_peer)]
+        if args.int8:
+            from torch.ao.quantization import quantize_dynamic
+
+            for layer in tr.layers:  # what the package's quantize=True does
+                quantize_dynamic(layer, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+            variants.append(("int8", pb.quantized(), ph.quantized(),
+                             timeit(peer_frame, min_time=2.0, max_iters=200)))
+        for (kind, pbk, phk, t_pk), B in ((v, b) for v in variants
+                                         for b in map(int, args.batches.split(","))):
+            cache = pbk.make_cache(B * ((args.ctx + 400) // 16 + 2), 16, max_streams=B)
             streams = [cache.new_stream() for _ in range(B)]
             for s in streams:
-                fb.prefill(pb, cache, s, torch.randn(args.ctx, D))
+                fb.prefill(pbk, cache, s, torch.randn(args.ctx, D))
             xb = torch.randn(B, D)
 
             def ours_frame():
-                z = fb.step(pb, cache, streams, xb)
+                z = fb.step(pbk, cache, streams, xb)
                 z = torch.nn.functional.layer_norm(z, (D,), norm.weight, norm.bias, 1e-5)
-                return lsd_decode(head_cpu, ph, z, torch.randn(B, LATENT), 1)
+                return lsd_decode(head_cpu, phk, z, torch.randn(B, LATENT), 1)
 
             t_ours = timeit(ours_frame, min_time=2.0, max_iters=200)
             kv = 2 * LAYERS * (args.ctx + 100) * D * 4 * B
-            nbytes = pb.nbytes() + ph.nbytes() + kv
+            nbytes = pbk.nbytes() + phk.nbytes() + kv
             flops = 2 * B * (pb.nbytes() + ph.nbytes()) / 4
-            bound = max(nbytes / bw, flops / peak)
+            bound = max(nbytes / bw, flops / peak) if kind == "fp32" else nbytes / bw
             rows.append({
-                "batch": B, "ctx": args.ctx,
-                "peer_ms": f"{t_peer * 1e3:.1f}" if B == 1 else "",
+                "weights": kind, "batch": B, "ctx": args.ctx,
+                "peer_ms": f"{t_pk * 1e3:.1f}" if B == 1 else "",
                 "ours_ms": f"{t_ours * 1e3:.1f}",
                 "ours_ms_per_stream": f"{t_ours * 1e3 / B:.2f}",
                 "bound_ms": f"{bound * 1e3:.1f}",
                 "ours_vs_bound": f"{t_ours / bound:.2f}x",
-                "speedup_vs_peer": f"{t_peer * B / t_ours:.1f}x",
+                "speedup_vs_peer": f"{t_pk * B / t_ours:.1f}x",
                 "frames_per_s": f"{B / t_ours:.0f}",
                 "x_realtime": f"{B / t_ours / 12.5:.1f}",
             })

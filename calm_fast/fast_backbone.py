@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from .cache import PagedKVCache
+from .int8 import Int8Linear, matmul
 
 
 @dataclass
 class PackedLayer:
     ln1_w: torch.Tensor
     ln1_b: torch.Tensor
-    w_qkv: torch.Tensor  # [d, (H + 2 Hkv) Dh]
+    w_qkv: torch.Tensor  # [d, (H + 2 Hkv) Dh]  (or an Int8Linear, see quantized())
     w_o: torch.Tensor  # [H Dh, d]
     ln2_w: torch.Tensor
     ln2_b: torch.Tensor
@@ -47,8 +48,17 @@ class PackedBackbone:
     eps: float = 1e-5
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for L in self.layers
-                   for t in L.__dict__.values() if isinstance(t, torch.Tensor))
+        return sum(t.numel() * t.element_size() if isinstance(t, torch.Tensor) else t.nbytes()
+                   for L in self.layers for t in L.__dict__.values()
+                   if isinstance(t, (torch.Tensor, Int8Linear)))
+
+    def quantized(self) -> "PackedBackbone":
+        """A copy whose four projections per layer run with int8 weights (CPU)."""
+        layers = [PackedLayer(**{**L.__dict__, **{k: Int8Linear(getattr(L, k))
+                                                  for k in ("w_qkv", "w_o", "w1", "w2")}})
+                  for L in self.layers]
+        return PackedBackbone(layers, self.d_model, self.heads, self.kv_heads, self.head_dim,
+                              self.max_period, self.eps)
 
     def make_cache(self, num_blocks: int, block_size: int = 16, max_streams: int = 256,
                    dtype=torch.float32, device="cpu", backend=None) -> PagedKVCache:
@@ -108,7 +118,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def _qkv(p: PackedBackbone, L: PackedLayer, x: torch.Tensor, cos, sin):
     h = F.layer_norm(x, (p.d_model,), L.ln1_w, L.ln1_b, p.eps)
-    qkv = h @ L.w_qkv
+    qkv = matmul(h, L.w_qkv)
     H, Hk, D = p.heads, p.kv_heads, p.head_dim
     q = qkv[:, :H * D].view(-1, H, D)
     k = qkv[:, H * D:(H + Hk) * D].view(-1, Hk, D)
@@ -117,10 +127,10 @@ def _qkv(p: PackedBackbone, L: PackedLayer, x: torch.Tensor, cos, sin):
 
 
 def _finish(p: PackedBackbone, L: PackedLayer, x: torch.Tensor, attn: torch.Tensor):
-    upd = attn.reshape(x.shape[0], -1) @ L.w_o
+    upd = matmul(attn.reshape(x.shape[0], -1), L.w_o)
     x = x + (upd * L.ls1 if L.ls1 is not None else upd)
     h = F.layer_norm(x, (p.d_model,), L.ln2_w, L.ln2_b, p.eps)
-    upd = F.gelu(h @ L.w1, approximate="tanh") @ L.w2
+    upd = matmul(F.gelu(matmul(h, L.w1), approximate="tanh"), L.w2)
     return x + (upd * L.ls2 if L.ls2 is not None else upd)
 
 

@@ -60,6 +60,11 @@ class PackedHead:
     def n_time(self) -> int:
         return len(self.time_mlps)
 
+    @property
+    def cond_dim(self) -> int:
+        w = self.w_cond
+        return w.shape[0] if isinstance(w, torch.Tensor) else w.in_features
+
     def to(self, device=None, dtype=None) -> "PackedHead":
         def mv(t):
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
@@ -72,8 +77,31 @@ class PackedHead:
 
     def nbytes(self) -> int:
         """Bytes of weights one head evaluation reads (time MLPs excluded: cached)."""
-        return sum(v.numel() * v.element_size() for v in self.__dict__.values()
-                   if isinstance(v, torch.Tensor))
+        from calm_fast.int8 import Int8Linear
+
+        total = 0
+        for v in self.__dict__.values():
+            for t in (v if isinstance(v, list) and v and isinstance(v[0], Int8Linear) else [v]):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+                elif isinstance(t, Int8Linear):
+                    total += t.nbytes()
+        return total
+
+    def quantized(self) -> "PackedHead":
+        """A copy whose matmuls use int8 weights (fbgemm, CPU; ``head_cpu`` only). Biases
+        are folded into the int8 ops; the time MLPs stay fp32 (cached per schedule)."""
+        from calm_fast.int8 import Int8Linear
+
+        q = PackedHead(**{k: v for k, v in self.__dict__.items() if k != "_temb_cache"})
+        q.w_in, q.w_cond = Int8Linear(self.w_in, self.b_in), Int8Linear(self.w_cond, self.b_cond)
+        q.w_ada, q.w_out = Int8Linear(self.w_ada, self.b_ada), Int8Linear(self.w_out, self.b_out)
+        q.w1 = [Int8Linear(w, b) for w, b in zip(self.w1, self.b1)]
+        q.w2 = [Int8Linear(w, b) for w, b in zip(self.w2, self.b2)]
+        q.b1 = q.b2 = None  # now inside the int8 ops (nbytes must not count them twice)
+        for name in ("b_in", "b_cond", "b_ada", "b_out"):
+            setattr(q, name, None)
+        return q
 
 
 def pack_head(sd: dict, prefix: str = "") -> PackedHead:
@@ -138,8 +166,8 @@ def time_embedding(p: PackedHead, ts) -> torch.Tensor | None:
 def cached_time_embedding(p: PackedHead, times: tuple) -> torch.Tensor:
     """Time embedding of scalar times (s, t, ...), computed once per schedule: [1, W]."""
     if times not in p._temb_cache:
-        ts = [torch.full((1, 1), float(v), dtype=p.w_in.dtype, device=p.w_in.device)
-              for v in times]
+        w0 = p.time_mlps[0][1]  # fp32 even in a quantized head
+        ts = [torch.full((1, 1), float(v), dtype=w0.dtype, device=w0.device) for v in times]
         p._temb_cache[times] = time_embedding(p, ts)
     return p._temb_cache[times]
 
@@ -147,8 +175,8 @@ def cached_time_embedding(p: PackedHead, times: tuple) -> torch.Tensor:
 def _check(p: PackedHead, c: torch.Tensor, x: torch.Tensor) -> None:
     if x.dim() != 2 or x.shape[1] != p.in_dim:
         raise ValueError(f"head input x must be [B, {p.in_dim}], got {tuple(x.shape)}")
-    if c.dim() != 2 or c.shape[0] != x.shape[0] or c.shape[1] != p.w_cond.shape[0]:
-        raise ValueError(f"head condition c must be [{x.shape[0]}, {p.w_cond.shape[0]}], "
+    if c.dim() != 2 or c.shape[0] != x.shape[0] or c.shape[1] != p.cond_dim:
+        raise ValueError(f"head condition c must be [{x.shape[0]}, {p.cond_dim}], "
                          f"got {tuple(c.shape)}")
 
 
@@ -178,6 +206,15 @@ def head_ref(p: PackedHead, c: torch.Tensor, x: torch.Tensor, ts=()) -> torch.Te
 
 
 # -- CPU fast path ------------------------------------------------------------------------------
+def _affine(b, x, w):
+    """x @ w + b: addmm for fp32 weights, the int8 op (bias folded in) for quantized heads."""
+    return torch.addmm(b, x, w) if isinstance(w, torch.Tensor) else w(x)
+
+
+def _block_bias(b, i):
+    return None if b is None else b[i]
+
+
 def head_cpu(p: PackedHead, c: torch.Tensor, x: torch.Tensor, times: tuple = ()) -> torch.Tensor:
     """Same math as ``head_ref`` for scalar times shared by the batch, fewer and fused ops.
 
@@ -186,21 +223,21 @@ def head_cpu(p: PackedHead, c: torch.Tensor, x: torch.Tensor, times: tuple = ())
     """
     _check(p, c, x)
     W = p.width
-    y = torch.addmm(p.b_cond, c, p.w_cond)
+    y = _affine(p.b_cond, c, p.w_cond)
     if p.n_time:
         y += cached_time_embedding(p, tuple(times))
-    mods = torch.addmm(p.b_ada, F.silu(y), p.w_ada)
-    h = torch.addmm(p.b_in, x, p.w_in)
+    mods = _affine(p.b_ada, F.silu(y), p.w_ada)
+    h = _affine(p.b_in, x, p.w_in)
     for i in range(p.n_blocks):
         m = mods[:, 3 * W * i:3 * W * (i + 1)]
         n = F.layer_norm(h, (W,), p.ln_w[i], p.ln_b[i], p.ln_eps)
         n = torch.addcmul(m[:, :W], n, m[:, W:2 * W] + 1)
-        u = F.silu(torch.addmm(p.b1[i], n, p.w1[i]), inplace=True)
-        h = torch.addcmul(h, m[:, 2 * W:], torch.addmm(p.b2[i], u, p.w2[i]))
+        u = F.silu(_affine(_block_bias(p.b1, i), n, p.w1[i]), inplace=True)
+        h = torch.addcmul(h, m[:, 2 * W:], _affine(_block_bias(p.b2, i), u, p.w2[i]))
     m = mods[:, 3 * W * p.n_blocks:]
     n = F.layer_norm(h, (W,), None, None, p.ln_eps)
     n = torch.addcmul(m[:, :W], n, m[:, W:] + 1)
-    return torch.addmm(p.b_out, n, p.w_out)
+    return _affine(p.b_out, n, p.w_out)
 
 
 # -- Triton -----------------------------------------------------------------------------------

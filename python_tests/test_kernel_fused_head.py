@@ -115,3 +115,19 @@ def test_triton_matches_reference(B, dtype):
     got = head_triton(pd, c.to(DEVICE, dtype), x.to(DEVICE, dtype), (0.0, 1.0))
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol)
+
+
+def test_int8_head_stays_close_and_shrinks():
+    p = pack_head(random_head_sd(W=256, in_dim=32, cond=256, n_blocks=3))
+    q = p.quantized()
+    assert q.nbytes() < 0.3 * p.nbytes()
+    g = torch.Generator().manual_seed(2)
+    c, x = torch.randn(4, 256, generator=g), torch.randn(4, 32, generator=g)
+    want = head_cpu(p, c, x, (0.0, 1.0))
+    got = head_cpu(q, c, x, (0.0, 1.0))
+    rel = (got - want).norm() / want.norm()
+    # measured 0.125 with random weights: every block's adaLN scale multiplies the
+    # 7-bit activation error; judge trained weights by their samples, not by this bound
+    assert rel < 0.2, rel
+    with pytest.raises(ValueError, match="condition c"):
+        head_cpu(q, c[:, :8], x, (0.0, 1.0))

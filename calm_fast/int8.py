@@ -1,0 +1,42 @@
+"""Int8 weights for the CPU fast paths (fbgemm dynamic quantization).
+
+Weights are quantized once, per output channel (symmetric int8), and prepacked for fbgemm;
+activations are quantized per call. At decode batch sizes the matmuls are weight-read
+bound, so a 4x smaller weight is most of the gain: on the 2-core dev box a 1024 x 3072
+projection takes 98 us instead of 283 us at batch 1, and 191 us instead of 1267 us at
+batch 8 (fbgemm's int8 kernel also handles small batches far better than fp32 sgemm).
+Accuracy (measured on random Gaussian inputs): 1-4% relative error per projection, mostly
+from the per-call activation quantization (fbgemm keeps 7 bits of range per tensor); a
+2-layer random model ends 2-3% away from fp32 at width 1024, 4-6% at width 256. Use it where that is acceptable, as the
+published package's own quantized mode does.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Int8Linear:
+    """y = x @ W (+ b) with W given as [in, out] fp32 (the packed layout), stored in int8."""
+
+    def __init__(self, w_t: torch.Tensor, bias: torch.Tensor | None = None):
+        if w_t.dim() != 2 or not w_t.is_floating_point():
+            raise ValueError(f"Int8Linear needs a float [in, out] weight, got {tuple(w_t.shape)}")
+        w = w_t.t().contiguous().float()  # [out, in], what fbgemm expects
+        scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
+        q = torch.quantize_per_channel(w, scales, torch.zeros_like(scales, dtype=torch.long),
+                                       0, torch.qint8)
+        self.packed = torch.ops.quantized.linear_prepack(
+            q, None if bias is None else bias.float())
+        self.in_features, self.out_features = w_t.shape
+        self._nbytes = w.numel() + 8 * w.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.contiguous(), self.packed)
+
+    def nbytes(self) -> int:
+        return self._nbytes
+
+
+def matmul(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w for an fp32 [in, out] tensor or an Int8Linear."""
+    return w(x) if isinstance(w, Int8Linear) else x @ w
