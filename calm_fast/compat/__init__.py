@@ -1,0 +1,1 @@
+"""Checkpoint mappings from peer implementations (Pocket TTS) onto calm_fast modules."""

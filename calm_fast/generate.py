@@ -1,0 +1,240 @@
+"""Batched, streaming generation of latents from a CALM model.
+
+One call takes a batch of requests, each with its own prefix, prompt latents, length,
+temperature, CFG scale, seed and stop rule, and runs them as one batch of frame steps:
+
+    rows  = [cond streams..., null streams of the CFG requests...]
+    z     = out_norm(paged backbone step(input_linear(previous latents)))    (fast_backbone)
+    Z     = z_null + a (z_cond - z_null)  (+ short-context ring step)        (latent CFG)
+    x     = LSD / consistency sampling of the head on Z, noise N(0, tau I) per stream
+    eos   = out_eos(Z) > threshold
+
+Streams keep their own positions in the paged cache, so prefixes of any length batch
+together; a finished stream leaves the batch at once and its cache blocks are freed.
+Each request draws its noise from its own generator (``seed``), so its frames do not
+depend on what else is in the batch. ``stream()`` yields every step's frames as they are
+made; ``generate()`` collects them.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import fast_backbone as fb
+from .kernels.fused_head import head_cpu
+from .model import CALM, check_finite
+from .sampling import EOSRule, consistency_sample, gaussian_noise, lsd_sample
+
+
+@dataclass
+class Request:
+    prefix: torch.Tensor  # [P, d] conditioning rows (CALM.prefix), P >= 1
+    max_frames: int
+    temperature: float = 0.7
+    cfg_scale: float = 1.0  # 1 = no CFG (no null branch is run)
+    seed: int | None = None  # None: drawn from the global RNG (so torch.manual_seed fixes it)
+    prompt_latents: torch.Tensor | None = None  # [L, C] normalised latents to continue
+    null_prefix: torch.Tensor | None = None  # default: CALM.null_prefix()
+    eos_threshold: float | None = -4.0
+    frames_after_eos: int = 0
+    min_frames: int = 0
+    noise_clamp: float | None = None
+
+
+@dataclass
+class StepOutput:
+    step: int
+    ids: list  # indices (into the request list) of the streams that made a frame
+    latents: torch.Tensor  # [len(ids), C]
+    finished: list = field(default_factory=list)  # requests that ended at this step
+
+
+@dataclass
+class _Stream:
+    idx: int
+    req: Request
+    cond: int
+    null: int | None
+    slot: int
+    gen: torch.Generator
+    eos: EOSRule
+    prev: torch.Tensor  # [C]; NaN = BOS
+    made: int = 0
+
+
+class CALMGenerator:
+    """Generation over the fast paths, with the weights of a CALM module.
+
+    head_steps: LSD / consistency steps per frame. int8: int8 weights for the backbone and
+    head (CPU). The weights are packed once here: build a new generator after training."""
+
+    def __init__(self, model: CALM, *, head_steps: int = 1, block_size: int = 16,
+                 num_blocks: int | None = None, int8: bool = False):
+        if head_steps < 1:
+            raise ValueError(f"head_steps must be >= 1, got {head_steps}")
+        self.model, self.cfg = model, model.cfg
+        self.head_steps, self.block_size, self.num_blocks = head_steps, block_size, num_blocks
+        self.backbone = model.transformer.packed()
+        self.head = model.flow_net.packed()
+        if int8:
+            self.backbone, self.head = self.backbone.quantized(), self.head.quantized()
+        self.w_in = model.input_linear.weight.detach().t().contiguous()
+        self.cache = None
+
+    # -- validation ---------------------------------------------------------------------------
+    def _check(self, i: int, r: Request) -> None:
+        m, d, C = self.model, self.cfg.backbone.d_model, self.cfg.latent_dim
+        where = f"request {i}"
+        for name, t in (("prefix", r.prefix), ("null_prefix", r.null_prefix)):
+            if t is None:
+                continue
+            if t.dim() != 2 or t.shape[1] != d or t.shape[0] == 0:
+                raise ValueError(f"{where}: {name} must be [P >= 1, {d}], got {tuple(t.shape)}")
+            check_finite(f"{where}: {name}", t)
+        if r.prompt_latents is not None:
+            m.check_latents(f"{where}: prompt_latents", r.prompt_latents)
+            if r.prompt_latents.dim() != 2:
+                raise ValueError(f"{where}: prompt_latents must be [L, {C}]")
+        if r.max_frames < 1:
+            raise ValueError(f"{where}: max_frames must be >= 1, got {r.max_frames}")
+        if not (math.isfinite(r.temperature) and r.temperature >= 0):
+            raise ValueError(f"{where}: temperature must be finite and >= 0, got {r.temperature}")
+        if not math.isfinite(r.cfg_scale):
+            raise ValueError(f"{where}: cfg_scale must be finite, got {r.cfg_scale}")
+        L = 0 if r.prompt_latents is None else r.prompt_latents.shape[0]
+        P = max(r.prefix.shape[0], 0 if r.null_prefix is None else r.null_prefix.shape[0])
+        need = P + 1 + L + r.max_frames
+        if need > self.cfg.max_context:
+            raise ValueError(f"{where}: prefix ({P}) + BOS + prompt ({L}) + max_frames "
+                             f"({r.max_frames}) = {need} rows exceed the context of "
+                             f"{self.cfg.max_context} rows")
+
+    def _rows(self, r: Request) -> int:
+        L = 0 if r.prompt_latents is None else r.prompt_latents.shape[0]
+        return r.prefix.shape[0] + L + r.max_frames
+
+    # -- the loop -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def stream(self, requests: list[Request]) -> Iterator[StepOutput]:
+        requests = list(requests)
+        if not requests:
+            raise ValueError("no requests")
+        for i, r in enumerate(requests):
+            self._check(i, r)
+        m, C = self.model, self.cfg.latent_dim
+        bs = self.block_size
+        null_default = m.null_prefix().detach()
+        need = sum((-(-self._rows(r) // bs) + 1) * (2 if r.cfg_scale != 1 else 1)
+                   for r in requests)
+        nstreams = sum(2 if r.cfg_scale != 1 else 1 for r in requests)
+        self.cache = cache = self.backbone.make_cache(self.num_blocks or need, bs,
+                                                      max_streams=nstreams)
+        short = getattr(m, "short", None)
+        ring = short.init_state(len(requests)) if short is not None else None
+        bos = m.bos_emb.detach()
+        streams = []
+        for i, r in enumerate(requests):
+            seed = r.seed if r.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            prompt = r.prompt_latents
+            feed = bos[None] if prompt is None else torch.cat([bos[None], prompt])
+            lat_rows = feed[:-1] @ self.w_in  # rows before the first step's input
+            cond = cache.new_stream()
+            fb.prefill(self.backbone, cache, cond, torch.cat([r.prefix, lat_rows]))
+            null = None
+            if r.cfg_scale != 1:
+                null = cache.new_stream()
+                npre = null_default if r.null_prefix is None else r.null_prefix
+                fb.prefill(self.backbone, cache, null, torch.cat([npre, lat_rows]))
+            if short is not None and feed.shape[0] > 1:
+                for row in feed[:-1]:
+                    short.step(ring, [i], row[None])
+            prev = torch.full((C,), float("nan")) if prompt is None else prompt[-1].clone()
+            streams.append(_Stream(i, r, cond, null, i, torch.Generator().manual_seed(seed),
+                                   EOSRule(r.eos_threshold, r.frames_after_eos, r.min_frames),
+                                   prev))
+        try:
+            step = 0
+            while streams:
+                yield self._step(step, streams, ring, short)
+                step += 1
+        finally:
+            for s in streams:  # the caller stopped early: release what is still held
+                self._release(s)
+
+    def _step(self, step, streams, ring, short) -> StepOutput:
+        m, cache, C = self.model, self.cache, self.cfg.latent_dim
+        d = self.cfg.backbone.d_model
+        prev = torch.stack([s.prev for s in streams])
+        prev = torch.where(torch.isnan(prev), m.bos_emb.detach(), prev)
+        x = prev @ self.w_in
+        cfg_streams = [s for s in streams if s.null is not None]
+        ids = [s.cond for s in streams] + [s.null for s in cfg_streams]
+        pick = [k for k, s in enumerate(streams) if s.null is not None]
+        rows = torch.cat([x, x[pick]]) if pick else x
+        z = fb.step(self.backbone, cache, ids, rows)
+        z = F.layer_norm(z, (d,), m.out_norm.weight, m.out_norm.bias, m.out_norm.eps)
+        Z = z[:len(streams)]
+        if pick:
+            alpha = torch.tensor([s.req.cfg_scale for s in cfg_streams])[:, None]
+            zc, zn = Z[pick], z[len(streams):]
+            Z = Z.index_copy(0, torch.tensor(pick), zn + alpha * (zc - zn))
+        if short is not None:
+            Z = Z + short.step(ring, [s.slot for s in streams], prev)
+        logits = F.linear(Z, m.out_eos.weight, m.out_eos.bias)[:, 0]
+        temps = [s.req.temperature for s in streams]
+        gens = [s.gen for s in streams]
+        clamp = streams[0].req.noise_clamp
+        if any(s.req.noise_clamp != clamp for s in streams):
+            draw = lambda: torch.stack([gaussian_noise([s.req.temperature], C, generators=[s.gen],  # noqa: E731
+                                                       clamp=s.req.noise_clamp)[0] for s in streams])
+        else:
+            draw = lambda: gaussian_noise(temps, C, generators=gens, clamp=clamp)  # noqa: E731
+        noise = draw()
+
+        def head(c, xx, times):
+            return head_cpu(self.head, c, xx, times)
+
+        if self.cfg.head.kind == "lsd":
+            out = lsd_sample(head, Z, noise, self.head_steps)
+        else:
+            out = consistency_sample(head, Z, noise, self.head_steps, renoise=draw)
+        emitted, keep_ix, finished = [], [], []
+        for k, s in enumerate(streams):
+            keep = s.eos.keep(step, float(logits[k]))
+            if keep:
+                s.prev = out[k]
+                s.made += 1
+                emitted.append(k)
+            last = s.eos.eos_at is not None and step + 1 >= s.eos.eos_at + s.eos.frames_after_eos
+            if not keep or last or s.made >= s.req.max_frames:
+                finished.append(s)
+            else:
+                keep_ix.append(k)
+        result = StepOutput(step, [streams[k].idx for k in emitted], out[emitted],
+                            [s.idx for s in finished])
+        for s in finished:
+            self._release(s)
+        streams[:] = [streams[k] for k in keep_ix]
+        return result
+
+    def _release(self, s: _Stream) -> None:
+        for sid in (s.cond, s.null):
+            if sid is not None:
+                try:
+                    self.cache.free(sid)
+                except KeyError:
+                    pass  # already freed
+        s.null = None
+
+    def generate(self, requests: list[Request]) -> list[torch.Tensor]:
+        """All frames of every request: a list of [T_i, C] normalised latents."""
+        frames = [[] for _ in requests]
+        for out in self.stream(requests):
+            for i, lat in zip(out.ids, out.latents):
+                frames[i].append(lat)
+        C = self.cfg.latent_dim
+        return [torch.stack(f) if f else torch.empty(0, C) for f in frames]

@@ -1,0 +1,109 @@
+"""The causal pre-LN RoPE Transformer, as an nn.Module (training and the dense oracle).
+
+Same math and key names as the published Kyutai / Pocket TTS ``StreamingTransformer``
+(``layers.{i}.self_attn.in_proj``, ``out_proj``, ``norm1``, ``norm2``, ``linear1``,
+``linear2``, optional ``layer_scale_{1,2}.scale``), so a Pocket TTS state dict loads as is.
+
+Generation does not run this module frame by frame: ``packed()`` lays the same weights out
+for ``calm_fast.fast_backbone``, whose ``prefill`` and ``step`` go through PagedKVCache and
+equal ``forward`` over the whole sequence (python_tests/test_transformer.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import fast_backbone as fb
+from .config import TransformerConfig
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, Hk, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        self.in_proj = nn.Linear(cfg.d_model, (H + 2 * Hk) * D, bias=False)
+        self.out_proj = nn.Linear(H * D, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        H, Hk, D = self.cfg.num_heads, self.cfg.kv_heads, self.cfg.head_dim
+        q, k, v = self.in_proj(x).split([H * D, Hk * D, Hk * D], dim=-1)
+        q = fb.apply_rope(q.reshape(B, T, H, D), cos, sin).transpose(1, 2)
+        k = fb.apply_rope(k.reshape(B, T, Hk, D), cos, sin).transpose(1, 2)
+        v = v.reshape(B, T, Hk, D).transpose(1, 2)
+        if Hk != H:
+            k, v = k.repeat_interleave(H // Hk, 1), v.repeat_interleave(H // Hk, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * D))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = Attention(cfg)
+        self.norm1 = nn.LayerNorm(d, eps=1e-5)
+        self.norm2 = nn.LayerNorm(d, eps=1e-5)
+        self.linear1 = nn.Linear(d, cfg.dim_feedforward, bias=False)
+        self.linear2 = nn.Linear(cfg.dim_feedforward, d, bias=False)
+        ls = cfg.layer_scale
+        self.layer_scale_1 = nn.Identity() if ls is None else LayerScale(d, ls)
+        self.layer_scale_2 = nn.Identity() if ls is None else LayerScale(d, ls)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.layer_scale_1(self.self_attn(self.norm1(x), cos, sin, mask))
+        h = self.linear2(F.gelu(self.linear1(self.norm2(x)), approximate="tanh"))
+        return x + self.layer_scale_2(h)
+
+
+def causal_mask(T: int, device=None, window: int | None = None) -> torch.Tensor:
+    """[T, T] bool, True = may attend. ``window`` = K keeps only the last K positions
+    (i - K < j <= i): the banded mask of the short-context Transformer."""
+    i = torch.arange(T, device=device)
+    m = i[None, :] <= i[:, None]
+    if window is not None:
+        m &= i[None, :] > i[:, None] - window
+    return m
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, d] at positions 0..T-1; mask [T, T] or [B, 1, T, T] bool (default
+        causal). Relative positions are all RoPE sees, so left padding (masked out as keys)
+        leaves the real rows' outputs unchanged."""
+        if x.dim() != 3 or x.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"transformer input must be [B, T, {self.cfg.d_model}], "
+                             f"got {tuple(x.shape)}")
+        T = x.shape[1]
+        cos, sin = fb.rope_tables(self.packed_shape(), torch.arange(T, device=x.device))
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if mask is None:
+            mask = causal_mask(T, x.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return x
+
+    def packed_shape(self) -> fb.PackedBackbone:
+        c = self.cfg
+        return fb.PackedBackbone([], c.d_model, c.num_heads, c.kv_heads, c.head_dim, c.max_period)
+
+    def packed(self) -> fb.PackedBackbone:
+        """The weights laid out for the fast prefill/step (a copy: re-pack after training)."""
+        c = self.cfg
+        return fb.pack_transformer(self.state_dict(), "", c.num_heads, c.kv_heads, c.max_period)
