@@ -386,11 +386,8 @@ def head_triton(p: PackedHead, c: torch.Tensor, x: torch.Tensor, times: tuple = 
 # -- LSD decoding with the fused head -----------------------------------------------------------
 def lsd_decode(head_fn, p: PackedHead, c: torch.Tensor, noise: torch.Tensor,
                steps: int = 1) -> torch.Tensor:
-    """n-step LSD flow-map decoding (Pocket TTS): x <- x + head(c, s, t, x) / n for
-    (s, t) = (i/n, (i+1)/n); ``head_fn`` is one of head_cpu / head_triton."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    x = noise
-    for i in range(steps):
-        x = x + head_fn(p, c, x, (i / steps, (i + 1) / steps)) / steps
-    return x
+    """n-step LSD flow-map decoding (calm_fast.sampling.lsd_sample) with a fused head:
+    ``head_fn`` is one of head_cpu / head_triton."""
+    from calm_fast.sampling import lsd_sample
+
+    return lsd_sample(lambda cc, x, times: head_fn(p, cc, x, times), c, noise, steps)
