@@ -1,0 +1,49 @@
+"""Pocket TTS (Mimi) codec checkpoints -> ``calm_fast.vae.VAE``.
+
+The tensor names are the same; Pocket TTS exports no log-variance (it decodes and encodes
+with the mean), so ``logvar`` keeps its initial value (zeros: unit variance) and only matters
+if the VAE is trained further. Accepts the package's ``MimiModel.state_dict()`` or a bundled
+``TTSModel`` safetensors file (``mimi.*`` keys).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointError
+from ..model import load_weights
+from ..vae import VAE, VAEConfig, vae_preset
+
+OURS_ONLY = ("logvar.conv.conv.weight",)
+
+
+def read_mimi_state_dict(src) -> dict[str, torch.Tensor]:
+    if isinstance(src, (str, Path)):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(src)
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint at {path}")
+        try:
+            src = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    if not isinstance(src, dict) or not src:
+        raise CheckpointError("empty checkpoint")
+    if any(k.startswith("mimi.") for k in src):
+        src = {k[len("mimi."):]: v for k, v in src.items() if k.startswith("mimi.")}
+    return dict(src)
+
+
+def load_pocket_mimi(src, config: VAEConfig | None = None) -> VAE:
+    """A VAE holding a Pocket TTS Mimi's weights (``pocket`` preset shapes by default).
+    Every missing, unexpected or wrong-shape key is named in the CheckpointError."""
+    sd = read_mimi_state_dict(src)
+    vae = VAE(config or vae_preset("pocket"))
+    own = vae.state_dict()
+    for k in OURS_ONLY:
+        sd.setdefault(k, own[k])
+    load_weights(vae, sd, "Pocket TTS Mimi checkpoint")
+    return vae.eval()
