@@ -14,3 +14,7 @@ class UnknownStreamError(CalmFastError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class AudioError(CalmFastError, ValueError):
+    """Audio that cannot be used: empty, silent, corrupt, too long, not audio, bad layout."""
