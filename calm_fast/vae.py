@@ -149,8 +149,33 @@ class CausalConvTranspose(nn.Module):
         self.convtr = nn.ConvTranspose1d(cin, cout, kernel, stride, groups=groups, bias=bias)
         self.tail = kernel - stride
 
+    def _overlap_add(self, x):
+        """kernel = 2 x stride (every SEANet / VAE upsampler) as one GEMM (or, depthwise, one
+        outer product) and an overlap-add of the two halves. torch's CPU transposed conv
+        takes a slow im2col path on these shapes: the depthwise x16 upsampler cost 1.1 ms of
+        a 17 ms pocket decode frame (profiled, batch 1), the first SEANet one 1.06 vs 0.85."""
+        c = self.convtr
+        B, C, T = x.shape
+        S, O = c.stride[0], c.out_channels
+        if c.groups == 1:
+            a = (x.transpose(1, 2).contiguous() @ c.weight.reshape(C, -1))
+            a = a.view(B, T, O, 2 * S).transpose(1, 2)
+        else:  # depthwise
+            a = x[..., None] * c.weight[:, 0][None, :, None, :]
+        y = x.new_zeros(B, O, T + 1, S)
+        y[:, :, :T] += a[..., :S]
+        y[:, :, 1:] += a[..., S:]
+        y = y.view(B, O, (T + 1) * S)
+        return y if c.bias is None else y + c.bias[:, None]
+
     def forward(self, x, state: VAEState | None = None):
-        y = self.convtr(x)
+        c = self.convtr
+        # depthwise: always; dense: only for few rows, where the GEMM measured faster
+        # (B x T <= 256; torch's path wins on long inputs at batch 16)
+        fast = c.kernel_size[0] == 2 * c.stride[0] and (
+            (c.groups == 1 and x.shape[0] * x.shape[-1] <= 256)
+            or (c.groups == c.in_channels == c.out_channels))
+        y = self._overlap_add(x) if fast else c(x)
         if self.tail <= 0:
             return y
         if state is not None:

@@ -146,3 +146,15 @@ def test_bad_mimi_checkpoints(peer_mimi, tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="not a readable"):
         load_pocket_mimi(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("groups,T", [(1, 5), (1, 400), (16, 5)])
+def test_transposed_conv_fast_paths_equal_torch(groups, T):
+    from calm_fast.vae import CausalConvTranspose
+
+    torch.manual_seed(0)
+    m = CausalConvTranspose(16, 16, 8, 4, groups=groups, bias=groups == 1)
+    x = torch.randn(2, 16, T)
+    with torch.no_grad():
+        want = m.convtr(x)[..., :-4]
+        torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
