@@ -126,3 +126,19 @@ def _load_module(module, sd, what, path, strict):
             f"{' ...' if len(missing) > 20 else ''}, unexpected {unexpected[:20]}"
             f"{' ...' if len(unexpected) > 20 else ''}, wrong shape {bad_shape[:20]}")
     module.load_state_dict(sd, strict=strict)
+
+
+def read_tensors(src) -> dict[str, torch.Tensor]:
+    """A non-empty dict of tensors, from a dict or a safetensors file (CheckpointError if
+    missing, unreadable or empty)."""
+    if isinstance(src, (str, Path)):
+        path = Path(src)
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint at {path}")
+        try:
+            src = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    if not isinstance(src, dict) or not src:
+        raise CheckpointError("empty checkpoint")
+    return dict(src)

@@ -7,11 +7,9 @@ if the VAE is trained further. Accepts the package's ``MimiModel.state_dict()`` 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import read_tensors
 from ..model import load_weights
 from ..vae import VAE, VAEConfig, vae_preset
 
@@ -19,19 +17,7 @@ OURS_ONLY = ("logvar.conv.conv.weight",)
 
 
 def read_mimi_state_dict(src) -> dict[str, torch.Tensor]:
-    if isinstance(src, (str, Path)):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        path = Path(src)
-        if not path.is_file():
-            raise CheckpointError(f"no checkpoint at {path}")
-        try:
-            src = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    if not isinstance(src, dict) or not src:
-        raise CheckpointError("empty checkpoint")
+    src = read_tensors(src)
     if any(k.startswith("mimi.") for k in src):
         src = {k[len("mimi."):]: v for k, v in src.items() if k.startswith("mimi.")}
     return dict(src)

@@ -13,11 +13,9 @@ TTS uses 64-dim heads: 16 at d_model 1024, the default here).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, read_tensors
 from ..config import CALMConfig, HeadConfig, TransformerConfig
 from ..model import CALM, load_weights
 
@@ -33,19 +31,7 @@ _RENAMES = {"condition_provider.conditioners.transcript_in_segment.embed.weight"
 
 def read_state_dict(src) -> dict[str, torch.Tensor]:
     """A flow-LM state dict in the package layout, from a dict or a safetensors file."""
-    if isinstance(src, (str, Path)):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        path = Path(src)
-        if not path.is_file():
-            raise CheckpointError(f"no checkpoint at {path}")
-        try:
-            src = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    if not isinstance(src, dict) or not src:
-        raise CheckpointError("empty checkpoint")
+    src = read_tensors(src)
     if any(k.startswith("flow_lm.") for k in src):
         src = {k[len("flow_lm."):]: v for k, v in src.items() if k.startswith("flow_lm.")}
     out = {}
