@@ -51,9 +51,11 @@ def main() -> None:
                     help="also time int8 weights: ours (backbone + head) vs the peer's "
                          "quantize_dynamic of its attention and FFN")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     from pocket_tts.models.flow_lm import lsd_decode as peer_lsd
     from pocket_tts.modules.stateful_module import increment_steps, init_states
+
+    # after the import: importing pocket_tts runs torch.set_num_threads(1) (tts_model.py)
+    torch.set_num_threads(args.threads)
 
     tr, head, norm = build_peer()
     pb = fb.pack_transformer(tr.state_dict(), heads=HEADS)

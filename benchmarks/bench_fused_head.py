@@ -35,8 +35,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(head_ref)")
     ap.add_argument("--batches", default="1,8,64,256")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     peer = build_peer()
+    # after the import: importing pocket_tts runs torch.set_num_threads(1) (tts_model.py)
+    torch.set_num_threads(args.threads)
     p = pack_head(peer.state_dict())
     bw, flops = read_bandwidth(), matmul_flops()
     print(f"measured: read {bw / 1e9:.1f} GB/s, fp32 matmul {flops / 1e9:.1f} GFLOP/s; "

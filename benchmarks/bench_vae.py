@@ -58,10 +58,11 @@ def main():
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--frames", type=int, default=40)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     from pocket_tts.modules.stateful_module import increment_steps, init_states
 
     peer = build_peer()
+    # after the import: pocket_tts.models sets torch.set_num_threads(1) when it loads
+    torch.set_num_threads(args.threads)
     ours = load_pocket_mimi(peer.state_dict())
     rows = []
     for B in [int(b) for b in args.batches.split(",")]:
