@@ -69,19 +69,16 @@ class ShortContext(nn.Module):
         ring = pos % K
         # entry j of a ring is valid once the stream has written it (j <= pos, first lap)
         valid = torch.arange(K, device=x.device)[None] <= pos[:, None]  # [B, K]
-        H, Hk, D = c.num_heads, c.kv_heads, c.head_dim
+        rep = c.num_heads // c.kv_heads
         h = self.in_proj(x)
         for li, layer in enumerate(self.transformer.layers):
-            q, k, v = layer.self_attn.in_proj(layer.norm1(h)).split([H * D, Hk * D, Hk * D], -1)
-            q = fb.apply_rope(q.view(-1, H, D), cos, sin)
-            state.k[slots, li, ring] = fb.apply_rope(k.view(-1, Hk, D), cos, sin)
-            state.v[slots, li, ring] = v.view(-1, Hk, D)
-            Kr = state.k[slots, li].repeat_interleave(H // Hk, 2).transpose(1, 2)  # [B,H,K,D]
-            Vr = state.v[slots, li].repeat_interleave(H // Hk, 2).transpose(1, 2)
+            q, k, v = layer.project(h, cos, sin)  # [B, heads, D]
+            state.k[slots, li, ring] = k
+            state.v[slots, li, ring] = v
+            Kr = state.k[slots, li].repeat_interleave(rep, 2).transpose(1, 2)  # [B, H, K, D]
+            Vr = state.v[slots, li].repeat_interleave(rep, 2).transpose(1, 2)
             a = F.scaled_dot_product_attention(q[:, :, None], Kr, Vr,
                                                attn_mask=valid[:, None, None])[:, :, 0]
-            h = h + layer.layer_scale_1(layer.self_attn.out_proj(a.reshape(-1, H * D)))
-            f = layer.linear2(F.gelu(layer.linear1(layer.norm2(h)), approximate="tanh"))
-            h = h + layer.layer_scale_2(f)
+            h = layer.finish(h, a.flatten(1))
         state.count[slots] += 1
         return self.out_proj(self.out_norm(h))

@@ -28,24 +28,14 @@ class LayerScale(nn.Module):
 
 
 class Attention(nn.Module):
+    """The projections of self-attention (the attention itself is in TransformerLayer)."""
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
         H, Hk, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim
         self.in_proj = nn.Linear(cfg.d_model, (H + 2 * Hk) * D, bias=False)
         self.out_proj = nn.Linear(H * D, cfg.d_model, bias=False)
-
-    def forward(self, x, cos, sin, mask):
-        B, T, _ = x.shape
-        H, Hk, D = self.cfg.num_heads, self.cfg.kv_heads, self.cfg.head_dim
-        q, k, v = self.in_proj(x).split([H * D, Hk * D, Hk * D], dim=-1)
-        q = fb.apply_rope(q.reshape(B, T, H, D), cos, sin).transpose(1, 2)
-        k = fb.apply_rope(k.reshape(B, T, Hk, D), cos, sin).transpose(1, 2)
-        v = v.reshape(B, T, Hk, D).transpose(1, 2)
-        if Hk != H:
-            k, v = k.repeat_interleave(H // Hk, 1), v.repeat_interleave(H // Hk, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * D))
 
 
 class TransformerLayer(nn.Module):
@@ -61,10 +51,29 @@ class TransformerLayer(nn.Module):
         self.layer_scale_1 = nn.Identity() if ls is None else LayerScale(d, ls)
         self.layer_scale_2 = nn.Identity() if ls is None else LayerScale(d, ls)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.layer_scale_1(self.self_attn(self.norm1(x), cos, sin, mask))
+    def project(self, x, cos, sin):
+        """q [..., H, D] and k, v [..., Hkv, D] of norm1(x), RoPE applied. The cached paths
+        (short-context ring, VAE window) call this and ``finish`` around their own attention."""
+        c = self.self_attn.cfg
+        H, Hk, D = c.num_heads, c.kv_heads, c.head_dim
+        q, k, v = self.self_attn.in_proj(self.norm1(x)).split([H * D, Hk * D, Hk * D], dim=-1)
+        return (fb.apply_rope(q.unflatten(-1, (H, D)), cos, sin),
+                fb.apply_rope(k.unflatten(-1, (Hk, D)), cos, sin), v.unflatten(-1, (Hk, D)))
+
+    def finish(self, x, attn):
+        """The residual attention update (attn [..., H * D]) and the feed-forward block."""
+        x = x + self.layer_scale_1(self.self_attn.out_proj(attn))
         h = self.linear2(F.gelu(self.linear1(self.norm2(x)), approximate="tanh"))
         return x + self.layer_scale_2(h)
+
+    def forward(self, x, cos, sin, mask):
+        """x [B, T, d]; mask [T, T] or [B, 1, T, T] bool."""
+        q, k, v = (t.transpose(1, 2) for t in self.project(x, cos, sin))  # [B, heads, T, D]
+        rep = q.shape[1] // k.shape[1]
+        if rep != 1:
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.finish(x, a.transpose(1, 2).flatten(2))
 
 
 def causal_mask(T: int, device=None, window: int | None = None) -> torch.Tensor:

@@ -279,13 +279,9 @@ class WindowedTransformer(nn.Module):
             raise ValueError("the streams of one VAEState must advance together")
         cos, sin = fb.rope_tables(shape, start + torch.arange(T, device=h.device))
         slots = cache.reserve(ids, T)  # [B, T]
-        H, D = c.num_heads, c.head_dim
         for li, layer in enumerate(self.transformer.layers):
-            att = layer.self_attn
-            q, k, v = att.in_proj(layer.norm1(h)).split([H * D, H * D, H * D], -1)
-            q = fb.apply_rope(q.reshape(B, T, H, D), cos, sin)
-            k = fb.apply_rope(k.reshape(B, T, H, D), cos, sin)
-            cache.write(li, slots, k, v.reshape(B, T, H, D))
+            q, k, v = layer.project(h, cos, sin)  # [B, T, heads, D]
+            cache.write(li, slots, k, v)
             K, V = zip(*(cache.gather(li, s) for s in ids))
             K, V = torch.stack(K).transpose(1, 2), torch.stack(V).transpose(1, 2)  # [B,H,Lk,D]
             Lk = K.shape[2]
@@ -293,9 +289,7 @@ class WindowedTransformer(nn.Module):
             kpos = torch.arange(Lk, device=h.device)[None]
             mask = (kpos <= qpos) & (kpos > qpos - W)
             a = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=mask)
-            h = h + layer.layer_scale_1(att.out_proj(a.transpose(1, 2).reshape(B, T, H * D)))
-            f = layer.linear2(F.gelu(layer.linear1(layer.norm2(h)), approximate="tanh"))
-            h = h + layer.layer_scale_2(f)
+            h = layer.finish(h, a.transpose(1, 2).flatten(2))
         for s in ids:  # the next call's first row needs the W - 1 rows before it
             cache.trim_front(s, W - 1)
         return h
