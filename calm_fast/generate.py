@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import fast_backbone as fb
 from .kernels.fused_head import head_cpu
 from .model import CALM, check_finite
-from .sampling import EOSRule, consistency_sample, gaussian_noise, lsd_sample
+from .sampling import EOSRule, consistency_sample, gaussian_noise, latent_cfg, lsd_sample
 
 
 @dataclass
@@ -59,7 +59,6 @@ class _Stream:
     req: Request
     cond: int
     null: int | None
-    slot: int
     gen: torch.Generator
     eos: EOSRule
     prev: torch.Tensor  # [C]; NaN = BOS
@@ -105,17 +104,25 @@ class CALMGenerator:
             raise ValueError(f"{where}: temperature must be finite and >= 0, got {r.temperature}")
         if not math.isfinite(r.cfg_scale):
             raise ValueError(f"{where}: cfg_scale must be finite, got {r.cfg_scale}")
-        L = 0 if r.prompt_latents is None else r.prompt_latents.shape[0]
-        P = max(r.prefix.shape[0], 0 if r.null_prefix is None else r.null_prefix.shape[0])
-        need = P + 1 + L + r.max_frames
+        P, L = self._prefix(r), self._prompt(r)
+        need = self._rows(r)
         if need > self.cfg.max_context:
             raise ValueError(f"{where}: prefix ({P}) + BOS + prompt ({L}) + max_frames "
                              f"({r.max_frames}) = {need} rows exceed the context of "
                              f"{self.cfg.max_context} rows")
 
+    @staticmethod
+    def _prefix(r: Request) -> int:
+        """Rows of the longer prefix (the cond one, or the null one of CFG)."""
+        return max(r.prefix.shape[0], 0 if r.null_prefix is None else r.null_prefix.shape[0])
+
+    @staticmethod
+    def _prompt(r: Request) -> int:
+        return 0 if r.prompt_latents is None else r.prompt_latents.shape[0]
+
     def _rows(self, r: Request) -> int:
-        L = 0 if r.prompt_latents is None else r.prompt_latents.shape[0]
-        return r.prefix.shape[0] + L + r.max_frames
+        """An upper bound on the rows either stream of a request holds."""
+        return self._prefix(r) + 1 + self._prompt(r) + r.max_frames
 
     # -- the loop -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -128,8 +135,7 @@ class CALMGenerator:
         m, C = self.model, self.cfg.latent_dim
         bs = self.block_size
         null_default = m.null_prefix().detach()
-        need = sum((-(-self._rows(r) // bs) + 1) * (2 if r.cfg_scale != 1 else 1)
-                   for r in requests)
+        need = sum(-(-self._rows(r) // bs) * (2 if r.cfg_scale != 1 else 1) for r in requests)
         nstreams = sum(2 if r.cfg_scale != 1 else 1 for r in requests)
         self.cache = cache = self.backbone.make_cache(self.num_blocks or need, bs,
                                                       max_streams=nstreams)
@@ -153,7 +159,7 @@ class CALMGenerator:
                 for row in feed[:-1]:
                     short.step(ring, [i], row[None])
             prev = torch.full((C,), float("nan")) if prompt is None else prompt[-1].clone()
-            streams.append(_Stream(i, r, cond, null, i, torch.Generator().manual_seed(seed),
+            streams.append(_Stream(i, r, cond, null, torch.Generator().manual_seed(seed),
                                    EOSRule(r.eos_threshold, r.frames_after_eos, r.min_frames),
                                    prev))
         try:
@@ -171,28 +177,22 @@ class CALMGenerator:
         prev = torch.stack([s.prev for s in streams])
         prev = torch.where(torch.isnan(prev), m.bos_emb.detach(), prev)
         x = prev @ self.w_in
-        cfg_streams = [s for s in streams if s.null is not None]
-        ids = [s.cond for s in streams] + [s.null for s in cfg_streams]
-        pick = [k for k, s in enumerate(streams) if s.null is not None]
+        pick = [k for k, s in enumerate(streams) if s.null is not None]  # the CFG requests
+        ids = [s.cond for s in streams] + [streams[k].null for k in pick]
         rows = torch.cat([x, x[pick]]) if pick else x
         z = fb.step(self.backbone, cache, ids, rows)
         z = F.layer_norm(z, (d,), m.out_norm.weight, m.out_norm.bias, m.out_norm.eps)
         Z = z[:len(streams)]
         if pick:
-            alpha = torch.tensor([s.req.cfg_scale for s in cfg_streams])[:, None]
-            zc, zn = Z[pick], z[len(streams):]
-            Z = Z.index_copy(0, torch.tensor(pick), zn + alpha * (zc - zn))
-        if short is not None:
-            Z = Z + short.step(ring, [s.slot for s in streams], prev)
+            alpha = torch.tensor([streams[k].req.cfg_scale for k in pick])[:, None]
+            Z = Z.index_copy(0, torch.tensor(pick), latent_cfg(Z[pick], z[len(streams):], alpha))
+        if short is not None:  # ring slot = request index
+            Z = Z + short.step(ring, [s.idx for s in streams], prev)
         logits = F.linear(Z, m.out_eos.weight, m.out_eos.bias)[:, 0]
         temps = [s.req.temperature for s in streams]
         gens = [s.gen for s in streams]
-        clamp = streams[0].req.noise_clamp
-        if any(s.req.noise_clamp != clamp for s in streams):
-            draw = lambda: torch.stack([gaussian_noise([s.req.temperature], C, generators=[s.gen],  # noqa: E731
-                                                       clamp=s.req.noise_clamp)[0] for s in streams])
-        else:
-            draw = lambda: gaussian_noise(temps, C, generators=gens, clamp=clamp)  # noqa: E731
+        clamps = [s.req.noise_clamp for s in streams]
+        draw = lambda: gaussian_noise(temps, C, generators=gens, clamp=clamps)  # noqa: E731
         noise = draw()
 
         def head(c, xx, times):
@@ -222,13 +222,11 @@ class CALMGenerator:
         return result
 
     def _release(self, s: _Stream) -> None:
+        """Free a stream's cache rows (each stream is released once: finished streams
+        leave the batch in the same step)."""
         for sid in (s.cond, s.null):
             if sid is not None:
-                try:
-                    self.cache.free(sid)
-                except KeyError:
-                    pass  # already freed
-        s.null = None
+                self.cache.free(sid)
 
     def generate(self, requests: list[Request]) -> list[torch.Tensor]:
         """All frames of every request: a list of [T_i, C] normalised latents."""

@@ -25,27 +25,31 @@ def module_head(head):
     return F
 
 
-def gaussian_noise(temps, dim: int, *, generators=None, clamp: float | None = None,
+def gaussian_noise(temps, dim: int, *, generators=None, clamp=None,
                    dtype=torch.float32, device="cpu") -> torch.Tensor:
     """Gaussian temperature: one row per stream, N(0, tau I) (std sqrt(tau)), optionally
-    truncated to [-clamp, clamp]. ``generators``: one torch.Generator per row (reproducible
-    per stream, whatever the batch), or None for the global RNG in row order (the draw the
-    published Pocket TTS loop makes)."""
+    truncated to [-clamp, clamp] (``clamp``: one value for all rows, or one per row, None =
+    no truncation). ``generators``: one torch.Generator per row (reproducible per stream,
+    whatever the batch), or None for the global RNG in row order (the draw the published
+    Pocket TTS loop makes)."""
     temps = [float(t) for t in temps]
     if any(t < 0 or not math.isfinite(t) for t in temps):
         raise ValueError(f"temperatures must be finite and >= 0, got {temps}")
-    if clamp is not None and clamp <= 0:
+    clamps = list(clamp) if isinstance(clamp, (list, tuple)) else [clamp] * len(temps)
+    if len(clamps) != len(temps):
+        raise ValueError(f"{len(clamps)} noise clamps for {len(temps)} streams")
+    if any(c is not None and c <= 0 for c in clamps):
         raise ValueError(f"noise clamp must be > 0, got {clamp}")
     if generators is not None and len(generators) != len(temps):
         raise ValueError(f"{len(generators)} generators for {len(temps)} streams")
     rows = []
-    for i, t in enumerate(temps):
+    for i, (t, c) in enumerate(zip(temps, clamps)):
         g = None if generators is None else generators[i]
         r = torch.empty(dim, dtype=dtype)
-        if clamp is None:
+        if c is None:
             r.normal_(0.0, t ** 0.5, generator=g)
         else:
-            torch.nn.init.trunc_normal_(r, 0.0, t ** 0.5, -clamp, clamp, generator=g)
+            torch.nn.init.trunc_normal_(r, 0.0, t ** 0.5, -c, c, generator=g)
         rows.append(r)
     return torch.stack(rows).to(device)
 

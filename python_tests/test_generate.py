@@ -126,3 +126,20 @@ def test_int8_generator_stays_close(tts):
     # dynamic int8 activations on a 64-wide random model: close, not equal (first frame,
     # before errors feed back)
     assert torch.nn.functional.cosine_similarity(a[0], b[0], dim=0) > 0.95
+
+
+def test_a_null_prefix_longer_than_the_prefix_fits_the_cache(tts):
+    # the cache is sized per stream from the longer prefix (the null one here)
+    g = torch.Generator().manual_seed(9)
+    r = Request(tts.null_prefix(), 3, seed=4, cfg_scale=1.5, eos_threshold=None,
+                null_prefix=torch.randn(80, 64, generator=g))
+    got = CALMGenerator(tts).generate([r])[0]
+    torch.testing.assert_close(got, dense_generate(tts, r), rtol=1e-4, atol=1e-4)
+
+
+def test_per_request_noise_clamps(tts):
+    reqs = [Request(tts.null_prefix(), 3, seed=1, eos_threshold=None, noise_clamp=0.5),
+            Request(tts.null_prefix(), 3, seed=2, eos_threshold=None)]
+    both = CALMGenerator(tts).generate(reqs)
+    for r, x in zip(reqs, both):
+        torch.testing.assert_close(x, CALMGenerator(tts).generate([r])[0])
