@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError
 from .conditioning import TagConditioner, TextConditioner
 from .config import CALMConfig
 from .head import AdaLNHead
@@ -140,21 +139,3 @@ class CALM(nn.Module):
             z = z + self.short(inputs)
         return z, self.out_eos(z)[..., 0]
 
-
-def load_weights(model: nn.Module, sd: dict, what: str = "checkpoint") -> None:
-    """Strict load that names every missing, unexpected and wrong-shape key."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(sd) & set(own))
-              if tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = [f"missing keys {missing}" if missing else "",
-                 f"unexpected keys {unexpected}" if unexpected else "",
-                 f"wrong shapes [{'; '.join(shapes)}]" if shapes else ""]
-        raise CheckpointError(f"{what} does not match the model: "
-                              + "; ".join(p for p in parts if p))
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{what} holds NaN/Inf in {bad}")
-    model.load_state_dict(sd, strict=True)

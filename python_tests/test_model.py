@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from calm_fast.checkpoint import CheckpointError
+from calm_fast.checkpoint import CheckpointError, load_weights
 from calm_fast.config import preset
-from calm_fast.model import CALM, load_weights
+from calm_fast.model import CALM
 from golden import perturbed
 
 

@@ -9,24 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import read_tensors
-from ..model import load_weights
+from ..checkpoint import load_weights, read_tensors
 from ..vae import VAE, VAEConfig, vae_preset
 
 OURS_ONLY = ("logvar.conv.conv.weight",)
 
 
-def read_mimi_state_dict(src) -> dict[str, torch.Tensor]:
-    src = read_tensors(src)
-    if any(k.startswith("mimi.") for k in src):
-        src = {k[len("mimi."):]: v for k, v in src.items() if k.startswith("mimi.")}
-    return dict(src)
-
-
 def load_pocket_mimi(src, config: VAEConfig | None = None) -> VAE:
     """A VAE holding a Pocket TTS Mimi's weights (``pocket`` preset shapes by default).
     Every missing, unexpected or wrong-shape key is named in the CheckpointError."""
-    sd = read_mimi_state_dict(src)
+    sd = read_tensors(src, bundle_prefix="mimi.")
     vae = VAE(config or vae_preset("pocket"))
     own = vae.state_dict()
     for k in OURS_ONLY:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import CheckpointError, read_tensors
+from ..checkpoint import CheckpointError, load_weights, read_tensors
 from ..config import CALMConfig, HeadConfig, TransformerConfig
-from ..model import CALM, load_weights
+from ..model import CALM
 
 _SKIP_PREFIXES = ("flow.w_s_t.",)
 _SKIP_KEYS = {"condition_provider.conditioners.transcript_in_segment.learnt_padding",
@@ -31,9 +31,7 @@ _RENAMES = {"condition_provider.conditioners.transcript_in_segment.embed.weight"
 
 def read_state_dict(src) -> dict[str, torch.Tensor]:
     """A flow-LM state dict in the package layout, from a dict or a safetensors file."""
-    src = read_tensors(src)
-    if any(k.startswith("flow_lm.") for k in src):
-        src = {k[len("flow_lm."):]: v for k, v in src.items() if k.startswith("flow_lm.")}
+    src = read_tensors(src, bundle_prefix="flow_lm.")
     out = {}
     for k, v in src.items():
         if k in _SKIP_KEYS or k.startswith(_SKIP_PREFIXES):
