@@ -7,8 +7,6 @@ if the VAE is trained further. Accepts the package's ``MimiModel.state_dict()`` 
 """
 from __future__ import annotations
 
-import torch
-
 from ..checkpoint import load_weights, read_tensors
 from ..vae import VAE, VAEConfig, vae_preset
 
