@@ -198,13 +198,11 @@ class ResBlock(nn.Module):
                                     nn.ELU(), CausalConv(hidden, dim, 1, pad_mode=pad_mode)])
 
     def forward(self, x, state=None):
-        v = x
-        for layer in self.block:
-            v = layer(v, state) if isinstance(layer, CausalConv) else layer(v)
-        return x + v
+        return x + _run(self.block, x, state)
 
 
 def _run(layers, x, state):
+    """A stack of ELUs and stateful layers (convs, residual blocks)."""
     for layer in layers:
         x = layer(x) if isinstance(layer, nn.ELU) else layer(x, state)
     return x
