@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from . import fast_backbone as fb
 from .kernels.fused_head import PackedHead, head_cpu, lsd_decode, pack_head
+from .sampling import gaussian_noise
 
 
 @dataclass
@@ -84,9 +85,6 @@ class FastFlowLM:
             if generators is None:
                 noise = torch.empty(B, self.ldim).normal_(0.0, std)
             else:
-                if len(generators) != B:
-                    raise ValueError(f"{len(generators)} generators for {B} streams")
-                noise = torch.stack([torch.empty(self.ldim).normal_(0.0, std, generator=g)
-                                     for g in generators])
+                noise = gaussian_noise([temp] * B, self.ldim, generators=generators)
         out = lsd_decode(head_cpu, self.head, z, noise, lsd_steps)
         return out, logits > eos_threshold, logits
