@@ -76,7 +76,9 @@ def main() -> None:
             return peer_lsd(lambda s, t, x: head(z, s, t, x), torch.randn(1, LATENT), 1)
 
         t_peer = timeit(peer_frame, min_time=2.0, max_iters=200)
-        variants = [("fp32", pb, ph, t_peer)]
+        # fp32: our CPU layout (cpu_linear.SplitLinear); fp32-sgemm: the same step with plain
+        # [in, out] weights, i.e. one single-threaded sgemm per projection (eager torch)
+        variants = [("fp32", pb.split(), ph.split(), t_peer), ("fp32-sgemm", pb, ph, t_peer)]
         if args.int8:
             from torch.ao.quantization import quantize_dynamic
 
@@ -101,7 +103,7 @@ def main() -> None:
             kv = 2 * LAYERS * (args.ctx + 100) * D * 4 * B
             nbytes = pbk.nbytes() + phk.nbytes() + kv
             flops = 2 * B * (pb.nbytes() + ph.nbytes()) / 4
-            bound = max(nbytes / bw, flops / peak) if kind == "fp32" else nbytes / bw
+            bound = max(nbytes / bw, flops / peak) if kind != "int8" else nbytes / bw
             rows.append({
                 "weights": kind, "batch": B, "ctx": args.ctx,
                 "peer_ms": f"{t_pk * 1e3:.1f}" if B == 1 else "",

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .cache import PagedKVCache
-from .int8 import Int8Linear, matmul
+from .cpu_linear import SplitLinear, linear
+from .int8 import Int8Linear
 
 
 @dataclass
@@ -50,15 +51,23 @@ class PackedBackbone:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() if isinstance(t, torch.Tensor) else t.nbytes()
                    for L in self.layers for t in L.__dict__.values()
-                   if isinstance(t, (torch.Tensor, Int8Linear)))
+                   if isinstance(t, (torch.Tensor, Int8Linear, SplitLinear)))
 
-    def quantized(self) -> "PackedBackbone":
-        """A copy whose four projections per layer run with int8 weights (CPU)."""
-        layers = [PackedLayer(**{**L.__dict__, **{k: Int8Linear(getattr(L, k))
+    def _repack(self, make) -> "PackedBackbone":
+        layers = [PackedLayer(**{**L.__dict__, **{k: make(getattr(L, k))
                                                   for k in ("w_qkv", "w_o", "w1", "w2")}})
                   for L in self.layers]
         return PackedBackbone(layers, self.d_model, self.heads, self.kv_heads, self.head_dim,
                               self.max_period, self.eps)
+
+    def quantized(self) -> "PackedBackbone":
+        """A copy whose four projections per layer run with int8 weights (CPU)."""
+        return self._repack(Int8Linear)
+
+    def split(self) -> "PackedBackbone":
+        """A copy whose projections use every CPU thread at decode batch sizes
+        (cpu_linear.SplitLinear: 13.5 -> 9.6 ms for the `pocket` layers at batch 1)."""
+        return self._repack(SplitLinear)
 
     def make_cache(self, num_blocks: int, block_size: int = 16, max_streams: int = 256,
                    dtype=torch.float32, device="cpu", backend=None) -> PagedKVCache:
@@ -118,7 +127,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def _qkv(p: PackedBackbone, L: PackedLayer, x: torch.Tensor, cos, sin):
     h = F.layer_norm(x, (p.d_model,), L.ln1_w, L.ln1_b, p.eps)
-    qkv = matmul(h, L.w_qkv)
+    qkv = linear(h, L.w_qkv)
     H, Hk, D = p.heads, p.kv_heads, p.head_dim
     q = qkv[:, :H * D].view(-1, H, D)
     k = qkv[:, H * D:(H + Hk) * D].view(-1, Hk, D)
@@ -127,10 +136,10 @@ def _qkv(p: PackedBackbone, L: PackedLayer, x: torch.Tensor, cos, sin):
 
 
 def _finish(p: PackedBackbone, L: PackedLayer, x: torch.Tensor, attn: torch.Tensor):
-    upd = matmul(attn.reshape(x.shape[0], -1), L.w_o)
+    upd = linear(attn.reshape(x.shape[0], -1), L.w_o)
     x = x + (upd * L.ls1 if L.ls1 is not None else upd)
     h = F.layer_norm(x, (p.d_model,), L.ln2_w, L.ln2_b, p.eps)
-    upd = matmul(F.gelu(matmul(h, L.w1), approximate="tanh"), L.w2)
+    upd = linear(F.gelu(linear(h, L.w1), approximate="tanh"), L.w2)
     return x + (upd * L.ls2 if L.ls2 is not None else upd)
 
 

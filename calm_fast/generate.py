@@ -81,6 +81,8 @@ class CALMGenerator:
         self.head = model.flow_net.packed()
         if int8:
             self.backbone, self.head = self.backbone.quantized(), self.head.quantized()
+        else:  # every thread at decode batch sizes (cpu_linear; parts = threads set now)
+            self.backbone, self.head = self.backbone.split(), self.head.split()
         self.w_in = model.input_linear.weight.detach().t().contiguous()
         self.cache = None
 

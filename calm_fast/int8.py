@@ -36,7 +36,3 @@ class Int8Linear:
     def nbytes(self) -> int:
         return self._nbytes
 
-
-def matmul(x: torch.Tensor, w) -> torch.Tensor:
-    """x @ w for an fp32 [in, out] tensor or an Int8Linear."""
-    return w(x) if isinstance(w, Int8Linear) else x @ w

@@ -77,31 +77,40 @@ class PackedHead:
 
     def nbytes(self) -> int:
         """Bytes of weights one head evaluation reads (time MLPs excluded: cached)."""
-        from calm_fast.int8 import Int8Linear
-
         total = 0
         for v in self.__dict__.values():
-            for t in (v if isinstance(v, list) and v and isinstance(v[0], Int8Linear) else [v]):
+            for t in (v if isinstance(v, list) and v and hasattr(v[0], "nbytes") else [v]):
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()
-                elif isinstance(t, Int8Linear):
+                elif hasattr(t, "nbytes") and callable(t.nbytes):
                     total += t.nbytes()
         return total
 
-    def quantized(self) -> "PackedHead":
-        """A copy whose matmuls use int8 weights (fbgemm, CPU; ``head_cpu`` only). Biases
-        are folded into the int8 ops; the time MLPs stay fp32 (cached per schedule)."""
-        from calm_fast.int8 import Int8Linear
-
+    def _repack(self, make) -> "PackedHead":
+        """A copy whose matmuls are ``make(w, b)`` callables with the bias folded in
+        (``head_cpu`` only); the time MLPs stay plain tensors (cached per schedule)."""
         q = PackedHead(**{k: v for k, v in self.__dict__.items() if k != "_temb_cache"})
-        q.w_in, q.w_cond = Int8Linear(self.w_in, self.b_in), Int8Linear(self.w_cond, self.b_cond)
-        q.w_ada, q.w_out = Int8Linear(self.w_ada, self.b_ada), Int8Linear(self.w_out, self.b_out)
-        q.w1 = [Int8Linear(w, b) for w, b in zip(self.w1, self.b1)]
-        q.w2 = [Int8Linear(w, b) for w, b in zip(self.w2, self.b2)]
-        q.b1 = q.b2 = None  # now inside the int8 ops (nbytes must not count them twice)
+        q.w_in, q.w_cond = make(self.w_in, self.b_in), make(self.w_cond, self.b_cond)
+        q.w_ada, q.w_out = make(self.w_ada, self.b_ada), make(self.w_out, self.b_out)
+        q.w1 = [make(w, b) for w, b in zip(self.w1, self.b1)]
+        q.w2 = [make(w, b) for w, b in zip(self.w2, self.b2)]
+        q.b1 = q.b2 = None  # now inside the ops (nbytes must not count them twice)
         for name in ("b_in", "b_cond", "b_ada", "b_out"):
             setattr(q, name, None)
         return q
+
+    def quantized(self) -> "PackedHead":
+        """A copy whose matmuls use int8 weights (fbgemm, CPU; ``head_cpu`` only)."""
+        from calm_fast.int8 import Int8Linear
+
+        return self._repack(Int8Linear)
+
+    def split(self) -> "PackedHead":
+        """A copy whose matmuls use every CPU thread at decode batch sizes
+        (calm_fast.cpu_linear.SplitLinear; ``head_cpu`` only)."""
+        from calm_fast.cpu_linear import SplitLinear
+
+        return self._repack(SplitLinear)
 
 
 def pack_head(sd: dict, prefix: str = "") -> PackedHead:
@@ -207,7 +216,7 @@ def head_ref(p: PackedHead, c: torch.Tensor, x: torch.Tensor, ts=()) -> torch.Te
 
 # -- CPU fast path ------------------------------------------------------------------------------
 def _affine(b, x, w):
-    """x @ w + b: addmm for fp32 weights, the int8 op (bias folded in) for quantized heads."""
+    """x @ w + b: addmm for fp32 weights, the packed op (bias folded in) otherwise."""
     return torch.addmm(b, x, w) if isinstance(w, torch.Tensor) else w(x)
 
 
