@@ -1,6 +1,7 @@
 """The `pocket` head (6 AdaLN res-blocks of width 512, 32-dim latents, 1024-dim condition,
 LSD with 2 time inputs): the published module in eager torch (the peer's own code) vs our
-fused CPU path (and torch.compile of the reference with --compile), one LSD step, batch
+fused CPU path over SplitLinear weights (and, as `plain`, over plain [in, out] weights:
+one single-threaded sgemm per matmul), and torch.compile of the reference with --compile), one LSD step, batch
 1/8/64/256, with the weights' read time at the measured bandwidth as the roofline.
 
     python benchmarks/bench_fused_head.py [--threads 2] [--compile]
@@ -39,6 +40,7 @@ def main() -> None:
     # after the import: importing pocket_tts runs torch.set_num_threads(1) (tts_model.py)
     torch.set_num_threads(args.threads)
     p = pack_head(peer.state_dict())
+    ps = p.split()
     bw, flops = read_bandwidth(), matmul_flops()
     print(f"measured: read {bw / 1e9:.1f} GB/s, fp32 matmul {flops / 1e9:.1f} GFLOP/s; "
           f"head weights {p.nbytes() / 1e6:.1f} MB")
@@ -51,7 +53,10 @@ def main() -> None:
             torch.testing.assert_close(head_cpu(p, c, x, (0.0, 1.0)), peer(c, s, t, x),
                                        rtol=1e-4, atol=1e-4)
             t_peer = timeit(lambda: peer(c, s, t, x))
-            t_ours = timeit(lambda: head_cpu(p, c, x, (0.0, 1.0)))
+            torch.testing.assert_close(head_cpu(ps, c, x, (0.0, 1.0)), peer(c, s, t, x),
+                                       rtol=1e-4, atol=1e-4)
+            t_ours = timeit(lambda: head_cpu(ps, c, x, (0.0, 1.0)))
+            t_plain = timeit(lambda: head_cpu(p, c, x, (0.0, 1.0)))
             t_comp = timeit(lambda: compiled(p, c, x, [s, t])) if compiled else None
         flop = 2 * B * sum(v.numel() for k, v in p.__dict__.items()
                            if isinstance(v, torch.Tensor) and v.dim() >= 2)
@@ -60,6 +65,7 @@ def main() -> None:
             "batch": B,
             "peer_eager_ms": f"{t_peer * 1e3:.2f}",
             "ours_ms": f"{t_ours * 1e3:.2f}",
+            "plain_ms": f"{t_plain * 1e3:.2f}",
             "compile_ms": f"{t_comp * 1e3:.2f}" if t_comp else "",
             "bound_ms": f"{bound * 1e3:.2f}",
             "ours_vs_bound": f"{t_ours / bound:.2f}x",

