@@ -53,6 +53,20 @@ class PackedBackbone:
                    for L in self.layers for t in L.__dict__.values()
                    if isinstance(t, (torch.Tensor, Int8Linear, SplitLinear)))
 
+    def to(self, device=None, dtype=None) -> "PackedBackbone":
+        """A copy on ``device`` / in ``dtype`` (plain tensor layers only)."""
+        def mv(t):
+            if t is None:
+                return None
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"cannot move a {type(t).__name__} layer: move before "
+                                "split() / quantized()")
+            return t.to(device=device, dtype=dtype)
+
+        layers = [PackedLayer(**{k: mv(v) for k, v in L.__dict__.items()}) for L in self.layers]
+        return PackedBackbone(layers, self.d_model, self.heads, self.kv_heads, self.head_dim,
+                              self.max_period, self.eps)
+
     def _repack(self, make) -> "PackedBackbone":
         layers = [PackedLayer(**{**L.__dict__, **{k: make(getattr(L, k))
                                                   for k in ("w_qkv", "w_o", "w1", "w2")}})
@@ -161,12 +175,20 @@ def step(p: PackedBackbone, cache: PagedKVCache, streams, x: torch.Tensor) -> to
         raise ValueError(f"step input must be [{len(streams)}, {p.d_model}], got {tuple(x.shape)}")
     pos = torch.tensor([cache.position(s) for s in streams], device=x.device)
     slots = cache.reserve(streams, 1)[:, 0]
+    return step_rows(p, cache, x, pos, slots, cache.page_table(streams))
+
+
+def step_rows(p: PackedBackbone, cache: PagedKVCache, x: torch.Tensor, pos: torch.Tensor,
+              slots: torch.Tensor, table) -> torch.Tensor:
+    """The tensor part of ``step``, with the host bookkeeping done: rows x [B, d] at RoPE
+    positions ``pos`` [B], written at cache ``slots`` [B], attending over the page
+    ``table`` (``cache.page_table``; the same pages for every layer). No host sync and no
+    allocation that depends on values, so a CUDA graph can capture it (frame_step.py)."""
     rot = rope_rotation(p, pos)
-    table = cache.page_table(streams)  # the same pages for every layer
     for li, L in enumerate(p.layers):
         q, k, v = _qkv(p, L, x, rot)
         cache.write(li, slots, k, v)
-        x = _finish(p, L, x, cache.attend(li, q, streams, table=table))
+        x = _finish(p, L, x, cache.attend(li, q, None, table=table))
     return x
 
 

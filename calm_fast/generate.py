@@ -22,12 +22,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from . import fast_backbone as fb
-from .kernels.fused_head import head_cpu
+from .frame_step import BUCKETS, FrameInputs, FrameStep
 from .model import CALM, check_finite
-from .sampling import EOSRule, consistency_sample, gaussian_noise, latent_cfg, lsd_sample
+from .sampling import EOSRule, gaussian_noise
 
 
 @dataclass
@@ -69,22 +68,39 @@ class CALMGenerator:
     """Generation over the fast paths, with the weights of a CALM module.
 
     head_steps: LSD / consistency steps per frame. int8: int8 weights for the backbone and
-    head (CPU). The weights are packed once here: build a new generator after training."""
+    head (CPU). device: where the cache and the frame compute live; on CUDA each frame is a
+    CUDA-graph replay (frame_step.FrameStep) and ``dtype`` may be bf16/fp16; there the
+    cache (``num_blocks``, required) and the captured graphs are kept across calls. The
+    weights are packed once here: build a new generator after training."""
 
     def __init__(self, model: CALM, *, head_steps: int = 1, block_size: int = 16,
-                 num_blocks: int | None = None, int8: bool = False):
+                 num_blocks: int | None = None, int8: bool = False, device="cpu",
+                 dtype=torch.float32, graphs: bool | None = None, max_streams: int = 512,
+                 buckets=BUCKETS):
         if head_steps < 1:
             raise ValueError(f"head_steps must be >= 1, got {head_steps}")
         self.model, self.cfg = model, model.cfg
         self.head_steps, self.block_size, self.num_blocks = head_steps, block_size, num_blocks
+        self.device, self.dtype, self.graphs = torch.device(device), dtype, graphs
+        cpu = self.device.type == "cpu"
+        if int8 and not cpu:
+            raise ValueError("int8 weights are a CPU path (fbgemm); use dtype on GPU")
+        if not cpu and num_blocks is None:
+            raise ValueError("a GPU generator needs num_blocks (its cache is kept across calls)")
+        if cpu and dtype != torch.float32:
+            raise ValueError("the CPU path is fp32 (or int8): bf16 matmuls are ~7x slower here")
         self.backbone = model.transformer.packed()
         self.head = model.flow_net.packed()
         if int8:
             self.backbone, self.head = self.backbone.quantized(), self.head.quantized()
-        else:  # every thread at decode batch sizes (cpu_linear; parts = threads set now)
+        elif cpu:  # every thread at decode batch sizes (cpu_linear; parts = threads set now)
             self.backbone, self.head = self.backbone.split(), self.head.split()
-        self.w_in = model.input_linear.weight.detach().t().contiguous()
-        self.cache = None
+        else:
+            self.backbone = self.backbone.to(self.device, dtype)
+            self.head = self.head.to(self.device, dtype)
+        self.w_in = model.input_linear.weight.detach().t().contiguous().to(self.device, dtype)
+        self.max_streams, self.buckets = max_streams, buckets
+        self.cache = self.frame = None
 
     # -- validation ---------------------------------------------------------------------------
     def _check(self, i: int, r: Request) -> None:
@@ -139,28 +155,28 @@ class CALMGenerator:
         null_default = m.null_prefix().detach()
         need = sum(-(-self._rows(r) // bs) * (2 if r.cfg_scale != 1 else 1) for r in requests)
         nstreams = sum(2 if r.cfg_scale != 1 else 1 for r in requests)
-        self.cache = cache = self.backbone.make_cache(self.num_blocks or need, bs,
-                                                      max_streams=nstreams)
-        short = getattr(m, "short", None)
-        ring = short.init_state(len(requests)) if short is not None else None
-        bos = m.bos_emb.detach()
+        cache, ring, short = self._setup(need, nstreams, len(requests))
+        bos = m.bos_emb.detach().to(self.device, self.dtype)
         streams = []
         for i, r in enumerate(requests):
             seed = r.seed if r.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            prompt = r.prompt_latents
+            dev = lambda t: t.to(self.device, self.dtype)  # noqa: E731
+            prompt = None if r.prompt_latents is None else dev(r.prompt_latents)
             feed = bos[None] if prompt is None else torch.cat([bos[None], prompt])
             lat_rows = feed[:-1] @ self.w_in  # rows before the first step's input
             cond = cache.new_stream()
-            fb.prefill(self.backbone, cache, cond, torch.cat([r.prefix, lat_rows]))
+            fb.prefill(self.backbone, cache, cond, torch.cat([dev(r.prefix), lat_rows]))
             null = None
             if r.cfg_scale != 1:
                 null = cache.new_stream()
                 npre = null_default if r.null_prefix is None else r.null_prefix
-                fb.prefill(self.backbone, cache, null, torch.cat([npre, lat_rows]))
-            if short is not None and feed.shape[0] > 1:
+                fb.prefill(self.backbone, cache, null, torch.cat([dev(npre), lat_rows]))
+            if short is not None:
+                ring.reset([i])
                 for row in feed[:-1]:
                     short.step(ring, [i], row[None])
-            prev = torch.full((C,), float("nan")) if prompt is None else prompt[-1].clone()
+            prev = (torch.full((C,), float("nan"), device=self.device, dtype=self.dtype)
+                    if prompt is None else prompt[-1].clone())
             streams.append(_Stream(i, r, cond, null, torch.Generator().manual_seed(seed),
                                    EOSRule(r.eos_threshold, r.frames_after_eos, r.min_frames),
                                    prev))
@@ -173,37 +189,60 @@ class CALMGenerator:
             for s in streams:  # the caller stopped early: release what is still held
                 self._release(s)
 
+    def _setup(self, need: int, nstreams: int, nrequests: int):
+        """The cache, the short-context ring and the frame compute for one call. On CPU they
+        are sized to the call; on GPU they are made once (fixed buffers, captured graphs)."""
+        m, bs = self.model, self.block_size
+        short = getattr(m, "short", None)
+        if self.device.type == "cpu":
+            # + 1 block and stream: the scratch row of FrameStep's padded buckets
+            self.cache = self.backbone.make_cache(self.num_blocks or need + 1, bs,
+                                                  max_streams=nstreams + 1)
+            ring = short.init_state(nrequests + 1) if short is not None else None
+            self.frame = FrameStep(m, self.cache, head_steps=self.head_steps, ring=ring,
+                                   graphs=self.graphs, buckets=self.buckets,
+                                   backbone=self.backbone, head=self.head)
+            return self.cache, ring, short
+        if nstreams > self.max_streams or nrequests > self.max_streams:
+            raise ValueError(f"{nstreams} streams exceed max_streams={self.max_streams}")
+        if self.cache is None:
+            self.cache = self.backbone.make_cache(self.num_blocks, bs,
+                                                  max_streams=self.max_streams + 1,
+                                                  dtype=self.dtype, device=self.device)
+            ring = (short.init_state(self.max_streams + 1, dtype=self.dtype, device=self.device)
+                    if short is not None else None)
+            self.frame = FrameStep(m, self.cache, head_steps=self.head_steps, ring=ring,
+                                   graphs=self.graphs, buckets=self.buckets,
+                                   backbone=self.backbone, head=self.head)
+        return self.cache, self.frame.ring, short
+
     def _step(self, step, streams, ring, short) -> StepOutput:
         m, cache, C = self.model, self.cache, self.cfg.latent_dim
-        d = self.cfg.backbone.d_model
+        dev = self.device
+        n = len(streams)
         prev = torch.stack([s.prev for s in streams])
-        prev = torch.where(torch.isnan(prev), m.bos_emb.detach(), prev)
-        x = prev @ self.w_in
+        prev = torch.where(torch.isnan(prev), m.bos_emb.detach().to(dev, prev.dtype), prev)
         pick = [k for k, s in enumerate(streams) if s.null is not None]  # the CFG requests
         ids = [s.cond for s in streams] + [streams[k].null for k in pick]
-        rows = torch.cat([x, x[pick]]) if pick else x
-        z = fb.step(self.backbone, cache, ids, rows)
-        z = F.layer_norm(z, (d,), m.out_norm.weight, m.out_norm.bias, m.out_norm.eps)
-        Z = z[:len(streams)]
-        if pick:
-            alpha = torch.tensor([streams[k].req.cfg_scale for k in pick])[:, None]
-            Z = Z.index_copy(0, torch.tensor(pick), latent_cfg(Z[pick], z[len(streams):], alpha))
-        if short is not None:  # ring slot = request index
-            Z = Z + short.step(ring, [s.idx for s in streams], prev)
-        logits = F.linear(Z, m.out_eos.weight, m.out_eos.bias)[:, 0]
+        pos = torch.tensor([cache.position(s) for s in ids], device=dev)
+        slots = cache.reserve(ids, 1)[:, 0]
+        null = list(range(n))
+        alpha = [1.0] * n
+        for j, k in enumerate(pick):
+            null[k], alpha[k] = n + j, streams[k].req.cfg_scale
         temps = [s.req.temperature for s in streams]
         gens = [s.gen for s in streams]
         clamps = [s.req.noise_clamp for s in streams]
-        draw = lambda: gaussian_noise(temps, C, generators=gens, clamp=clamps)  # noqa: E731
-        noise = draw()
-
-        def head(c, xx, times):
-            return head_cpu(self.head, c, xx, times)
-
-        if self.cfg.head.kind == "lsd":
-            out = lsd_sample(head, Z, noise, self.head_steps)
-        else:
-            out = consistency_sample(head, Z, noise, self.head_steps, renoise=draw)
+        draws = self.head_steps if self.cfg.head.kind != "lsd" else 1
+        noise = torch.stack([gaussian_noise(temps, C, generators=gens, clamp=clamps)
+                             for _ in range(draws)])
+        lng = dict(dtype=torch.long, device=dev)
+        f = FrameInputs(prev, torch.tensor(list(range(n)) + pick, **lng), pos, slots,
+                        cache.page_table(ids), torch.arange(n, **lng), torch.tensor(null, **lng),
+                        torch.tensor(alpha, device=dev)[:, None], noise.to(dev),
+                        torch.tensor([s.idx for s in streams], **lng) if short else None)
+        out, logits = self.frame(f)
+        logits = logits.float().cpu()
         emitted, keep_ix, finished = [], [], []
         for k, s in enumerate(streams):
             keep = s.eos.keep(step, float(logits[k]))
@@ -237,4 +276,4 @@ class CALMGenerator:
             for i, lat in zip(out.ids, out.latents):
                 frames[i].append(lat)
         C = self.cfg.latent_dim
-        return [torch.stack(f) if f else torch.empty(0, C) for f in frames]
+        return [torch.stack(f).float().cpu() if f else torch.empty(0, C) for f in frames]
