@@ -153,8 +153,8 @@ def _qkv(p: PackedBackbone, L: PackedLayer, x: torch.Tensor, rot: torch.Tensor):
     qkv = linear(h, L.w_qkv)
     H, Hk, D = p.heads, p.kv_heads, p.head_dim
     B = qkv.shape[0]
-    qk = qkv[:, :(H + Hk) * D].reshape(B, H + Hk, D // 2, 2)
-    qk = torch.view_as_real(torch.view_as_complex(qk) * rot).view(B, H + Hk, D)
+    qk = qkv[:, :(H + Hk) * D].reshape(B, H + Hk, D // 2, 2).float()  # bf16 has no complex
+    qk = torch.view_as_real(torch.view_as_complex(qk) * rot).view(B, H + Hk, D).to(qkv.dtype)
     return qk[:, :H], qk[:, H:], qkv[:, (H + Hk) * D:].view(B, Hk, D)
 
 

@@ -19,6 +19,7 @@ K/V to a scratch slot and their ring row to a scratch ring, and are dropped.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -62,11 +63,13 @@ class FrameStep:
         self.model, self.cfg, self.cache = model, model.cfg, cache
         self.device = cache.k.device
         self.head_steps, self.ring = head_steps, ring
-        self.short = getattr(model, "short", None)
-        if (self.short is None) != (ring is None):
-            raise ValueError("a short-context model needs its ring state, and only it")
         dt = cache.k.dtype
         cpu = self.device.type == "cpu"
+        short = getattr(model, "short", None)
+        if (short is None) != (ring is None):
+            raise ValueError("a short-context model needs its ring state, and only it")
+        # the short-context module runs as is (tiny, a few ops per layer), on the cache's device
+        self.short = short if short is None or cpu else copy.deepcopy(short).to(self.device, dt)
         self.backbone = backbone or (model.transformer.packed().split() if cpu else
                                      model.transformer.packed().to(self.device, dt))
         self.head = head or (model.flow_net.packed().split() if cpu else

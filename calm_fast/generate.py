@@ -202,7 +202,7 @@ class CALMGenerator:
             self.frame = FrameStep(m, self.cache, head_steps=self.head_steps, ring=ring,
                                    graphs=self.graphs, buckets=self.buckets,
                                    backbone=self.backbone, head=self.head)
-            return self.cache, ring, short
+            return self.cache, ring, self.frame.short
         if nstreams > self.max_streams or nrequests > self.max_streams:
             raise ValueError(f"{nstreams} streams exceed max_streams={self.max_streams}")
         if self.cache is None:
@@ -214,7 +214,7 @@ class CALMGenerator:
             self.frame = FrameStep(m, self.cache, head_steps=self.head_steps, ring=ring,
                                    graphs=self.graphs, buckets=self.buckets,
                                    backbone=self.backbone, head=self.head)
-        return self.cache, self.frame.ring, short
+        return self.cache, self.frame.ring, self.frame.short
 
     def _step(self, step, streams, ring, short) -> StepOutput:
         m, cache, C = self.model, self.cache, self.cfg.latent_dim
@@ -240,7 +240,7 @@ class CALMGenerator:
         f = FrameInputs(prev, torch.tensor(list(range(n)) + pick, **lng), pos, slots,
                         cache.page_table(ids), torch.arange(n, **lng), torch.tensor(null, **lng),
                         torch.tensor(alpha, device=dev)[:, None], noise.to(dev),
-                        torch.tensor([s.idx for s in streams], **lng) if short else None)
+                        torch.tensor([s.idx for s in streams], **lng) if short is not None else None)
         out, logits = self.frame(f)
         logits = logits.float().cpu()
         emitted, keep_ix, finished = [], [], []
