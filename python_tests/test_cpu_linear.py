@@ -57,10 +57,9 @@ def test_split_backbone_and_head_match_plain():
 
 
 def test_split_head_matches_reference():
-    from pocket_tts.modules.mlp import SimpleMLPAdaLN
-
+    mlp = pytest.importorskip("pocket_tts.modules.mlp")
     torch.manual_seed(0)
-    ph = pack_head(SimpleMLPAdaLN(8, 64, 8, 32, 2, num_time_conds=2).state_dict())
+    ph = pack_head(mlp.SimpleMLPAdaLN(8, 64, 8, 32, 2, num_time_conds=2).state_dict())
     c, x = torch.randn(3, 32), torch.randn(3, 8)
     want = head_ref(ph, c, x, [torch.full((3, 1), 0.0), torch.full((3, 1), 1.0)])
     torch.testing.assert_close(head_cpu(ph.split(), c, x, (0.0, 1.0)), want,
