@@ -11,6 +11,7 @@ import os
 import torch
 
 from .kernels import paged_attention as _pa
+from .kernels import short_context_step as _sc
 from .kernels.paged_attention import paged_decode_attention_ref  # noqa: F401 (re-export)
 
 try:
@@ -59,3 +60,11 @@ def paged_decode_attention(q, k_cache, v_cache, indptr, indices, last_page_len,
         None if start is None else start.numpy(), out.numpy(), scale,
     )
     return out
+
+
+# -- short-context ring step attention ---------------------------------------------------------
+def ring_attention(q, k, v, ring_k, ring_v, slots, pos, max_period=10_000.0):
+    """RoPE + ring write + attention of one short-context step (kernels/short_context_step)."""
+    if q.is_cuda and _sc.triton is not None and not force_reference():
+        return _sc.ring_attention_triton(q, k, v, ring_k, ring_v, slots, pos, max_period)
+    return _sc.ring_attention_ref(q, k, v, ring_k, ring_v, slots, pos, max_period)

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from . import fast_backbone as fb
+from . import ops
 from .config import ShortContextConfig
 from .transformer import Transformer, causal_mask
 
@@ -61,24 +60,16 @@ class ShortContext(nn.Module):
 
     @torch.no_grad()
     def step(self, state: ShortContextState, slots, x: torch.Tensor) -> torch.Tensor:
-        """One new row per stream: x [B, latent_dim] for ring ``slots`` [B] -> [B, out_dim]."""
-        c, K = self.cfg.transformer, self.cfg.context
+        """One new row per stream: x [B, latent_dim] for ring ``slots`` [B] -> [B, out_dim].
+        RoPE, the ring write and the attention are one op per layer (ops.ring_attention:
+        a single Triton launch on GPU)."""
         slots = torch.as_tensor(slots, dtype=torch.long, device=x.device)
         pos = state.count[slots]
-        cos, sin = fb.rope_tables(self.transformer.packed_shape(), pos)
-        ring = pos % K
-        # entry j of a ring is valid once the stream has written it (j <= pos, first lap)
-        valid = torch.arange(K, device=x.device)[None] <= pos[:, None]  # [B, K]
-        rep = c.num_heads // c.kv_heads
+        period = self.transformer.packed_shape().max_period
         h = self.in_proj(x)
         for li, layer in enumerate(self.transformer.layers):
-            q, k, v = layer.project(h, cos, sin)  # [B, heads, D]
-            state.k[slots, li, ring] = k
-            state.v[slots, li, ring] = v
-            Kr = state.k[slots, li].repeat_interleave(rep, 2).transpose(1, 2)  # [B, H, K, D]
-            Vr = state.v[slots, li].repeat_interleave(rep, 2).transpose(1, 2)
-            a = F.scaled_dot_product_attention(q[:, :, None], Kr, Vr,
-                                               attn_mask=valid[:, None, None])[:, :, 0]
+            q, k, v = layer.project(h)  # RoPE is applied inside ring_attention
+            a = ops.ring_attention(q, k, v, state.k[:, li], state.v[:, li], slots, pos, period)
             h = layer.finish(h, a.flatten(1))
         state.count[slots] += 1
         return self.out_proj(self.out_norm(h))

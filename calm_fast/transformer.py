@@ -51,14 +51,17 @@ class TransformerLayer(nn.Module):
         self.layer_scale_1 = nn.Identity() if ls is None else LayerScale(d, ls)
         self.layer_scale_2 = nn.Identity() if ls is None else LayerScale(d, ls)
 
-    def project(self, x, cos, sin):
-        """q [..., H, D] and k, v [..., Hkv, D] of norm1(x), RoPE applied. The cached paths
-        (short-context ring, VAE window) call this and ``finish`` around their own attention."""
+    def project(self, x, cos=None, sin=None):
+        """q [..., H, D] and k, v [..., Hkv, D] of norm1(x), RoPE applied (none without cos,
+        sin: for kernels that rotate themselves). The cached paths (short-context ring, VAE
+        window) call this and ``finish`` around their own attention."""
         c = self.self_attn.cfg
         H, Hk, D = c.num_heads, c.kv_heads, c.head_dim
         q, k, v = self.self_attn.in_proj(self.norm1(x)).split([H * D, Hk * D, Hk * D], dim=-1)
-        return (fb.apply_rope(q.unflatten(-1, (H, D)), cos, sin),
-                fb.apply_rope(k.unflatten(-1, (Hk, D)), cos, sin), v.unflatten(-1, (Hk, D)))
+        q, k, v = q.unflatten(-1, (H, D)), k.unflatten(-1, (Hk, D)), v.unflatten(-1, (Hk, D))
+        if cos is None:
+            return q, k, v
+        return fb.apply_rope(q, cos, sin), fb.apply_rope(k, cos, sin), v
 
     def finish(self, x, attn):
         """The residual attention update (attn [..., H * D]) and the feed-forward block."""
