@@ -4,9 +4,12 @@ fused CPU path over SplitLinear weights (and, as `plain`, over plain [in, out] w
 one single-threaded sgemm per matmul), and torch.compile of the reference with --compile), one LSD step, batch
 1/8/64/256, with the weights' read time at the measured bandwidth as the roofline.
 
-    python benchmarks/bench_fused_head.py [--threads 2] [--compile]
+    python benchmarks/bench_fused_head.py [--threads 2] [--compile] [--device cuda]
 
-Appends to benchmarks/results/fused_head.csv.
+On CUDA the fused paths are the torch one (cuBLAS, plain weights) and the Triton kernels
+(`triton_ms`); where the pocket-tts package is not installed, the eager module is our own
+calm_fast.head.AdaLNHead (the same math and key layout, tested equal to the peer's).
+Appends to benchmarks/results/fused_head[_gpu].csv.
 """
 from __future__ import annotations
 
@@ -20,13 +23,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, timeit, write_rows  # noqa: E402
 from roofline import matmul_flops, read_bandwidth  # noqa: E402
 
-from calm_fast.kernels.fused_head import head_cpu, head_ref, pack_head  # noqa: E402
+from common import synced  # noqa: E402
+
+from calm_fast.kernels.fused_head import head_cpu, head_ref, head_triton, pack_head  # noqa: E402
 
 
 def build_peer(W=512, depth=6, latent=32, cond=1024):
-    from pocket_tts.modules.mlp import SimpleMLPAdaLN
-
     torch.manual_seed(0)
+    try:
+        from pocket_tts.modules.mlp import SimpleMLPAdaLN
+    except ImportError:
+        from calm_fast.config import HeadConfig
+        from calm_fast.head import AdaLNHead
+
+        return AdaLNHead(HeadConfig(W, depth, "lsd"), latent, cond).eval()
     return SimpleMLPAdaLN(latent, W, latent, cond, depth, num_time_conds=2).eval()
 
 
@@ -35,29 +45,39 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(head_ref)")
     ap.add_argument("--batches", default="1,8,64,256")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    peer = build_peer()
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    peer = build_peer().to(dev)
     # after the import: importing pocket_tts runs torch.set_num_threads(1) (tts_model.py)
     torch.set_num_threads(args.threads)
     p = pack_head(peer.state_dict())
-    ps = p.split()
-    bw, flops = read_bandwidth(), matmul_flops()
+    ps = p if cuda else p.split()
+    bw = read_bandwidth(1 << 30 if cuda else 256 << 20, device=dev)
+    flops = matmul_flops(4096 if cuda else 1024, device=dev)
     print(f"measured: read {bw / 1e9:.1f} GB/s, fp32 matmul {flops / 1e9:.1f} GFLOP/s; "
           f"head weights {p.nbytes() / 1e6:.1f} MB")
     compiled = torch.compile(head_ref) if args.compile else None
     rows = []
     for B in map(int, args.batches.split(",")):
-        c, x = torch.randn(B, 1024), torch.randn(B, 32)
-        s, t = torch.zeros(B, 1), torch.ones(B, 1)
+        c, x = torch.randn(B, 1024, device=dev), torch.randn(B, 32, device=dev)
+        s, t = torch.zeros(B, 1, device=dev), torch.ones(B, 1, device=dev)
+        T = lambda f: timeit(synced(f, dev))  # noqa: E731
         with torch.inference_mode():
-            torch.testing.assert_close(head_cpu(p, c, x, (0.0, 1.0)), peer(c, s, t, x),
-                                       rtol=1e-4, atol=1e-4)
-            t_peer = timeit(lambda: peer(c, s, t, x))
-            torch.testing.assert_close(head_cpu(ps, c, x, (0.0, 1.0)), peer(c, s, t, x),
-                                       rtol=1e-4, atol=1e-4)
-            t_ours = timeit(lambda: head_cpu(ps, c, x, (0.0, 1.0)))
-            t_plain = timeit(lambda: head_cpu(p, c, x, (0.0, 1.0)))
-            t_comp = timeit(lambda: compiled(p, c, x, [s, t])) if compiled else None
+            want = peer(c, s, t, x)
+            for q in (p, ps):
+                torch.testing.assert_close(head_cpu(q, c, x, (0.0, 1.0)), want,
+                                           rtol=1e-4, atol=1e-4)
+            t_peer = T(lambda: peer(c, s, t, x))
+            t_ours = T(lambda: head_cpu(ps, c, x, (0.0, 1.0)))
+            t_plain = T(lambda: head_cpu(p, c, x, (0.0, 1.0)))
+            t_comp = T(lambda: compiled(p, c, x, [s, t])) if compiled else None
+            t_tri = None
+            if cuda:
+                torch.testing.assert_close(head_triton(p, c, x, (0.0, 1.0)), want,
+                                           rtol=1e-3, atol=1e-3)
+                t_tri = T(lambda: head_triton(p, c, x, (0.0, 1.0)))
         flop = 2 * B * sum(v.numel() for k, v in p.__dict__.items()
                            if isinstance(v, torch.Tensor) and v.dim() >= 2)
         bound = max(p.nbytes() / bw, flop / flops)
@@ -67,6 +87,7 @@ def main() -> None:
             "ours_ms": f"{t_ours * 1e3:.2f}",
             "plain_ms": f"{t_plain * 1e3:.2f}",
             "compile_ms": f"{t_comp * 1e3:.2f}" if t_comp else "",
+            "triton_ms": f"{t_tri * 1e3:.3f}" if t_tri else "",
             "bound_ms": f"{bound * 1e3:.2f}",
             "ours_vs_bound": f"{t_ours / bound:.2f}x",
             "speedup_vs_peer": f"{t_peer / t_ours:.2f}x",
@@ -75,7 +96,7 @@ def main() -> None:
         })
     cols = list(rows[0].keys())
     print_table(rows, cols)
-    print("->", write_rows("fused_head", [{**r, "read_GB/s": f"{bw / 1e9:.1f}"} for r in rows]))
+    print("->", write_rows("fused_head" + ("_gpu" if cuda else ""), [{**r, "read_GB/s": f"{bw / 1e9:.1f}"} for r in rows]))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,19 @@ def timeit(fn, *, warmup: int = 3, min_time: float = 0.5, max_iters: int = 10_00
     return samples[len(samples) // 2]
 
 
+def synced(fn, device):
+    """fn followed by a device synchronisation (so GPU timings measure the work)."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
 def write_rows(name: str, rows: list[dict]) -> Path:
     """Append rows to benchmarks/results/<name>.csv with date/machine/version columns."""
     import calm_fast
