@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fast_backbone as fb
+from . import ops
 from .cache import PagedKVCache
 from .kernels import fused_head as fh
 from .sampling import consistency_sample, latent_cfg, lsd_sample
@@ -74,11 +75,10 @@ class FrameStep:
                                      model.transformer.packed().to(self.device, dt))
         self.head = head or (model.flow_net.packed().split() if cpu else
                              model.flow_net.packed().to(self.device, dt))
-        # the head: the fused torch path (CPU, or cuBLAS on GPU) or the Triton kernels
-        head_impl = head_impl or ("torch" if cpu or fh.triton is None else "triton")
-        if head_impl not in ("torch", "triton"):
+        # the head through ops (Triton on CUDA, the fused torch path on CPU), or forced
+        if head_impl not in (None, "torch", "triton"):
             raise ValueError(f"head_impl must be 'torch' or 'triton', got {head_impl!r}")
-        self._head_fn = fh.head_cpu if head_impl == "torch" else fh.head_triton
+        self._head_fn = {None: ops.head, "torch": fh.head_cpu, "triton": fh.head_triton}[head_impl]
         mv = lambda t: t.detach().to(self.device, dt)  # noqa: E731
         self.w_in = mv(model.input_linear.weight).t().contiguous()
         self.norm = (mv(model.out_norm.weight), mv(model.out_norm.bias), model.out_norm.eps)

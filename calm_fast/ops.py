@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from .kernels import fused_head as _fh
 from .kernels import paged_attention as _pa
 from .kernels import short_context_step as _sc
 from .kernels.paged_attention import paged_decode_attention_ref  # noqa: F401 (re-export)
@@ -68,3 +69,16 @@ def ring_attention(q, k, v, ring_k, ring_v, slots, pos, max_period=10_000.0):
     if q.is_cuda and _sc.triton is not None and not force_reference():
         return _sc.ring_attention_triton(q, k, v, ring_k, ring_v, slots, pos, max_period)
     return _sc.ring_attention_ref(q, k, v, ring_k, ring_v, slots, pos, max_period)
+
+
+# -- the AdaLN head ------------------------------------------------------------------------------
+def head(p, c, x, times=()):
+    """The packed head at scalar times: Triton on CUDA, the fused torch path on CPU (and
+    for packed int8 / split weights), the op-for-op reference when forced."""
+    if force_reference():
+        ts = [torch.full((x.shape[0], 1), float(t), dtype=x.dtype, device=x.device)
+              for t in times]
+        return _fh.head_ref(p, c, x, ts)
+    if x.is_cuda and _fh.triton is not None and isinstance(p.w_in, torch.Tensor):
+        return _fh.head_triton(p, c, x, times)
+    return _fh.head_cpu(p, c, x, times)
