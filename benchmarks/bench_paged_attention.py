@@ -10,7 +10,6 @@ benchmarks/results/paged_attention[_gpu].csv.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, synced, timeit, write_rows  # noqa: E402
+from common import kernel_bench_args, print_table, synced, timeit, write_rows  # noqa: E402
 from roofline import read_bandwidth  # noqa: E402
 
 from calm_fast import ops  # noqa: E402
@@ -55,14 +54,7 @@ def case(B, ctx, dev, compiled):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batches", default="1,8,64,256")
-    ap.add_argument("--no-compile", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
+    args, dev = kernel_bench_args(__doc__)
     bw = read_bandwidth(1 << 28 if dev.type == "cpu" else 1 << 30, device=dev)
     print(f"measured read {bw / 1e9:.1f} GB/s")
     compiled = None

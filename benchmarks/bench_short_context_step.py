@@ -9,14 +9,13 @@ Appends to benchmarks/results/short_context_step.csv.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, synced, timeit, write_rows  # noqa: E402
+from common import kernel_bench_args, print_table, synced, timeit, write_rows  # noqa: E402
 from roofline import read_bandwidth  # noqa: E402
 
 from calm_fast import ops  # noqa: E402
@@ -26,14 +25,7 @@ from calm_fast.short_context import ShortContext  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batches", default="1,8,64,256")
-    ap.add_argument("--no-compile", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
+    args, dev = kernel_bench_args(__doc__)
     cfg = preset("music")
     torch.manual_seed(0)
     sc = ShortContext(cfg.short_context, cfg.latent_dim, cfg.backbone.d_model).to(dev).eval()

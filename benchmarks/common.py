@@ -42,6 +42,20 @@ def timeit(fn, *, warmup: int = 3, min_time: float = 0.5, max_iters: int = 10_00
     return samples[len(samples) // 2]
 
 
+def kernel_bench_args(doc: str):
+    """The options every per-op benchmark takes; sets the thread count. -> (args, device)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="1,8,64,256")
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    return args, torch.device(args.device)
+
+
 def synced(fn, device):
     """fn followed by a device synchronisation (so GPU timings measure the work)."""
     if torch.device(device).type != "cuda":

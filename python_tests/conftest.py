@@ -13,3 +13,28 @@ import torch  # noqa: E402
 
 # Two cores: keep intra-op threads fixed so timings and reductions are repeatable.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tts():
+    """The tiny TTS model with random non-zero weights (generation tests)."""
+    from calm_fast.config import preset
+    from calm_fast.model import CALM
+    from golden import perturbed
+
+    torch.manual_seed(0)
+    return perturbed(CALM(preset("tiny")))
+
+
+@pytest.fixture(scope="session")
+def music():
+    """The tiny music model (consistency head, short context, tags), random weights."""
+    from calm_fast.config import preset
+    from calm_fast.model import CALM
+    from golden import perturbed
+
+    torch.manual_seed(0)
+    return perturbed(CALM(preset("tiny_music")))

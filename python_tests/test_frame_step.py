@@ -7,22 +7,8 @@ machine the same generation runs as graph replays and must match the CPU result.
 import pytest
 import torch
 
-from calm_fast.config import preset
 from calm_fast.generate import CALMGenerator, Request
-from calm_fast.model import CALM
-from golden import dense_generate, perturbed
-
-
-@pytest.fixture(scope="module")
-def tts():
-    torch.manual_seed(0)
-    return perturbed(CALM(preset("tiny")))
-
-
-@pytest.fixture(scope="module")
-def music():
-    torch.manual_seed(0)
-    return perturbed(CALM(preset("tiny_music")))
+from golden import dense_generate
 
 
 def _tts_requests(m):

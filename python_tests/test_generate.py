@@ -2,23 +2,9 @@
 import pytest
 import torch
 
-from calm_fast.config import preset
 from calm_fast.errors import CacheFullError
 from calm_fast.generate import CALMGenerator, Request
-from calm_fast.model import CALM
-from golden import dense_generate, perturbed
-
-
-@pytest.fixture(scope="module")
-def tts():
-    torch.manual_seed(0)
-    return perturbed(CALM(preset("tiny")))
-
-
-@pytest.fixture(scope="module")
-def music():
-    torch.manual_seed(0)
-    return perturbed(CALM(preset("tiny_music")))
+from golden import dense_generate
 
 
 def test_ragged_batch_equals_each_request_alone(tts):
