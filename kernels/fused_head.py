@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from calm_fast.cpu_linear import SplitLinear, linear
+
 try:
     import triton
     import triton.language as tl
@@ -108,8 +110,6 @@ class PackedHead:
     def split(self) -> "PackedHead":
         """A copy whose matmuls use every CPU thread at decode batch sizes
         (calm_fast.cpu_linear.SplitLinear; ``head_cpu`` only)."""
-        from calm_fast.cpu_linear import SplitLinear
-
         return self._repack(SplitLinear)
 
 
@@ -215,11 +215,6 @@ def head_ref(p: PackedHead, c: torch.Tensor, x: torch.Tensor, ts=()) -> torch.Te
 
 
 # -- CPU fast path ------------------------------------------------------------------------------
-def _affine(b, x, w):
-    """x @ w + b: addmm for fp32 weights, the packed op (bias folded in) otherwise."""
-    return torch.addmm(b, x, w) if isinstance(w, torch.Tensor) else w(x)
-
-
 def _block_bias(b, i):
     return None if b is None else b[i]
 
@@ -232,21 +227,21 @@ def head_cpu(p: PackedHead, c: torch.Tensor, x: torch.Tensor, times: tuple = ())
     """
     _check(p, c, x)
     W = p.width
-    y = _affine(p.b_cond, c, p.w_cond)
+    y = linear(c, p.w_cond, p.b_cond)
     if p.n_time:
         y += cached_time_embedding(p, tuple(times))
-    mods = _affine(p.b_ada, F.silu(y), p.w_ada)
-    h = _affine(p.b_in, x, p.w_in)
+    mods = linear(F.silu(y), p.w_ada, p.b_ada)
+    h = linear(x, p.w_in, p.b_in)
     for i in range(p.n_blocks):
         m = mods[:, 3 * W * i:3 * W * (i + 1)]
         n = F.layer_norm(h, (W,), p.ln_w[i], p.ln_b[i], p.ln_eps)
         n = torch.addcmul(m[:, :W], n, m[:, W:2 * W] + 1)
-        u = F.silu(_affine(_block_bias(p.b1, i), n, p.w1[i]), inplace=True)
-        h = torch.addcmul(h, m[:, 2 * W:], _affine(_block_bias(p.b2, i), u, p.w2[i]))
+        u = F.silu(linear(n, p.w1[i], _block_bias(p.b1, i)), inplace=True)
+        h = torch.addcmul(h, m[:, 2 * W:], linear(u, p.w2[i], _block_bias(p.b2, i)))
     m = mods[:, 3 * W * p.n_blocks:]
     n = F.layer_norm(h, (W,), None, None, p.ln_eps)
     n = torch.addcmul(m[:, :W], n, m[:, W:] + 1)
-    return _affine(p.b_out, n, p.w_out)
+    return linear(n, p.w_out, p.b_out)
 
 
 # -- Triton -----------------------------------------------------------------------------------

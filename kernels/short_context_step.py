@@ -28,15 +28,13 @@ except ImportError:  # optional: the torch path always works
 
 
 def _rope(x, pos, max_period):
-    """Interleaved-pair RoPE at per-row positions: x [B, heads, D], pos [B]."""
-    half = x.shape[-1] // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=x.device)
-                      * (-math.log(max_period) * 2 / x.shape[-1]))
-    ang = pos.to(torch.float32)[:, None, None] * freqs
-    cos, sin = torch.cos(ang), torch.sin(ang)
-    xr, xi = x[..., 0::2].float(), x[..., 1::2].float()
-    out = torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    """The backbone's RoPE (fast_backbone.rope_tables / apply_rope) at per-row positions,
+    in fp32: x [B, heads, D], pos [B]."""
+    from calm_fast import fast_backbone as fb  # lazy: fast_backbone -> cache -> ops -> here
+
+    shape = fb.PackedBackbone([], 0, 1, 1, x.shape[-1], max_period)
+    cos, sin = fb.rope_tables(shape, pos)
+    return fb.apply_rope(x.float(), cos, sin).to(x.dtype)
 
 
 def _check(q, k, v, ring_k, ring_v, slots, pos):
