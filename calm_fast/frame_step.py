@@ -53,14 +53,15 @@ class FrameInputs:
 class FrameStep:
     """The frame compute of a CALM model over a paged cache (see the module docstring).
 
-    ``ring``: the model's ShortContextState (one slot per request plus a scratch slot at
+    ``backbone``, ``head``: the model's weights packed for the cache's device (the caller
+    packs them once: split on CPU, moved/cast on GPU). ``ring``: the model's ShortContextState (one slot per request plus a scratch slot at
     the end, used by padded rows) when the model has a short context. ``graphs``: run
     through the fixed bucket buffers (default: on for CUDA caches), captured as CUDA graphs
     on CUDA and run eagerly over the same buffers elsewhere (how CI tests the padding)."""
 
-    def __init__(self, model, cache: PagedKVCache, *, head_steps: int = 1, ring=None,
-                 graphs: bool | None = None, buckets=BUCKETS, backbone=None, head=None,
-                 head_impl: str | None = None):
+    def __init__(self, model, cache: PagedKVCache, backbone: fb.PackedBackbone, head, *,
+                 head_steps: int = 1, ring=None, graphs: bool | None = None,
+                 buckets=BUCKETS, head_impl: str | None = None):
         self.model, self.cfg, self.cache = model, model.cfg, cache
         self.device = cache.k.device
         self.head_steps, self.ring = head_steps, ring
@@ -71,10 +72,7 @@ class FrameStep:
             raise ValueError("a short-context model needs its ring state, and only it")
         # the short-context module runs as is (tiny, a few ops per layer), on the cache's device
         self.short = short if short is None or cpu else copy.deepcopy(short).to(self.device, dt)
-        self.backbone = backbone or (model.transformer.packed().split() if cpu else
-                                     model.transformer.packed().to(self.device, dt))
-        self.head = head or (model.flow_net.packed().split() if cpu else
-                             model.flow_net.packed().to(self.device, dt))
+        self.backbone, self.head = backbone, head
         # the head through ops (Triton on CUDA, the fused torch path on CPU), or forced
         if head_impl not in (None, "torch", "triton"):
             raise ValueError(f"head_impl must be 'torch' or 'triton', got {head_impl!r}")
@@ -204,10 +202,8 @@ class FrameStep:
         if ring_saved is not None:
             self._restore_ring(ring_saved)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph):  # records launches only: nothing is written
             out, logits = self.compute(f)
-        if ring_saved is not None:
-            self._restore_ring(ring_saved)  # capture does not run kernels, but be exact
         self._captured[bucket] = (graph, out, logits)
 
     def _restore_ring(self, saved) -> None:

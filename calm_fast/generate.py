@@ -183,7 +183,7 @@ class CALMGenerator:
         try:
             step = 0
             while streams:
-                yield self._step(step, streams, ring, short)
+                yield self._step(step, streams)
                 step += 1
         finally:
             for s in streams:  # the caller stopped early: release what is still held
@@ -191,32 +191,26 @@ class CALMGenerator:
 
     def _setup(self, need: int, nstreams: int, nrequests: int):
         """The cache, the short-context ring and the frame compute for one call. On CPU they
-        are sized to the call; on GPU they are made once (fixed buffers, captured graphs)."""
-        m, bs = self.model, self.block_size
-        short = getattr(m, "short", None)
-        if self.device.type == "cpu":
-            # + 1 block and stream: the scratch row of FrameStep's padded buckets
-            self.cache = self.backbone.make_cache(self.num_blocks or need + 1, bs,
-                                                  max_streams=nstreams + 1)
-            ring = short.init_state(nrequests + 1) if short is not None else None
-            self.frame = FrameStep(m, self.cache, head_steps=self.head_steps, ring=ring,
-                                   graphs=self.graphs, buckets=self.buckets,
-                                   backbone=self.backbone, head=self.head)
-            return self.cache, ring, self.frame.short
-        if nstreams > self.max_streams or nrequests > self.max_streams:
+        are sized to the call; on GPU they are made once (fixed buffers, captured graphs).
+        Both keep one more block and stream (and ring slot): FrameStep's scratch row."""
+        cpu = self.device.type == "cpu"
+        if not cpu and max(nstreams, nrequests) > self.max_streams:
             raise ValueError(f"{nstreams} streams exceed max_streams={self.max_streams}")
-        if self.cache is None:
-            self.cache = self.backbone.make_cache(self.num_blocks, bs,
-                                                  max_streams=self.max_streams + 1,
+        if cpu or self.cache is None:
+            blocks, slots = ((self.num_blocks or need + 1, nstreams + 1) if cpu else
+                             (self.num_blocks, self.max_streams + 1))
+            self.cache = self.backbone.make_cache(blocks, self.block_size, max_streams=slots,
                                                   dtype=self.dtype, device=self.device)
-            ring = (short.init_state(self.max_streams + 1, dtype=self.dtype, device=self.device)
+            short = getattr(self.model, "short", None)
+            rings = nrequests + 1 if cpu else self.max_streams + 1
+            ring = (short.init_state(rings, dtype=self.dtype, device=self.device)
                     if short is not None else None)
-            self.frame = FrameStep(m, self.cache, head_steps=self.head_steps, ring=ring,
-                                   graphs=self.graphs, buckets=self.buckets,
-                                   backbone=self.backbone, head=self.head)
+            self.frame = FrameStep(self.model, self.cache, self.backbone, self.head,
+                                   head_steps=self.head_steps, ring=ring, graphs=self.graphs,
+                                   buckets=self.buckets)
         return self.cache, self.frame.ring, self.frame.short
 
-    def _step(self, step, streams, ring, short) -> StepOutput:
+    def _step(self, step, streams) -> StepOutput:
         m, cache, C = self.model, self.cache, self.cfg.latent_dim
         dev = self.device
         n = len(streams)
@@ -240,7 +234,8 @@ class CALMGenerator:
         f = FrameInputs(prev, torch.tensor(list(range(n)) + pick, **lng), pos, slots,
                         cache.page_table(ids), torch.arange(n, **lng), torch.tensor(null, **lng),
                         torch.tensor(alpha, device=dev)[:, None], noise.to(dev),
-                        torch.tensor([s.idx for s in streams], **lng) if short is not None else None)
+                        None if self.frame.ring is None else
+                        torch.tensor([s.idx for s in streams], **lng))
         out, logits = self.frame(f)
         logits = logits.float().cpu()
         emitted, keep_ix, finished = [], [], []
