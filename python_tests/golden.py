@@ -39,3 +39,19 @@ def dense_generate(model, req, head_steps=1):
         frames.append(x)
         out.append(x)
     return torch.stack(out)
+
+
+def ragged_tts_requests(m):
+    """Three tiny-TTS requests: no CFG; CFG with a voice; CFG with a prompt (5 backbone
+    rows in all, so a bucketed batch pads them to 8)."""
+    from calm_fast.generate import Request
+
+    g = torch.Generator().manual_seed(5)
+    return [
+        Request(m.prefix(tokens=torch.tensor([1, 2, 3])), 4, temperature=0.7, seed=1,
+                eos_threshold=None),
+        Request(m.prefix(voice=torch.randn(5, 8, generator=g), tokens=torch.tensor([7])), 6,
+                temperature=0.3, cfg_scale=1.5, seed=2, eos_threshold=None),
+        Request(m.prefix(tokens=torch.arange(9)), 5, temperature=1.0, cfg_scale=2.0, seed=3,
+                prompt_latents=torch.randn(3, 8, generator=g), eos_threshold=None),
+    ]

@@ -8,20 +8,7 @@ import pytest
 import torch
 
 from calm_fast.generate import CALMGenerator, Request
-from golden import dense_generate
-
-
-def _tts_requests(m):
-    g = torch.Generator().manual_seed(5)
-    # 3 requests, 2 with CFG: 5 backbone rows, padded to the bucket of 8
-    return [
-        Request(m.prefix(tokens=torch.tensor([1, 2, 3])), 4, temperature=0.7, seed=1,
-                eos_threshold=None),
-        Request(m.prefix(voice=torch.randn(5, 8, generator=g), tokens=torch.tensor([7])), 6,
-                temperature=0.3, cfg_scale=1.5, seed=2, eos_threshold=None),
-        Request(m.prefix(tokens=torch.arange(9)), 5, temperature=1.0, cfg_scale=2.0, seed=3,
-                prompt_latents=torch.randn(3, 8, generator=g), eos_threshold=None),
-    ]
+from golden import dense_generate, ragged_tts_requests
 
 
 def _music_requests(m):
@@ -34,7 +21,7 @@ def _music_requests(m):
 
 
 def test_bucket_path_equals_dense_tts(tts):
-    reqs = _tts_requests(tts)
+    reqs = ragged_tts_requests(tts)
     gen = CALMGenerator(tts, head_steps=2, graphs=True)
     got = gen.generate(reqs)
     for r, x in zip(reqs, got):
@@ -65,7 +52,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @cuda
 @pytest.mark.parametrize("kind", ["tts", "music"])
 def test_cuda_graph_generation_matches_cpu(tts, music, kind):
-    m, reqs, steps = (tts, _tts_requests(tts), 2) if kind == "tts" else \
+    m, reqs, steps = (tts, ragged_tts_requests(tts), 2) if kind == "tts" else \
         (music, _music_requests(music), 3)
     want = CALMGenerator(m, head_steps=steps).generate(reqs)
     for graphs in (False, True):

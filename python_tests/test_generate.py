@@ -4,19 +4,11 @@ import torch
 
 from calm_fast.errors import CacheFullError
 from calm_fast.generate import CALMGenerator, Request
-from golden import dense_generate
+from golden import dense_generate, ragged_tts_requests
 
 
 def test_ragged_batch_equals_each_request_alone(tts):
-    g = torch.Generator().manual_seed(5)
-    reqs = [
-        Request(tts.prefix(tokens=torch.tensor([1, 2, 3])), 4, temperature=0.7, seed=1,
-                eos_threshold=None),
-        Request(tts.prefix(voice=torch.randn(5, 8, generator=g), tokens=torch.tensor([7])), 6,
-                temperature=0.3, cfg_scale=1.5, seed=2, eos_threshold=None),
-        Request(tts.prefix(tokens=torch.arange(9)), 5, temperature=1.0, cfg_scale=2.0, seed=3,
-                prompt_latents=torch.randn(3, 8, generator=g), eos_threshold=None),
-    ]
+    reqs = ragged_tts_requests(tts)
     got = CALMGenerator(tts, head_steps=2).generate(reqs)
     for r, x in zip(reqs, got):
         assert x.shape == (r.max_frames, 8)
