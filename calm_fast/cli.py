@@ -2,6 +2,8 @@
 
     calm-fast data speech OUT [--n 200] [--seed 0] [--workers 2]
     calm-fast data music OUT [--n 50] [--seed 0] [--seconds 30]
+    calm-fast data latents MANIFEST VAE.safetensors OUT
+    calm-fast train vae|lm|distill RECIPE.toml [--set section.key=value ...]
     calm-fast info
 """
 from __future__ import annotations
@@ -25,6 +27,28 @@ def _data_music(a):
     m = build_music_dataset(a.out, n_renders=a.n, seed=a.seed, max_seconds=a.seconds,
                             mma_fraction=a.mma, workers=a.workers)
     print(f"wrote {m}")
+
+
+def _data_latents(a):
+    from .data.latents import build_latent_cache
+    from .export import load_model
+
+    vae = load_model(a.vae, expect="vae")
+    c = vae.cfg
+    out = build_latent_cache(a.manifest, lambda x: vae.encode(vae.pad(x)).transpose(1, 2),
+                             a.out, sample_rate=c.sample_rate, frame_rate=c.frame_rate,
+                             latent_dim=c.latent_dim, encoder_name=str(a.vae))
+    print(f"wrote {out}")
+
+
+def _train(a):
+    import torch
+
+    from .recipes import run_recipe
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"wrote {run_recipe(a.recipe, a.kind, a.set)}")
 
 
 def _info(a):
@@ -69,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     mu.add_argument("--mma", type=float, default=0.25, help="fraction of MMA renders")
     mu.add_argument("--workers", type=int, default=2)
     mu.set_defaults(fn=_data_music)
+    la = data.add_parser("latents", help="encode a manifest once with a trained VAE")
+    la.add_argument("manifest")
+    la.add_argument("vae", help="a VAE exported by `calm-fast train vae`")
+    la.add_argument("out")
+    la.set_defaults(fn=_data_latents)
+    tr = sub.add_parser("train", help="run a training recipe (TOML file)")
+    tr.add_argument("kind", choices=("vae", "lm", "distill"))
+    tr.add_argument("recipe")
+    tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a recipe value (TOML syntax), e.g. train.steps=10")
+    tr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    tr.set_defaults(fn=_train)
     sub.add_parser("info", help="versions and available fast paths").set_defaults(fn=_info)
     return p
 

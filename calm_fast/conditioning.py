@@ -63,6 +63,9 @@ class SentencePieceTokenizer:
             hard_vocab_limit=False, num_threads=1, minloglevel=2)
         return cls(out.getvalue())
 
+    def __deepcopy__(self, memo):  # immutable once loaded; EMA copies of a model share it
+        return self
+
     @property
     def vocab_size(self) -> int:
         return self.sp.GetPieceSize()

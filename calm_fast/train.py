@@ -49,6 +49,9 @@ class TrainConfig:
     sample_every: int = 0
     seed: int = 0
     progress: bool = True
+    # Stop after this step (a checkpoint is written) as if killed, with the schedule of the
+    # full run: time-boxed jobs resume later with the same result. 0 = run to ``steps``.
+    stop_after: int = 0
 
     def __post_init__(self):
         if self.steps <= 0 or self.accum <= 0:
@@ -104,7 +107,7 @@ def shutdown_distributed() -> None:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, loss_fn, batch_fn, cfg: TrainConfig,
-                 sample_fn=None, params=None):
+                 sample_fn=None, params=None, find_unused: bool = False):
         self.cfg = cfg
         self.rank, self.world = init_distributed()
         self.model = model
@@ -120,7 +123,10 @@ class Trainer:
             self.ema = copy.deepcopy(model).eval().requires_grad_(False)
         self.ddp = model
         if self.world > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(model)
+            # find_unused: models whose optional inputs (a dropped voice prompt) leave some
+            # parameters without a gradient in a step.
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                model, find_unused_parameters=find_unused)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         self.out = Path(cfg.out_dir)
         self.step = 0
@@ -203,7 +209,8 @@ class Trainer:
         log = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
         t0, s0, m = time.perf_counter(), self.step, {}
         try:
-            while self.step < cfg.steps:
+            end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
+            while self.step < end:
                 m = self.train_step()
                 if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     rate = (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
@@ -213,7 +220,7 @@ class Trainer:
                     if cfg.progress:
                         print(f"\rstep {self.step}/{cfg.steps}  loss {m['loss']:.4f}  "
                               f"lr {m['lr']:.2e}  {rate:.2f} it/s", end="", file=sys.stderr)
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                if self.step % cfg.ckpt_every == 0 or self.step == end:
                     self.save()
                 if (self.sample_fn and cfg.sample_every and self.step % cfg.sample_every == 0
                         and self.rank == 0):

@@ -152,6 +152,24 @@ class DistillProjection(nn.Module):
         return (1 - F.cosine_similarity(self.proj(latents), t.detach(), dim=1)).mean()
 
 
+def reconstruction_loss(x, recon, kl, cfg: VAELossConfig, sample_rate: int):
+    """KL + time-domain L1 + multi-resolution STFT + mel terms (weights from ``cfg``).
+    Returns (loss, {term: tensor})."""
+    loss = cfg.kl * kl
+    logs = {"kl": kl}
+    if cfg.time:
+        logs["time"] = (x - recon).abs().mean()
+        loss = loss + cfg.time * logs["time"]
+    if cfg.stft:
+        logs["stft"] = stft_loss(x, recon, cfg.resolutions)
+        loss = loss + cfg.stft * logs["stft"]
+    if cfg.mel:
+        n_fft, hop = cfg.resolutions[len(cfg.resolutions) // 2]
+        logs["mel"] = mel_loss(x, recon, sample_rate, n_fft, hop, cfg.n_mels)
+        loss = loss + cfg.mel * logs["mel"]
+    return loss, logs
+
+
 def vae_train_step(vae, disc, opt_g, opt_d, wav, cfg: VAELossConfig = VAELossConfig(), *,
                    teacher=None, distill: DistillProjection | None = None, generator=None):
     """One generator + discriminator update on a batch wav [B, C, T]. Returns the losses."""
@@ -165,18 +183,8 @@ def vae_train_step(vae, disc, opt_g, opt_d, wav, cfg: VAELossConfig = VAELossCon
         d_loss.backward()
         opt_d.step()
         logs["d"] = d_loss.item()
-    loss = cfg.kl * kl
-    logs["kl"] = kl.item()
-    if cfg.time:
-        logs["time"] = (x - recon).abs().mean()
-        loss = loss + cfg.time * logs["time"]
-    if cfg.stft:
-        logs["stft"] = stft_loss(x, recon, cfg.resolutions)
-        loss = loss + cfg.stft * logs["stft"]
-    if cfg.mel:
-        n_fft, hop = cfg.resolutions[len(cfg.resolutions) // 2]
-        logs["mel"] = mel_loss(x, recon, vae.cfg.sample_rate, n_fft, hop, cfg.n_mels)
-        loss = loss + cfg.mel * logs["mel"]
+    loss, rec_logs = reconstruction_loss(x, recon, kl, cfg, vae.cfg.sample_rate)
+    logs |= rec_logs
     if use_adv:
         fake = disc(recon)
         with torch.no_grad():
