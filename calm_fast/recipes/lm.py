@@ -233,8 +233,9 @@ def _sampler(utts: Utterances, data: LMData, tokenizer):
         text = utts.text(i) if m.cfg.text_bins else None
         with torch.no_grad():
             prefix = m.prefix(text=text, voice=utts.voice(i, g))
-            lat = CALMGenerator(m).generate([Request(prefix, max_frames=data.max_frames,
-                                                     seed=0)])[0]
+            lat = CALMGenerator(m).generate([Request(
+                prefix, max_frames=data.max_frames, seed=0,
+                min_frames=round(m.cfg.frame_rate))])[0]  # an untrained EOS fires at once
         d = Path(out) / "samples"
         d.mkdir(parents=True, exist_ok=True)
         np.save(d / f"latents_{step:07d}.npy", m.denormalize(lat).numpy())
