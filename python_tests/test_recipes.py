@@ -253,3 +253,31 @@ def test_recipe_errors(tmp_path, capsys):
     # the command line: one clear line, exit code 1
     assert main(["train", "lm", str(tmp_path / "missing.toml")]) == 1
     assert "cannot read recipe" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lm_recipe_under_torchrun_two_cpu_processes(tmp_path):
+    """`calm-fast train lm` as 2 gloo ranks (each draws its own batch of 4; a dropped voice
+    leaves parameters without gradient, which DDP must accept); rank 0 alone logs, writes
+    the checkpoint and the export."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    lat = synthetic_cache(tmp_path / "lat")
+    recipe = write_toml(tmp_path / "lm.toml",
+                        LM_RECIPE.format(out=tmp_path / "lm", lat=lat, steps=3, ckpt=3))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                          "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                          "-m", "calm_fast.cli", "train", "lm", recipe],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    model = load_model(tmp_path / "lm" / "model.safetensors", expect="calm")
+    rows = [json.loads(x) for x in (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # one writer
+    assert model.cfg.backbone.num_layers == 2
