@@ -61,7 +61,9 @@ class _Stream:
     gen: torch.Generator
     eos: EOSRule
     prev: torch.Tensor  # [C]; NaN = BOS
-    made: int = 0
+    made: int = 0  # frames emitted
+    steps: int = 0  # frames computed (the EOS rule counts these)
+    ring: int = 0  # short-context ring slot
 
 
 class CALMGenerator:
@@ -150,36 +152,18 @@ class CALMGenerator:
             raise ValueError("no requests")
         for i, r in enumerate(requests):
             self._check(i, r)
-        m, C = self.model, self.cfg.latent_dim
         bs = self.block_size
-        null_default = m.null_prefix().detach()
         need = sum(-(-self._rows(r) // bs) * (2 if r.cfg_scale != 1 else 1) for r in requests)
         nstreams = sum(2 if r.cfg_scale != 1 else 1 for r in requests)
-        cache, ring, short = self._setup(need, nstreams, len(requests))
-        bos = m.bos_emb.detach().to(self.device, self.dtype)
+        self._setup(need, nstreams, len(requests))
         streams = []
-        for i, r in enumerate(requests):
-            seed = r.seed if r.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            dev = lambda t: t.to(self.device, self.dtype)  # noqa: E731
-            prompt = None if r.prompt_latents is None else dev(r.prompt_latents)
-            feed = bos[None] if prompt is None else torch.cat([bos[None], prompt])
-            lat_rows = feed[:-1] @ self.w_in  # rows before the first step's input
-            cond = cache.new_stream()
-            fb.prefill(self.backbone, cache, cond, torch.cat([dev(r.prefix), lat_rows]))
-            null = None
-            if r.cfg_scale != 1:
-                null = cache.new_stream()
-                npre = null_default if r.null_prefix is None else r.null_prefix
-                fb.prefill(self.backbone, cache, null, torch.cat([dev(npre), lat_rows]))
-            if short is not None:
-                ring.reset([i])
-                for row in feed[:-1]:
-                    short.step(ring, [i], row[None])
-            prev = (torch.full((C,), float("nan"), device=self.device, dtype=self.dtype)
-                    if prompt is None else prompt[-1].clone())
-            streams.append(_Stream(i, r, cond, null, torch.Generator().manual_seed(seed),
-                                   EOSRule(r.eos_threshold, r.frames_after_eos, r.min_frames),
-                                   prev))
+        try:
+            for i, r in enumerate(requests):
+                streams.append(self._start(i, r, i))
+        except BaseException:  # a kept (GPU) cache must not keep the ones already started
+            for s in streams:
+                self._release(s)
+            raise
         try:
             step = 0
             while streams:
@@ -189,20 +173,69 @@ class CALMGenerator:
             for s in streams:  # the caller stopped early: release what is still held
                 self._release(s)
 
+    def _start(self, i: int, r: Request, ring_slot: int, shared=None, shared_null=None):
+        """Prefill request ``i`` into new cache streams (its cond stream and, with CFG, its
+        null stream) and its short-context ring slot. ``shared`` / ``shared_null``: a
+        prefilled template (stream id, rows) whose rows are this request's first prefix
+        rows: the stream forks it (blocks shared by refcount) and prefills only the rest."""
+        m, C, cache = self.model, self.cfg.latent_dim, self.cache
+        bos = m.bos_emb.detach().to(self.device, self.dtype)
+        seed = r.seed if r.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        dev = lambda t: t.to(self.device, self.dtype)  # noqa: E731
+        prompt = None if r.prompt_latents is None else dev(r.prompt_latents)
+        feed = bos[None] if prompt is None else torch.cat([bos[None], prompt])
+        lat_rows = feed[:-1] @ self.w_in  # rows before the first step's input
+
+        def open_stream(prefix, template):
+            if template is None:
+                sid = cache.new_stream()
+                rows = prefix
+            else:
+                sid = cache.fork(template[0])
+                rows = prefix[template[1]:]
+            try:
+                rows = torch.cat([dev(rows), lat_rows])
+                if len(rows):
+                    fb.prefill(self.backbone, cache, sid, rows)
+            except BaseException:
+                cache.free(sid)
+                raise
+            return sid
+
+        cond = open_stream(r.prefix, shared)
+        null = None
+        if r.cfg_scale != 1:
+            npre = m.null_prefix().detach() if r.null_prefix is None else r.null_prefix
+            try:
+                null = open_stream(npre, shared_null)
+            except BaseException:
+                cache.free(cond)
+                raise
+        if self.frame.short is not None:
+            self.frame.ring.reset([ring_slot])
+            for row in feed[:-1]:
+                self.frame.short.step(self.frame.ring, [ring_slot], row[None])
+        prev = (torch.full((C,), float("nan"), device=self.device, dtype=self.dtype)
+                if prompt is None else prompt[-1].clone())
+        return _Stream(i, r, cond, null, torch.Generator().manual_seed(seed),
+                       EOSRule(r.eos_threshold, r.frames_after_eos, r.min_frames), prev,
+                       ring=ring_slot)
+
     def _setup(self, need: int, nstreams: int, nrequests: int):
-        """The cache, the short-context ring and the frame compute for one call. On CPU they
-        are sized to the call; on GPU they are made once (fixed buffers, captured graphs).
-        Both keep one more block and stream (and ring slot): FrameStep's scratch row."""
-        cpu = self.device.type == "cpu"
-        if not cpu and max(nstreams, nrequests) > self.max_streams:
+        """The cache, the short-context ring and the frame compute. Made once and kept across
+        calls when ``num_blocks`` is given (always on GPU: fixed buffers, captured graphs;
+        the engine's way on CPU), else sized to the call. Either way they hold one more
+        block and stream (and ring slot) than asked: FrameStep's scratch row."""
+        per_call = self.device.type == "cpu" and self.num_blocks is None
+        if not per_call and max(nstreams, nrequests) > self.max_streams:
             raise ValueError(f"{nstreams} streams exceed max_streams={self.max_streams}")
-        if cpu or self.cache is None:
-            blocks, slots = ((self.num_blocks or need + 1, nstreams + 1) if cpu else
-                             (self.num_blocks, self.max_streams + 1))
+        if per_call or self.cache is None:
+            blocks, slots, rings = ((need + 1, nstreams + 1, nrequests + 1) if per_call else
+                                    (self.num_blocks, self.max_streams + 1,
+                                     self.max_streams + 1))
             self.cache = self.backbone.make_cache(blocks, self.block_size, max_streams=slots,
                                                   dtype=self.dtype, device=self.device)
             short = getattr(self.model, "short", None)
-            rings = nrequests + 1 if cpu else self.max_streams + 1
             ring = (short.init_state(rings, dtype=self.dtype, device=self.device)
                     if short is not None else None)
             self.frame = FrameStep(self.model, self.cache, self.backbone, self.head,
@@ -235,17 +268,19 @@ class CALMGenerator:
                         cache.page_table(ids), torch.arange(n, **lng), torch.tensor(null, **lng),
                         torch.tensor(alpha, device=dev)[:, None], noise.to(dev),
                         None if self.frame.ring is None else
-                        torch.tensor([s.idx for s in streams], **lng))
+                        torch.tensor([s.ring for s in streams], **lng))
         out, logits = self.frame(f)
         logits = logits.float().cpu()
         emitted, keep_ix, finished = [], [], []
         for k, s in enumerate(streams):
-            keep = s.eos.keep(step, float(logits[k]))
+            here = s.steps
+            s.steps += 1
+            keep = s.eos.keep(here, float(logits[k]))
             if keep:
                 s.prev = out[k]
                 s.made += 1
                 emitted.append(k)
-            last = s.eos.eos_at is not None and step + 1 >= s.eos.eos_at + s.eos.frames_after_eos
+            last = s.eos.eos_at is not None and here + 1 >= s.eos.eos_at + s.eos.frames_after_eos
             if not keep or last or s.made >= s.req.max_frames:
                 finished.append(s)
             else:

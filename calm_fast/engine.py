@@ -1,0 +1,256 @@
+"""Continuous batching: streams join and leave at any frame, over one kept KV cache.
+
+    engine = Engine(model, num_blocks=4096, max_streams=64)
+    voice = engine.share(model.prefix(voice=v))            # prefilled once, forked per request
+    a = engine.submit(Request(model.prefix(text="Hi.", voice=v), 200, seed=1), shared=voice)
+    for ev in engine.run():                                 # or engine.step() in your loop
+        ...ev.request, ev.latent (one frame), ev.finished
+
+Each request keeps its own temperature, CFG scale, seed, stop rule and prompt; its frames
+equal single-request generation with the same seed whatever else is in the batch (each
+request draws its noise from its own generator).
+
+Sharing: a prefix registered with ``share()`` is prefilled once into a template stream; a
+request whose prefix starts with those rows forks it (its full blocks are shared by
+refcount, the partial last one is copied on the first write) and prefills only the rest.
+The default null prefix of latent CFG is shared the same way, automatically.
+
+Admission control: a request is admitted only when the cache can hold everything it may
+ever write (prefix + prompt + max_frames rows, for each of its streams, less the blocks it
+shares), counting what the admitted requests may still write. Others wait in FIFO order:
+nothing fails mid-generation, and ``queue_depth`` says how many wait.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from .errors import CacheFullError
+from .generate import CALMGenerator, Request, _Stream
+from .model import CALM
+
+
+@dataclass
+class Shared:
+    """A prefilled prefix template: cache stream ``stream`` holding ``rows`` rows."""
+
+    stream: int
+    rows: torch.Tensor  # [P, d] the prefix rows (requests must start with them)
+    blocks: int  # full blocks, shared by every fork
+
+
+@dataclass
+class Event:
+    request: int  # the id submit() returned
+    latent: torch.Tensor | None  # [C] this step's frame (normalised), None when no frame
+    finished: bool
+
+
+@dataclass
+class _Pending:
+    rid: int
+    req: Request
+    shared: Shared | None
+    need: int  # blocks it may ever allocate
+
+
+class Engine:
+    """A continuous-batching generator over one kept cache (see the module docstring).
+
+    num_blocks: the KV-cache budget in blocks of ``block_size`` rows (a memory budget:
+    bytes = num_blocks x ``cache.stats()["bytes_per_block"]``). max_streams: at most this
+    many requests generate at once. Other options as ``CALMGenerator``."""
+
+    def __init__(self, model: CALM, *, num_blocks: int, max_streams: int = 64,
+                 block_size: int = 16, head_steps: int = 1, int8: bool = False,
+                 device="cpu", dtype=torch.float32, graphs: bool | None = None):
+        if max_streams < 1 or num_blocks < 2:
+            raise ValueError(f"need max_streams >= 1 and num_blocks >= 2, got {max_streams}, "
+                             f"{num_blocks}")
+        # cache streams: a cond and a null stream per request, templates, the scratch row
+        self.gen = CALMGenerator(model, head_steps=head_steps, block_size=block_size,
+                                 num_blocks=num_blocks, int8=int8, device=device, dtype=dtype,
+                                 graphs=graphs, max_streams=2 * max_streams + 16)
+        self.gen._setup(0, 0, 0)
+        self.model, self.cache = model, self.gen.cache
+        self.max_requests, self.block_size = max_streams, block_size
+        self.waiting: deque[_Pending] = deque()
+        self.active: list[_Stream] = []
+        self.need_of: dict[int, int] = {}  # request id -> blocks it may allocate in all
+        self.held_of: dict[int, int] = {}  # request id -> blocks it has allocated so far
+        self.free_rings = list(range(max_streams))
+        self.reserved = 0  # blocks the active requests may still allocate, in total
+        self._next_id = 0
+        self._null: Shared | None = None
+        self._templates = 0  # blocks held by templates
+
+    # -- prefixes ---------------------------------------------------------------------------
+    def share(self, rows: torch.Tensor) -> Shared:
+        """Prefill ``rows`` [P, d] once as a template for ``submit(..., shared=)``. Raises
+        CacheFullError (nothing changed) when the cache cannot hold it now."""
+        d = self.model.cfg.backbone.d_model
+        if rows.dim() != 2 or rows.shape[1] != d or rows.shape[0] == 0:
+            raise ValueError(f"a shared prefix must be [P >= 1, {d}], got {tuple(rows.shape)}")
+        need = -(-rows.shape[0] // self.block_size)
+        if need > self.cache.manager.num_free_blocks - self.reserved - 1:
+            raise CacheFullError(f"a shared prefix of {rows.shape[0]} rows needs {need} blocks;"
+                                 f" {self.cache.manager.num_free_blocks - self.reserved - 1} "
+                                 "are not promised to admitted requests")
+        from . import fast_backbone as fb
+
+        sid = self.cache.new_stream()
+        fb.prefill(self.gen.backbone, self.cache, sid,
+                   rows.detach().to(self.gen.device, self.gen.dtype))
+        self._templates += need
+        return Shared(sid, rows.detach().clone(), rows.shape[0] // self.block_size)
+
+    def unshare(self, s: Shared) -> None:
+        """Drop a template: requests already forked from it keep their blocks."""
+        self.cache.free(s.stream)
+        self._templates -= -(-s.rows.shape[0] // self.block_size)
+
+    def _null_template(self) -> Shared:
+        if self._null is None:
+            self._null = self.share(self.model.null_prefix().detach())
+        return self._null
+
+    # -- requests ---------------------------------------------------------------------------
+    def _blocks(self, r: Request, shared_rows: int) -> int:
+        """Blocks one request may ever allocate: per stream, its rows (prefix, BOS, prompt,
+        max_frames) less the full blocks it shares (a shared partial block is copied)."""
+        bs, tail = self.block_size, 1 + self.gen._prompt(r) + r.max_frames
+        need = -(-(r.prefix.shape[0] + tail) // bs) - shared_rows // bs
+        if r.cfg_scale != 1:
+            pn = 1 if r.null_prefix is None else r.null_prefix.shape[0]
+            need += -(-(pn + tail) // bs) - (pn // bs if r.null_prefix is None else 0)
+        return need
+
+    def submit(self, r: Request, shared: Shared | None = None) -> int:
+        """Queue a request; returns its id. Invalid requests raise here (nothing queued)."""
+        rid = self._next_id
+        self.gen._check(rid, r)
+        if shared is not None:
+            P = shared.rows.shape[0]
+            if r.prefix.shape[0] < P or not torch.equal(r.prefix[:P].to(shared.rows.dtype),
+                                                          shared.rows):
+                raise ValueError("the request's prefix does not start with the shared rows")
+        need = self._blocks(r, 0 if shared is None else shared.rows.shape[0])
+        capacity = self.cache.manager.num_blocks - 1 - self._templates
+        if need > capacity:
+            raise ValueError(f"request needs {need} cache blocks, more than the "
+                             f"{capacity} the engine has: raise num_blocks or lower max_frames")
+        self._next_id += 1
+        self.waiting.append(_Pending(rid, r, shared, need))
+        return rid
+
+    def cancel(self, rid: int) -> bool:
+        """Drop a waiting or running request (its blocks are freed now)."""
+        for p in self.waiting:
+            if p.rid == rid:
+                self.waiting.remove(p)
+                return True
+        for s in self.active:
+            if s.idx == rid:
+                self._finish(s)
+                self.active.remove(s)
+                return True
+        return False
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.active)
+
+    def _admit(self) -> None:
+        free = self.cache.manager.num_free_blocks - 1  # the scratch row keeps one
+        while self.waiting and self.free_rings:
+            p = self.waiting[0]
+            null_t = None
+            if p.req.cfg_scale != 1 and p.req.null_prefix is None:
+                if self._null is None and free - self.reserved < 1 + p.need:
+                    return
+                null_t = self._null_template()
+                free = self.cache.manager.num_free_blocks - 1
+            if p.need > free - self.reserved:
+                return  # FIFO: later requests wait behind the first that does not fit
+            self.waiting.popleft()
+            ring = self.free_rings.pop()
+            tmpl = None if p.shared is None else (p.shared.stream, p.shared.rows.shape[0])
+            ntmpl = None if null_t is None else (null_t.stream, null_t.rows.shape[0])
+            before = self.cache.manager.num_free_blocks
+            try:
+                s = self.gen._start(p.rid, p.req, ring, shared=tmpl, shared_null=ntmpl)
+            except BaseException:
+                self.free_rings.append(ring)
+                raise
+            used = before - self.cache.manager.num_free_blocks
+            self.need_of[p.rid], self.held_of[p.rid] = p.need, used
+            self.reserved += p.need - used
+            self.active.append(s)
+            free = self.cache.manager.num_free_blocks - 1
+
+    def _forget(self, s: _Stream) -> None:
+        """Return a request's ring slot and what it still had reserved (its cache streams
+        are released by the caller)."""
+        self.reserved -= self.need_of.pop(s.idx) - self.held_of.pop(s.idx)
+        self.free_rings.append(s.ring)
+
+    def _finish(self, s: _Stream) -> None:
+        self.gen._release(s)
+        self._forget(s)
+
+    # -- the loop ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        """Admit what fits, run one frame for every running request; one event per request
+        that made a frame or finished."""
+        self._admit()
+        if not self.active:
+            return []
+        for s in self.active:  # the blocks this frame's row allocates, per request
+            grew = self.cache.blocks_needed([s.cond] if s.null is None else [s.cond, s.null], 1)
+            self.held_of[s.idx] += grew
+            self.reserved -= grew
+        streams = list(self.active)
+        out = self.gen._step(0, streams)  # releases the finished streams' cache rows
+        made = dict(zip(out.ids, out.latents))
+        done = set(out.finished)
+        events = [Event(s.idx, made.get(s.idx), s.idx in done) for s in self.active
+                  if s.idx in made or s.idx in done]
+        for s in self.active:
+            if s.idx in done:
+                self._forget(s)
+        self.active = streams
+        return events
+
+    def run(self):
+        """Step until every submitted request has finished, yielding the events."""
+        while self.waiting or self.active:
+            if not self.active:
+                self._admit()
+                if not self.active:  # nothing runs, so nothing will ever free blocks
+                    p = self.waiting[0]
+                    raise CacheFullError(
+                        f"request {p.rid} needs {p.need} blocks; only "
+                        f"{self.cache.manager.num_free_blocks - 1} are free with nothing "
+                        "running (shared prefixes hold the rest: unshare some)")
+            yield from self.step()
+
+    def generate_all(self) -> dict[int, torch.Tensor]:
+        """Run to the end; the frames [T, C] of each request id."""
+        frames: dict[int, list] = {}
+        for ev in self.run():
+            lst = frames.setdefault(ev.request, [])
+            if ev.latent is not None:
+                lst.append(ev.latent.float().cpu())
+        C = self.model.cfg.latent_dim
+        return {k: torch.stack(v) if v else torch.empty(0, C) for k, v in frames.items()}
+
+    def stats(self) -> dict:
+        return {**self.cache.stats(), "queue_depth": self.queue_depth, "running": self.running,
+                "reserved_blocks": self.reserved, "template_blocks": self._templates}
