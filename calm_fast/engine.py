@@ -46,6 +46,7 @@ class Event:
     request: int  # the id submit() returned
     latent: torch.Tensor | None  # [C] this step's frame (normalised), None when no frame
     finished: bool
+    audio: torch.Tensor | None = None  # [channels, frame_size] of that frame (with a vae)
 
 
 @dataclass
@@ -65,7 +66,8 @@ class Engine:
 
     def __init__(self, model: CALM, *, num_blocks: int, max_streams: int = 64,
                  block_size: int = 16, head_steps: int = 1, int8: bool = False,
-                 device="cpu", dtype=torch.float32, graphs: bool | None = None):
+                 device="cpu", dtype=torch.float32, graphs: bool | None = None,
+                 vae=None):
         if max_streams < 1 or num_blocks < 2:
             raise ValueError(f"need max_streams >= 1 and num_blocks >= 2, got {max_streams}, "
                              f"{num_blocks}")
@@ -85,6 +87,14 @@ class Engine:
         self._next_id = 0
         self._null: Shared | None = None
         self._templates = 0  # blocks held by templates
+        self.decoder = None
+        if vae is not None:  # every frame made in a step is decoded in one VAE batch
+            from .vae_streams import DecodeSlots
+
+            if vae.cfg.latent_dim != model.cfg.latent_dim:
+                raise ValueError(f"the VAE takes {vae.cfg.latent_dim}-dim latents, the model "
+                                 f"makes {model.cfg.latent_dim}")
+            self.decoder = DecodeSlots(vae, max_streams)
 
     # -- prefixes ---------------------------------------------------------------------------
     def share(self, rows: torch.Tensor) -> Shared:
@@ -192,6 +202,8 @@ class Engine:
             self.need_of[p.rid], self.held_of[p.rid] = p.need, used
             self.reserved += p.need - used
             self.active.append(s)
+            if self.decoder is not None:
+                self.decoder.open(ring)
             free = self.cache.manager.num_free_blocks - 1
 
     def _forget(self, s: _Stream) -> None:
@@ -199,6 +211,8 @@ class Engine:
         are released by the caller)."""
         self.reserved -= self.need_of.pop(s.idx) - self.held_of.pop(s.idx)
         self.free_rings.append(s.ring)
+        if self.decoder is not None:
+            self.decoder.close(s.ring)
 
     def _finish(self, s: _Stream) -> None:
         self.gen._release(s)
@@ -220,8 +234,15 @@ class Engine:
         out = self.gen._step(0, streams)  # releases the finished streams' cache rows
         made = dict(zip(out.ids, out.latents))
         done = set(out.finished)
-        events = [Event(s.idx, made.get(s.idx), s.idx in done) for s in self.active
-                  if s.idx in made or s.idx in done]
+        audio = {}
+        if self.decoder is not None and out.ids:
+            ring = {s.idx: s.ring for s in self.active}
+            dev = next(self.decoder.vae.parameters()).device
+            lat = self.model.denormalize(out.latents.float().cpu())[:, None].to(dev)
+            wav = self.decoder.decode([ring[i] for i in out.ids], lat)
+            audio = dict(zip(out.ids, wav))
+        events = [Event(s.idx, made.get(s.idx), s.idx in done, audio.get(s.idx))
+                  for s in self.active if s.idx in made or s.idx in done]
         for s in self.active:
             if s.idx in done:
                 self._forget(s)

@@ -277,21 +277,28 @@ class WindowedTransformer(nn.Module):
             state.caches[self] = (cache, [cache.new_stream() for _ in range(B)])
         cache, ids = state.caches[self]
         shape = self.transformer.packed_shape()
-        start = cache.position(ids[0])
-        if any(cache.position(s) != start for s in ids):
-            raise ValueError("the streams of one VAEState must advance together")
-        cos, sin = fb.rope_tables(shape, start + torch.arange(T, device=h.device))
+        # Each stream at its own position (the engine's streams join at any frame); keys
+        # are left-padded to the longest stream and masked per row.
+        start = torch.tensor([cache.position(s) for s in ids], device=h.device)
+        pos = start[:, None] + torch.arange(T, device=h.device)[None]  # [B, T]
+        cos, sin = fb.rope_tables(shape, pos.reshape(-1))
+        cos, sin = cos.view(B, T, 1, -1), sin.view(B, T, 1, -1)
         slots = cache.reserve(ids, T)  # [B, T]
+        lk = torch.tensor([cache.length(s) for s in ids], device=h.device)  # incl. the new rows
+        Lk = int(lk.max())
+        off = Lk - lk  # left padding per row
+        qpos = (lk - T)[:, None, None] + torch.arange(T, device=h.device)[None, :, None]
+        kpos = torch.arange(Lk, device=h.device)[None, None] - off[:, None, None]
+        mask = ((kpos >= 0) & (kpos <= qpos) & (kpos > qpos - W))[:, None]  # [B, 1, T, Lk]
         for li, layer in enumerate(self.transformer.layers):
             q, k, v = layer.project(h, cos, sin)  # [B, T, heads, D]
             cache.write(li, slots, k, v)
-            K, V = zip(*(cache.gather(li, s) for s in ids))
-            K, V = torch.stack(K).transpose(1, 2), torch.stack(V).transpose(1, 2)  # [B,H,Lk,D]
-            Lk = K.shape[2]
-            qpos = Lk - T + torch.arange(T, device=h.device)[:, None]
-            kpos = torch.arange(Lk, device=h.device)[None]
-            mask = (kpos <= qpos) & (kpos > qpos - W)
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=mask)
+            K = h.new_zeros(B, Lk, *k.shape[2:])
+            V = torch.zeros_like(K)
+            for b, s in enumerate(ids):
+                K[b, off[b]:], V[b, off[b]:] = cache.gather(li, s)
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), K.transpose(1, 2),
+                                               V.transpose(1, 2), attn_mask=mask)
             h = layer.finish(h, a.transpose(1, 2).flatten(2))
         for s in ids:  # the next call's first row needs the W - 1 rows before it
             cache.trim_front(s, W - 1)

@@ -147,3 +147,26 @@ def test_engine_errors(tts):
     assert eng.queue_depth == 0
     with pytest.raises(ValueError, match="num_blocks"):
         Engine(tts, num_blocks=1)
+
+
+def test_audio_chunks_per_stream_equal_offline_decode(tts):
+    """With a VAE, each event carries its frame's audio, decoded in one batch with the other
+    streams' frames; a stream's chunks equal the offline decode of its latents."""
+    from calm_fast.vae import VAE, vae_preset
+
+    torch.manual_seed(0)
+    vae = VAE(vae_preset("tiny")).eval()
+    reqs = ragged_tts_requests(tts)
+    eng = Engine(tts, num_blocks=64, block_size=4, max_streams=2, vae=vae)  # one waits
+    ids = [eng.submit(r) for r in reqs]
+    chunks, lats = {}, {}
+    for ev in eng.run():
+        if ev.latent is not None:
+            assert ev.audio.shape == (1, vae.cfg.frame_size)
+            chunks.setdefault(ev.request, []).append(ev.audio)
+            lats.setdefault(ev.request, []).append(ev.latent)
+    for i, r in zip(ids, reqs):
+        with torch.no_grad():
+            ref = vae.decode(tts.denormalize(alone(tts, r))[None])[0]
+        torch.testing.assert_close(torch.cat(chunks[i], -1), ref, rtol=1e-4, atol=1e-4)
+    assert eng.decoder.open_slots == []
