@@ -42,6 +42,9 @@ class Request:
     frames_after_eos: int = 0
     min_frames: int = 0
     noise_clamp: float | None = None
+    # The request's own noise generator (used as is, so the caller can read its state after
+    # generation); None: a new one seeded with ``seed``.
+    generator: torch.Generator | None = None
 
 
 @dataclass
@@ -180,7 +183,6 @@ class CALMGenerator:
         rows: the stream forks it (blocks shared by refcount) and prefills only the rest."""
         m, C, cache = self.model, self.cfg.latent_dim, self.cache
         bos = m.bos_emb.detach().to(self.device, self.dtype)
-        seed = r.seed if r.seed is not None else int(torch.randint(0, 2**62, ()).item())
         dev = lambda t: t.to(self.device, self.dtype)  # noqa: E731
         prompt = None if r.prompt_latents is None else dev(r.prompt_latents)
         feed = bos[None] if prompt is None else torch.cat([bos[None], prompt])
@@ -217,7 +219,11 @@ class CALMGenerator:
                 self.frame.short.step(self.frame.ring, [ring_slot], row[None])
         prev = (torch.full((C,), float("nan"), device=self.device, dtype=self.dtype)
                 if prompt is None else prompt[-1].clone())
-        return _Stream(i, r, cond, null, torch.Generator().manual_seed(seed),
+        gen = r.generator
+        if gen is None:
+            seed = r.seed if r.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            gen = torch.Generator().manual_seed(seed)
+        return _Stream(i, r, cond, null, gen,
                        EOSRule(r.eos_threshold, r.frames_after_eos, r.min_frames), prev,
                        ring=ring_slot)
 
