@@ -14,33 +14,15 @@ TEXTS = ["Hello world.", "The quick brown fox jumps over the lazy dog"]
 @pytest.fixture(scope="module")
 def peer(tmp_path_factory):
     pytest.importorskip("pocket_tts")
-    import yaml
-    from pocket_tts import TTSModel
-    from pocket_tts.utils.config import CONFIGS_DIR
+    from calm_fast.compat.pocket_tts import random_tts_model
 
-    from calm_fast.conditioning import SentencePieceTokenizer
-
-    d = tmp_path_factory.mktemp("pocket")
     words = ("hello world the quick brown fox jumps over a lazy dog and then some more text "
              "to say out loud in a sentence with numbers one two three").split()
     lines = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
-    tok = SentencePieceTokenizer.train(lines, vocab_size=60)
-    tok.save(d / "spm.model")
-    cfg = yaml.safe_load((CONFIGS_DIR / "english.yaml").read_text())
-    cfg["weights_path"] = cfg["weights_path_without_voice_cloning"] = None
-    cfg["flow_lm"].pop("weights_path", None)
-    cfg["mimi"].pop("weights_path", None)
-    # the package wants the table exactly as large as the vocabulary (the real one: 4000)
-    cfg["flow_lm"]["lookup_table"].update(tokenizer="sentencepiece", n_bins=tok.vocab_size,
-                                          tokenizer_path=str(d / "spm.model"))
-    (d / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    torch.manual_seed(0)
-    model = TTSModel.load_model(config=str(d / "cfg.yaml"))
-    with torch.no_grad():  # zero-initialised modulations and projections: perturb all
-        for p in model.flow_lm.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    model = random_tts_model(tmp_path_factory.mktemp("pocket"), vocab_size=60, texts=lines)
+    with torch.no_grad():
         model.flow_lm.out_eos.bias.fill_(-3.0)  # EOS after a few frames, not at once
-    return model.eval()
+    return model
 
 
 @pytest.fixture(scope="module")

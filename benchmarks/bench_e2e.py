@@ -1,0 +1,213 @@
+"""Text to audio, end to end, in ONE run: the pocket-tts package vs calm_fast on the same
+config and the same random weights (``english.yaml`` = the `pocket` shapes, fp32, CPU).
+
+    python benchmarks/bench_e2e.py [--threads 2] [--batches 1,4,16,64] [--runs 3]
+
+Both generate the same text with EOS disabled (the package's own length estimate sets the
+frames: ~10 s), from a voice state exported beforehand (so time to first audio excludes
+voice encoding, for both). Reported:
+  * single stream: real-time factor (audio s / wall s) and time to the first audio chunk,
+    the package through its own threaded pipeline, calm_fast through calm_fast.accelerate;
+  * per-frame breakdown at batch 1: backbone step, head, decoder (ms);
+  * aggregate throughput of calm_fast's engine at each batch (voice prefix shared, one VAE
+    batch per frame), against the package's best: one process per core, i.e. twice its
+    1-thread single-stream rate (an upper bound for the package);
+  * int8: calm_fast's int8 weights vs the package's own quantize=True.
+Appends to benchmarks/results/e2e.csv and draws benchmarks/results/e2e_throughput.png.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, timeit, write_rows  # noqa: E402
+
+import calm_fast  # noqa: E402
+from calm_fast.compat.pocket_tts import random_tts_model  # noqa: E402
+from calm_fast.sampling import lsd_sample  # noqa: E402
+
+TEXT = ("Hello world. I am a small text to speech model, and I run on two CPU cores, "
+        "faster than real time.")
+
+
+def voice_wav(seconds=5.0, sr=24_000):
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(int(seconds * sr)) / sr
+    wav = 0.3 * torch.sin(2 * torch.pi * 160 * t) * (1 + 0.5 * torch.sin(3 * t))
+    return (wav + 0.02 * torch.randn(wav.shape, generator=g))[None]
+
+
+def stream_run(model, state, text, sr):
+    """(seconds to the first chunk, wall seconds, audio seconds) of one streamed call."""
+    t0 = time.perf_counter()
+    it = model.generate_audio_stream(state, text)
+    first = next(it)
+    t1 = time.perf_counter()
+    n = first.shape[-1] + sum(c.shape[-1] for c in it)
+    return t1 - t0, time.perf_counter() - t0, n / sr
+
+
+def single_stream(model, state, runs, sr):
+    res = [stream_run(model, state, TEXT, sr) for _ in range(runs)]
+    ttfa = statistics.median(r[0] for r in res)
+    rtf = statistics.median(r[2] / r[1] for r in res)
+    return ttfa, rtf, res[0][2]
+
+
+@torch.no_grad()
+def peer_breakdown(peer):
+    """ms per frame: flow-LM step (backbone + head), head alone, Mimi decode of one frame."""
+    from pocket_tts.modules.stateful_module import increment_steps, init_states
+
+    f = peer.flow_lm
+    st = init_states(f, batch_size=1, sequence_length=400)
+    x = torch.full((1, 1, f.ldim), float("nan"))
+    empty = torch.empty(1, 0, f.dim)
+
+    def lm_step():
+        nonlocal x
+        x, _ = f._sample_next_latent(x, empty, st, 1, peer.temp, None, 1e9)
+        x = x[:, None]
+        increment_steps(f, st, 1)
+
+    lm = timeit(lm_step, warmup=3, min_time=1.0)
+    c, noise = torch.randn(1, f.dim), torch.randn(1, f.ldim)
+    s, t = torch.zeros(1, 1), torch.ones(1, 1)
+    head = timeit(lambda: f.flow_net(c, s, t, noise), warmup=3, min_time=0.5)
+    ms = init_states(peer.mimi, batch_size=1, sequence_length=2000)
+    lat = torch.randn(1, 1, f.ldim)
+
+    def dec():
+        peer.mimi.decode_from_latent(lat, ms)
+        increment_steps(peer.mimi, ms, 16)
+
+    return {"lm": lm * 1e3, "head": head * 1e3, "decoder": timeit(dec, warmup=3, min_time=1.0)
+            * 1e3}
+
+
+@torch.no_grad()
+def ours_breakdown(fast, state):
+    """ms per frame: engine frame step (batch 1), head alone, one VAE decode slot frame."""
+    from calm_fast.generate import Request
+
+    eng = fast.engine
+    lm = fast.lm
+    dec, eng.decoder = eng.decoder, None  # the LM step alone
+    prefix = torch.cat([state.rows, lm.conditioner(torch.arange(20))])
+    rid = eng.submit(Request(prefix, 1000, eos_threshold=None, seed=0))
+    for _ in range(5):
+        eng.step()
+    step = timeit(eng.step, warmup=2, min_time=1.0)
+    eng.cancel(rid)
+    eng.decoder = dec
+    head_fn = eng.gen.frame._head_fn
+    packed = eng.gen.head
+    Z, noise = torch.randn(1, lm.cfg.backbone.d_model), torch.randn(1, lm.cfg.latent_dim)
+    head = timeit(lambda: lsd_sample(lambda c, x, ts: head_fn(packed, c, x, ts), Z, noise, 1),
+                  warmup=3, min_time=0.5)
+    slots = dec
+    slots.open(0)
+    lat = torch.randn(1, 1, lm.cfg.latent_dim)
+    d = timeit(lambda: slots.decode([0], lat), warmup=3, min_time=1.0)
+    slots.close(0)
+    return {"lm": step * 1e3, "head": head * 1e3, "decoder": d * 1e3}
+
+
+def throughput(fast, state, batch, sr):
+    t0 = time.perf_counter()
+    wavs = fast.generate_audio_batch(state, [TEXT] * batch, seed=1)
+    wall = time.perf_counter() - t0
+    return sum(w.shape[-1] for w in wavs) / sr / wall
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "calm_fast_e2e"))
+    ap.add_argument("--no-int8", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    peer = random_tts_model(args.workdir, eos_threshold=1e9)
+    sr = peer.sample_rate
+    fast = calm_fast.accelerate(peer, max_streams=max(batches), cache_mb=1536)
+    wav = voice_wav()
+    p_state, o_state = peer.get_state_for_audio_prompt(wav), fast.get_state_for_audio_prompt(wav)
+
+    p_ttfa, p_rtf, secs = single_stream(peer, p_state, args.runs, sr)
+    o_ttfa, o_rtf, o_secs = single_stream(fast, o_state, args.runs, sr)
+    torch.set_num_threads(1)
+    p_rtf1 = single_stream(peer, p_state, max(1, args.runs - 1), sr)[1]
+    torch.set_num_threads(args.threads)
+    pb, ob = peer_breakdown(peer), ours_breakdown(fast, o_state)
+    thr = {b: throughput(fast, o_state, b, sr) for b in batches}
+    best_b = max(thr, key=thr.get)
+    peer_best = max(p_rtf, 2 * p_rtf1)
+
+    rows = [
+        {"metric": "single-stream RTF (x real time)", "peer": p_rtf, "ours": o_rtf,
+         "ratio": o_rtf / p_rtf, "target": ">= 2x"},
+        {"metric": "time to first audio (ms)", "peer": p_ttfa * 1e3, "ours": o_ttfa * 1e3,
+         "ratio": p_ttfa / o_ttfa, "target": ">= 3x (ours <= 1/3)"},
+        {"metric": f"best throughput (x RT; ours at batch {best_b})", "peer": peer_best,
+         "ours": thr[best_b], "ratio": thr[best_b] / peer_best, "target": ">= 3.5x"},
+    ]
+    for k in ("lm", "head", "decoder"):
+        rows.append({"metric": f"batch-1 {k} ms/frame", "peer": pb[k], "ours": ob[k],
+                     "ratio": pb[k] / ob[k], "target": ""})
+    for b in batches:
+        rows.append({"metric": f"throughput batch {b} (x RT)", "peer": "", "ours": thr[b],
+                     "ratio": thr[b] / peer_best, "target": ""})
+    if not args.no_int8:
+        qpeer = random_tts_model(args.workdir, eos_threshold=1e9, quantize=True)
+        qfast = calm_fast.accelerate(peer, int8=True, max_streams=1, cache_mb=128)
+        q_p = single_stream(qpeer, qpeer.get_state_for_audio_prompt(wav), args.runs, sr)[1]
+        q_o = single_stream(qfast, qfast.get_state_for_audio_prompt(wav), args.runs, sr)[1]
+        rows.append({"metric": "int8 single-stream RTF (peer quantize=True)", "peer": q_p,
+                     "ours": q_o, "ratio": q_o / q_p, "target": "> 1x"})
+    for r in rows:
+        r["threads"], r["audio_s"] = args.threads, round(secs, 2)
+        for k in ("peer", "ours", "ratio"):
+            if isinstance(r[k], float):
+                r[k] = round(r[k], 2)
+    print_table(rows, ["metric", "peer", "ours", "ratio", "target"])
+    print(f"(audio per call: peer {secs:.2f} s, ours {o_secs:.2f} s; peer 1-thread RTF "
+          f"{p_rtf1:.2f})")
+    path = write_rows("e2e", rows)
+    print(f"appended to {path}")
+    plot(thr, p_rtf, peer_best, Path(path).with_name("e2e_throughput.png"), args.threads)
+
+
+def plot(thr, p_rtf, peer_best, out, threads):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bs = sorted(thr)
+    ax.plot(bs, [thr[b] for b in bs], "o-", label="calm_fast engine (shared voice prefix)")
+    ax.axhline(p_rtf, color="gray", ls="--", label=f"pocket-tts, 1 stream, {threads} threads")
+    ax.axhline(peer_best, color="k", ls=":", label="pocket-tts, 1 process per core (bound)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("audio seconds per wall second")
+    ax.set_title(f"Text to audio, pocket shapes, fp32 CPU, {threads} threads")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
