@@ -7,8 +7,8 @@ from calm_fast.cpu_linear import SplitLinear, linear
 from calm_fast.kernels.fused_head import head_cpu, head_ref, pack_head
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
-@pytest.mark.parametrize("k,n,parts", [(16, 64, 2), (16, 96, 4), (24, 40, 2), (8, 64, 1)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize("k,n,parts", [(16, 64, 2), (16, 96, 4), (24, 40, 2), (8, 64, 1), (64, 64, 2), (128, 32, 4)])
 def test_split_linear_matches_matmul(rows, k, n, parts):
     g = torch.Generator().manual_seed(rows * 100 + n)
     w, b = torch.randn(k, n, generator=g), torch.randn(n, generator=g)
