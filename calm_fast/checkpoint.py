@@ -73,22 +73,28 @@ def save_checkpoint(path, *, model: torch.nn.Module, step: int, ema: torch.nn.Mo
     return path
 
 
+def read_safetensors(path, what: str = "file") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file; CheckpointError when missing or unreadable."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no {what} at {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+        return header, load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors {what}: {e}") from e
+
+
 def load_checkpoint(path, *, model: torch.nn.Module, ema: torch.nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True,
                     strict: bool = True) -> dict:
     """Restore what was saved; returns {"step": int, "meta": dict}. Raises CheckpointError
     naming the missing/unexpected keys when the checkpoint does not fit the model."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            header = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {e}") from e
+    header, tensors = read_safetensors(path, "checkpoint")
     if "step" not in header:
         raise CheckpointError(f"{path} has no 'step' in its metadata: not a calm_fast checkpoint")
 

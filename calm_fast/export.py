@@ -16,10 +16,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, load_weights
+from .checkpoint import CheckpointError, load_weights, read_safetensors
 from .conditioning import ByteTokenizer, SentencePieceTokenizer
 from .config import CALMConfig
 from .model import CALM
@@ -74,14 +73,7 @@ def load_model(path, expect: str | None = None, device="cpu"):
     from .recipes.config import RecipeError, from_dict
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no model file at {path}")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    meta, tensors = read_safetensors(path, "model file")
     kind = meta.get("calm_fast_kind")
     if kind not in _CLASSES:
         raise CheckpointError(f"{path} is not a calm_fast model export (no calm_fast_kind; a "

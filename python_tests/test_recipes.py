@@ -86,6 +86,28 @@ progress = false
 """
 
 
+DISTILL_RECIPE = """
+kind = "distill"
+out_dir = "{out}"
+[student]
+teacher = "{teacher}"
+layers = [{layer}]
+cfg_scale = 1.5
+[data]
+latents = "{lat}"
+batch = {batch}
+voice_frames = 4
+[train]
+steps = {steps}
+lr = 3e-3
+warmup = 10
+ema_decay = 0.9
+log_every = 50
+ckpt_every = 1000
+progress = false
+"""
+
+
 def test_cli_pipeline_audio_to_distilled_student(tmp_path, capsys):
     manifest = fake_speech(tmp_path / "data")
     vae_recipe = write_toml(tmp_path / "vae.toml", f"""
@@ -125,21 +147,9 @@ progress = false
     assert teacher.conditioner.tokenizer.encode("a") == [97]  # bytes tokenizer travels
     assert not torch.allclose(teacher.emb_std, torch.ones(8))  # measured on the latents
 
-    dis = write_toml(tmp_path / "distill.toml", f"""
-kind = "distill"
-out_dir = "{tmp_path / 'student'}"
-[student]
-teacher = "{tmp_path / 'lm' / 'model.safetensors'}"
-layers = [1]
-cfg_scale = 1.5
-[data]
-latents = "{lat}"
-batch = 4
-voice_frames = 4
-[train]
-steps = 2
-progress = false
-""")
+    dis = write_toml(tmp_path / "distill.toml", DISTILL_RECIPE.format(
+        out=tmp_path / "student", teacher=tmp_path / "lm" / "model.safetensors", layer=1,
+        lat=lat, batch=4, steps=2))
     assert main(["train", "distill", dis]) == 0
     student = load_model(tmp_path / "student" / "model.safetensors", expect="calm")
     assert student.cfg.backbone.num_layers == 1
@@ -199,26 +209,9 @@ def test_distillation_one_layer_student_matches_teacher_cfg_z(tmp_path):
         return latent_distillation_loss(z, z_c, z_n, 1.5, mask).item(), z_c
 
     before, z_c = err(student0)
-    recipe = write_toml(tmp_path / "d.toml", f"""
-kind = "distill"
-out_dir = "{tmp_path / 'd'}"
-[student]
-teacher = "{tmp_path / 'teacher.safetensors'}"
-layers = [0]
-cfg_scale = 1.5
-[data]
-latents = "{lat}"
-batch = 8
-voice_frames = 4
-[train]
-steps = 150
-lr = 3e-3
-warmup = 10
-ema_decay = 0.9
-log_every = 50
-ckpt_every = 1000
-progress = false
-""")
+    recipe = write_toml(tmp_path / "d.toml", DISTILL_RECIPE.format(
+        out=tmp_path / "d", teacher=tmp_path / "teacher.safetensors", layer=0, lat=lat,
+        batch=8, steps=150))
     run_recipe(recipe, kind="distill")
     after, _ = err(load_model(tmp_path / "d" / "model.safetensors"))
     assert after < 0.2 * before, (before, after)
@@ -260,22 +253,12 @@ def test_lm_recipe_under_torchrun_two_cpu_processes(tmp_path):
     """`calm-fast train lm` as 2 gloo ranks (each draws its own batch of 4; a dropped voice
     leaves parameters without gradient, which DDP must accept); rank 0 alone logs, writes
     the checkpoint and the export."""
-    import os
-    import socket
-    import subprocess
-    import sys
+    from train_toy import torchrun
 
     lat = synthetic_cache(tmp_path / "lat")
     recipe = write_toml(tmp_path / "lm.toml",
                         LM_RECIPE.format(out=tmp_path / "lm", lat=lat, steps=3, ckpt=3))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                          "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                          "-m", "calm_fast.cli", "train", "lm", recipe],
-                         capture_output=True, text=True, env=env, timeout=300)
+    res = torchrun(["-m", "calm_fast.cli", "train", "lm", recipe])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     model = load_model(tmp_path / "lm" / "model.safetensors", expect="calm")
     rows = [json.loads(x) for x in (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()]

@@ -1,7 +1,5 @@
 """Trainer: schedule, EMA, checkpoints, exact resume after a real kill, torchrun DDP."""
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -114,15 +112,7 @@ def test_torchrun_two_cpu_processes_match_single_process(tmp_path):
     single = tmp_path / "single"
     train_toy.run(str(single), 6, dropout=False)
     ddp = tmp_path / "ddp"
-    # loopback only, on a port that is free right now (a fixed port can still be held)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                          "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                          str(HERE / "train_toy.py"), str(ddp), "6", "--no-dropout"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    res = train_toy.torchrun([str(HERE / "train_toy.py"), str(ddp), "6", "--no-dropout"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert (ddp / "rank1.done").read_text() == "2"
     a, b = weights(single / "last.safetensors"), weights(ddp / "last.safetensors")

@@ -5,11 +5,26 @@
 import argparse
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import torch
 import torch.nn as nn
 
 from calm_fast.train import Trainer, TrainConfig, shutdown_distributed
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 300):
+    """Run ``python -m torch.distributed.run`` on loopback with ``nproc`` gloo CPU ranks of
+    one thread each, on a port that is free right now (a fixed port can still be held)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                           *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def make_model():

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..export import export_model, load_model
+from ..export import load_model
 from ..model import CALM
 from ..objectives import latent_distillation_loss
-from ..train import TrainConfig, Trainer, shutdown_distributed
+from ..train import TrainConfig
+from .common import batch_generator, train_and_export
 from .config import RecipeError, build
 from .lm import LMData, LMObjective, Utterances, frame_mask, prefix_batch
 
@@ -106,21 +107,14 @@ def run(recipe: dict) -> Path:
     full = LMObjective(p_text=0.0, p_voice=0.0)
 
     def batch_fn(step, micro, rank, world):
-        g = torch.Generator().manual_seed(((train_cfg.seed * 1_000_003 + step) * 64 + micro)
-                                          * 64 + rank)
-        return utts.batch(data.batch, tokenizer, full, g)
+        return utts.batch(data.batch, tokenizer, full,
+                          batch_generator(train_cfg.seed, step, micro, rank))
 
     def loss_fn(m, batch):
         z_cond, z_null = teacher_targets(teacher, batch)
         return m(batch, z_cond, z_null, spec.cfg_scale)
 
-    trainer = Trainer(module, loss_fn, batch_fn, train_cfg)
-    trainer.run()
-    path = Path(recipe["out_dir"]) / "model.safetensors"
-    if trainer.rank == 0:
-        export_model(path, (trainer.ema or module).calm,
-                     extra={"recipe": "distill", "teacher": spec.teacher,
-                            "layers": list(spec.layers), "cfg_scale": spec.cfg_scale,
-                            "step": trainer.step})
-    shutdown_distributed()
-    return path
+    return train_and_export(module, loss_fn, batch_fn, train_cfg,
+                            Path(recipe["out_dir"]) / "model.safetensors", lambda m: m.calm,
+                            {"recipe": "distill", "teacher": spec.teacher,
+                             "layers": list(spec.layers), "cfg_scale": spec.cfg_scale})

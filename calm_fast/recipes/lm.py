@@ -26,9 +26,9 @@ from .. import objectives as obj
 from ..conditioning import ByteTokenizer, SentencePieceTokenizer
 from ..config import CALMConfig, preset
 from ..data.latents import LatentCache
-from ..export import export_model
 from ..model import CALM
-from ..train import TrainConfig, Trainer, shutdown_distributed
+from ..train import TrainConfig
+from .common import batch_generator, train_and_export
 from .config import RecipeError, build
 
 
@@ -205,19 +205,13 @@ def run(recipe: dict) -> Path:
     module = LMTraining(calm, objective)
 
     def batch_fn(step, micro, rank, world):
-        g = torch.Generator().manual_seed(((train_cfg.seed * 1_000_003 + step) * 64 + micro)
-                                          * 64 + rank)
+        g = batch_generator(train_cfg.seed, step, micro, rank)
         return {**utts.batch(data.batch, tokenizer, objective, g), "step": step}
 
-    trainer = Trainer(module, lambda m, b: m(b), batch_fn, train_cfg,
-                      sample_fn=_sampler(utts, data, tokenizer), find_unused=True)
-    trainer.run()
-    path = Path(recipe["out_dir"]) / "model.safetensors"
-    if trainer.rank == 0:
-        export_model(path, (trainer.ema or module).calm,
-                     extra={"recipe": "lm", "step": trainer.step})
-    shutdown_distributed()
-    return path
+    return train_and_export(module, lambda m, b: m(b), batch_fn, train_cfg,
+                            Path(recipe["out_dir"]) / "model.safetensors", lambda m: m.calm,
+                            {"recipe": "lm"}, sample_fn=_sampler(utts, data, tokenizer),
+                            find_unused=True)
 
 
 def _sampler(utts: Utterances, data: LMData, tokenizer):

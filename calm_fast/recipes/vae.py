@@ -21,11 +21,11 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from ..audio import load_audio, write_audio
-from ..export import export_model
-from ..train import TrainConfig, Trainer, shutdown_distributed
+from ..train import TrainConfig
 from ..vae import VAE, VAEConfig, vae_preset
 from ..vae_losses import (MultiScaleSTFTDiscriminator, VAELossConfig, feature_matching_loss,
                           hinge_d_loss, hinge_g_loss, reconstruction_loss)
+from .common import batch_generator, train_and_export
 from .config import RecipeError, build
 
 
@@ -112,9 +112,7 @@ def run(recipe: dict) -> Path:
     module = VAETraining(VAE(cfg), loss_cfg)
 
     def batch_fn(step, micro, rank, world):
-        g = torch.Generator().manual_seed(((train_cfg.seed * 1_000_003 + step) * 64 + micro)
-                                          * 64 + rank)
-        return clips.crops(data.batch, length, g)
+        return clips.crops(data.batch, length, batch_generator(train_cfg.seed, step, micro, rank))
 
     probe = clips.clips[0][:min(len(clips.clips[0]), 4 * cfg.sample_rate)][None, None]
 
@@ -123,11 +121,6 @@ def run(recipe: dict) -> Path:
             wav = model.vae.decode(model.vae.encode(model.vae.pad(probe)))[0, :, :probe.shape[-1]]
         write_audio(out / "samples" / f"recon_{step:07d}.flac", wav, cfg.sample_rate)
 
-    trainer = Trainer(module, lambda m, b: m(b), batch_fn, train_cfg, sample_fn=sample_fn)
-    trainer.run()
-    path = Path(recipe["out_dir"]) / "vae.safetensors"
-    if trainer.rank == 0:
-        export_model(path, (trainer.ema or module).vae,
-                     extra={"recipe": "vae", "step": trainer.step})
-    shutdown_distributed()
-    return path
+    return train_and_export(module, lambda m, b: m(b), batch_fn, train_cfg,
+                            Path(recipe["out_dir"]) / "vae.safetensors", lambda m: m.vae,
+                            {"recipe": "vae"}, sample_fn=sample_fn)
