@@ -20,6 +20,7 @@ package would. ``generate_audio_batch`` gives request i the seed ``seed + i`` in
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -27,15 +28,20 @@ import torch
 from .compat.mimi import load_pocket_mimi
 from .compat.pocket_tts import load_pocket_flow_lm
 from .engine import Engine
+from .errors import CacheFullError
 from .generate import Request
 from .sampling import gaussian_noise
 
 
 @dataclass
 class VoiceState:
-    """A voice prompt: the prefix rows [bos_before_voice, voice latents @ W^T] [P, d]."""
+    """A voice prompt: the prefix rows [bos_before_voice, voice latents @ W^T] [P, d], and,
+    like the package's state (which holds the prompt's KV cache), those rows prefilled once
+    in the engine's cache (``shared``), forked by every request that uses the voice; the
+    template is dropped when the state is garbage-collected."""
 
     rows: torch.Tensor
+    shared: object = None
 
 
 class AcceleratedTTS:
@@ -82,7 +88,16 @@ class AcceleratedTTS:
         wav = end_on_pause(wav, self.sample_rate)
         lat = self.vae.encode(self.vae.pad(wav[None].float()))[0]
         self._burn_draw()  # the package samples once after prompting the voice
-        return VoiceState(self.lm.prefix(voice=lat).detach())
+        return self._voice(self.lm.prefix(voice=lat).detach())
+
+    def _voice(self, rows: torch.Tensor) -> VoiceState:
+        state = VoiceState(rows)
+        try:
+            state.shared = self.engine.share(rows)
+        except CacheFullError:  # no room to keep it: requests prefill the rows themselves
+            return state
+        weakref.finalize(state, self.engine.unshare, state.shared)
+        return state
 
     def _chunks(self, text: str, max_tokens: int, frames_after_eos):
         """(token ids, frames_after_eos) per sentence chunk, by the package's own rules."""
@@ -133,7 +148,7 @@ class AcceleratedTTS:
             gen.set_state(torch.get_rng_state())
             self._burn_draw(gen)  # the package samples once after prompting the text
             req = self._request(model_state, ids, fae, gen)
-            rid = self.engine.submit(req)
+            rid = self.engine.submit(req, shared=model_state.shared)
             made, stopped = 0, False
             try:
                 for ev in self.engine.run():
@@ -179,7 +194,7 @@ class AcceleratedTTS:
                     raise ValueError(f"text {i} splits into {len(chunks)} chunks; batch calls "
                                      f"take texts of at most {max_tokens} tokens")
                 if id(st) not in shared:
-                    shared[id(st)] = self.engine.share(st.rows)
+                    shared[id(st)] = st.shared or self.engine.share(st.rows)
                 gen = torch.Generator().manual_seed(seed + i)
                 self._burn_draw(gen)
                 ids[self.engine.submit(self._request(st, *chunks[0], gen),
@@ -189,8 +204,10 @@ class AcceleratedTTS:
                 if ev.audio is not None and ev.request in ids:
                     out[ids[ev.request]].append(ev.audio[0])
         finally:
+            owned = {id(st.shared) for st in states}
             for s in shared.values():
-                self.engine.unshare(s)
+                if id(s) not in owned:
+                    self.engine.unshare(s)
         return [self._fade(torch.cat(c)) if c else torch.zeros(0) for c in out]
 
 

@@ -67,6 +67,14 @@ def test_stream_chunks_and_batch_call(fast, voice):
     again = fast.generate_audio_batch(state, TEXTS[1:], seed=8)
     torch.testing.assert_close(batch[1], again[0], rtol=1e-4, atol=1e-5)
     assert fast.engine.running == 0 and fast.engine.queue_depth == 0
+    # the voice state keeps its prefilled rows in the engine (as the package's state keeps
+    # its KV cache) until it is dropped
+    import gc
+
+    free = fast.engine.cache.manager.num_free_blocks
+    del state
+    gc.collect()
+    assert fast.engine.cache.manager.num_free_blocks > free
 
 
 def test_errors(fast, peer):
