@@ -27,7 +27,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="dataset dir with manifest.jsonl")
     p.add_argument("--vae", required=True)
-    p.add_argument("--lm", action="append", default=[], help="an LM export (repeatable)")
+    p.add_argument("--lm", action="append", default=[],
+                   help="an LM export, optionally @CFG_SCALE (repeatable): "
+                        "runs/lm/model.safetensors@1.5")
     p.add_argument("--split", default="test")
     p.add_argument("--n", type=int, default=24)
     p.add_argument("--cfg-scale", type=float, default=1.0)
@@ -59,11 +61,13 @@ def main(argv=None):
                                    for w in audio["dataset"]]
     voices = [load_audio(root / rng.choice(train[r["speaker_id"]])["path"], sr) for r in pool]
     timing = {}
-    for path in a.lm:
+    for spec in a.lm:
+        path, _, cfg = spec.partition("@")
+        cfg = float(cfg) if cfg else a.cfg_scale
         tts = TTS(load_model(path, expect="calm"), vae)
-        name = f"tts {Path(path).parent.name}"
+        name = f"tts {Path(path).parent.name} cfg {cfg:g}"
         t0 = time.perf_counter()
-        audio[name] = [tts.synthesize([r["text"]], voice=v, seed=i, cfg_scale=a.cfg_scale,
+        audio[name] = [tts.synthesize([r["text"]], voice=v, seed=i, cfg_scale=cfg,
                                       temperature=a.temperature, max_seconds=15)[0][None]
                        for i, (r, v) in enumerate(zip(pool, voices))]
         secs = sum(x.shape[-1] for x in audio[name]) / sr
