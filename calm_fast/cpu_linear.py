@@ -29,6 +29,11 @@ from __future__ import annotations
 
 import torch
 
+try:  # the C++ decode gemv (csrc/gemv_cpu.cpp); without the extension, the bmm paths
+    from ._C import gemv as _gemv
+except ImportError:
+    _gemv = None
+
 
 class SplitLinear:
     """y = x @ W (+ b) for W given as an fp32 [in, out] tensor (the packed layout)."""
@@ -56,6 +61,12 @@ class SplitLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         B, K, N = x.shape[0], self.in_features, self.out_features
+        if _gemv is not None and B <= 4 and x.dtype == torch.float32 and not x.requires_grad:
+            y = torch.empty(B, N)
+            _gemv(x.contiguous().numpy(), self.w.numpy(),
+                  None if self.b is None else self.b.numpy(), y.numpy(),
+                  torch.get_num_threads())
+            return y
         if self.kparts > 1 and B <= self.ROW_BLOCK_MAX_ROWS:
             xs = x.reshape(B, self.kparts, K // self.kparts).transpose(0, 1)
             y = torch.bmm(xs, self.rows).sum(0)

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "gemv_cpu.h"
 #include "kv_manager.h"
 #include "paged_attention_cpu.h"
 
@@ -138,6 +139,27 @@ void paged_attention(py::array q, py::array k, py::array v, py::array indptr, py
                              static_cast<float>(scale), op);
 }
 
+void gemv(py::array x, py::array w, py::object bias, py::array y, int threads) {
+  const float* xp = checked<float>(x, "x", 2, false);
+  const float* wp = checked<float>(w, "w", 2, false);
+  float* yp = checked<float>(y, "y", 2, true);
+  const int64_t B = x.shape(0), K = x.shape(1), N = w.shape(1);
+  if (B < 1 || B > 4) throw std::invalid_argument("gemv takes 1 to 4 rows");
+  if (w.shape(0) != K || y.shape(0) != B || y.shape(1) != N) {
+    throw std::invalid_argument("gemv shapes: x " + shape_str(x) + ", w " + shape_str(w) +
+                                ", y " + shape_str(y));
+  }
+  const float* bp = nullptr;
+  py::array b_arr;
+  if (!bias.is_none()) {
+    b_arr = bias.cast<py::array>();
+    bp = checked<float>(b_arr, "bias", 1, false);
+    if (b_arr.shape(0) != N) throw std::invalid_argument("bias must have N entries");
+  }
+  py::gil_scoped_release nogil;
+  calm_fast::gemv_rows_f32(xp, wp, bp, yp, B, K, N, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -157,6 +179,10 @@ PYBIND11_MODULE(_C, m) {
       PyErr_SetString(unknown_stream.ptr(), e.what());
     }
   });
+
+  m.def("gemv", &gemv, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"),
+        py::arg("threads") = 0,
+        "y = x w (+ bias) for 1-4 fp32 rows, w row-major [K, N] (decode-size linears)");
 
 #ifdef CALM_FAST_OPENMP
   m.attr("has_openmp") = true;

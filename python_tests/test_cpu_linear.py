@@ -7,9 +7,19 @@ from calm_fast.cpu_linear import SplitLinear, linear
 from calm_fast.kernels.fused_head import head_cpu, head_ref, pack_head
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8])
-@pytest.mark.parametrize("k,n,parts", [(16, 64, 2), (16, 96, 4), (24, 40, 2), (8, 64, 1), (64, 64, 2), (128, 32, 4)])
-def test_split_linear_matches_matmul(rows, k, n, parts):
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("k,n,parts", [(16, 64, 2), (16, 96, 4), (24, 40, 2), (8, 64, 1),
+                                       (64, 64, 2), (128, 32, 4), (131, 48, 2)])
+def test_split_linear_matches_matmul(rows, k, n, parts, native, monkeypatch):
+    """Every path: the C++ gemv (1-4 rows; K not a multiple of its 4-row pass in 131), the
+    row-block and the column-block batched matmuls (native=False: no extension)."""
+    from calm_fast import cpu_linear
+
+    if native and cpu_linear._gemv is None:
+        pytest.skip("calm_fast._C not built")
+    if not native:
+        monkeypatch.setattr(cpu_linear, "_gemv", None)
     g = torch.Generator().manual_seed(rows * 100 + n)
     w, b = torch.randn(k, n, generator=g), torch.randn(n, generator=g)
     x = torch.randn(rows, k, generator=g)
