@@ -17,7 +17,7 @@ except ImportError:
     from common import timeit
 
 
-def read_bandwidth(nbytes: int = 256 << 20, device="cpu") -> float:
+def read_bandwidth(nbytes: int = 256 << 20, device="cpu", min_time: float = 1.0) -> float:
     """Bytes/second of a streaming read (a sum over a buffer far larger than the caches)."""
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
@@ -26,7 +26,7 @@ def read_bandwidth(nbytes: int = 256 << 20, device="cpu") -> float:
         x.sum()
         sync()
 
-    return nbytes / timeit(run, min_time=1.0)
+    return nbytes / timeit(run, min_time=min_time)
 
 
 def matmul_flops(n: int = 1024, dtype=torch.float32, device="cpu") -> float:
