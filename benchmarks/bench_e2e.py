@@ -135,9 +135,10 @@ def main():
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "calm_fast_e2e"))
     ap.add_argument("--no-int8", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     peer = random_tts_model(args.workdir, eos_threshold=1e9)
+    # after the build: importing pocket_tts runs torch.set_num_threads(1) (tts_model.py)
+    torch.set_num_threads(args.threads)
     sr = peer.sample_rate
     fast = calm_fast.accelerate(peer, max_streams=max(batches), cache_mb=1536)
     wav = voice_wav()
@@ -169,6 +170,7 @@ def main():
                      "ratio": thr[b] / peer_best, "target": ""})
     if not args.no_int8:
         qpeer = random_tts_model(args.workdir, eos_threshold=1e9, quantize=True)
+        torch.set_num_threads(args.threads)
         qfast = calm_fast.accelerate(peer, int8=True, max_streams=1, cache_mb=128)
         q_p = single_stream(qpeer, qpeer.get_state_for_audio_prompt(wav), args.runs, sr)[1]
         q_o = single_stream(qfast, qfast.get_state_for_audio_prompt(wav), args.runs, sr)[1]
