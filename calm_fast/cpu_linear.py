@@ -11,16 +11,18 @@ projections of the ``pocket`` backbone (302 MB of fp32 weights):
      64        90.2 ms             69.7 ms
     256       257.6 ms            245.7 ms
 
-``SplitLinear`` keeps the plain contiguous [in, out] weight and runs it as ONE batched
-matmul over ``parts`` blocks, which torch parallelises over the blocks, through one of two
-views (no copy, so no extra memory):
+``SplitLinear`` keeps the plain contiguous [in, out] weight (no packed copy) and picks:
 
-* 1-2 rows: row blocks [parts, in/parts, out] (each a contiguous slab of the weight), the
-  input cut the same way, the partial products summed. Streaming whole contiguous slabs
-  is the faster read at these sizes: all 24 `pocket` projections at batch 1 in
-  9.5-10.1 ms against 11.0-11.8 ms for column blocks (same run, 2 threads).
-* more rows: column blocks [parts, in, out/parts] (strided views, leading dimension
-  ``out``), no sum: 22-25 ms against 25-27 ms for row blocks at batch 8.
+* 1-4 rows: the C++ gemv (``calm_fast._C.gemv``, csrc/gemv_cpu.cpp): each thread streams
+  its own contiguous slab of weight rows into a private accumulator. The 24 `pocket`
+  projections at batch 1 in 10.3-11.0 ms (~29 GB/s, where a plain sum read 30 GB/s), at
+  batch 2 in 12.7 ms (same run, 2 threads).
+* without the extension, 1-2 rows: ONE batched matmul over row blocks
+  [parts, in/parts, out] (contiguous slabs, views), the partial products summed:
+  11.1-12.6 ms at batch 1 (18-21 ms at batch 2).
+* more rows: one batched matmul over column blocks [parts, in, out/parts] (strided views,
+  leading dimension ``out``), which torch parallelises over the blocks: 22-25 ms at
+  batch 8 against 25-27 ms for row blocks.
 
 Each output is the same dot product as ``x @ W`` up to fp32 rounding (the summation
 blocking differs).
