@@ -38,7 +38,6 @@ class Shared:
 
     stream: int
     rows: torch.Tensor  # [P, d] the prefix rows (requests must start with them)
-    blocks: int  # full blocks, shared by every fork
 
 
 @dataclass
@@ -77,7 +76,7 @@ class Engine:
                                  graphs=graphs, max_streams=2 * max_streams + 16)
         self.gen._setup(0, 0, 0)
         self.model, self.cache = model, self.gen.cache
-        self.max_requests, self.block_size = max_streams, block_size
+        self.block_size = block_size
         self.waiting: deque[_Pending] = deque()
         self.active: list[_Stream] = []
         self.need_of: dict[int, int] = {}  # request id -> blocks it may allocate in all
@@ -104,9 +103,9 @@ class Engine:
         if rows.dim() != 2 or rows.shape[1] != d or rows.shape[0] == 0:
             raise ValueError(f"a shared prefix must be [P >= 1, {d}], got {tuple(rows.shape)}")
         need = -(-rows.shape[0] // self.block_size)
-        if need > self.cache.manager.num_free_blocks - self.reserved - 1:
+        if need > self._free() - self.reserved:
             raise CacheFullError(f"a shared prefix of {rows.shape[0]} rows needs {need} blocks;"
-                                 f" {self.cache.manager.num_free_blocks - self.reserved - 1} "
+                                 f" {self._free() - self.reserved} "
                                  "are not promised to admitted requests")
         from . import fast_backbone as fb
 
@@ -114,7 +113,7 @@ class Engine:
         fb.prefill(self.gen.backbone, self.cache, sid,
                    rows.detach().to(self.gen.device, self.gen.dtype))
         self._templates += need
-        return Shared(sid, rows.detach().clone(), rows.shape[0] // self.block_size)
+        return Shared(sid, rows.detach().clone())
 
     def unshare(self, s: Shared) -> None:
         """Drop a template: requests already forked from it keep their blocks."""
@@ -176,8 +175,12 @@ class Engine:
     def running(self) -> int:
         return len(self.active)
 
+    def _free(self) -> int:
+        """Free cache blocks, less the one kept for FrameStep's scratch row."""
+        return self.cache.manager.num_free_blocks - 1
+
     def _admit(self) -> None:
-        free = self.cache.manager.num_free_blocks - 1  # the scratch row keeps one
+        free = self._free()
         while self.waiting and self.free_rings:
             p = self.waiting[0]
             null_t = None
@@ -185,7 +188,7 @@ class Engine:
                 if self._null is None and free - self.reserved < 1 + p.need:
                     return
                 null_t = self._null_template()
-                free = self.cache.manager.num_free_blocks - 1
+                free = self._free()
             if p.need > free - self.reserved:
                 return  # FIFO: later requests wait behind the first that does not fit
             self.waiting.popleft()
@@ -204,7 +207,7 @@ class Engine:
             self.active.append(s)
             if self.decoder is not None:
                 self.decoder.open(ring)
-            free = self.cache.manager.num_free_blocks - 1
+            free = self._free()
 
     def _forget(self, s: _Stream) -> None:
         """Return a request's ring slot and what it still had reserved (its cache streams
@@ -258,7 +261,7 @@ class Engine:
                     p = self.waiting[0]
                     raise CacheFullError(
                         f"request {p.rid} needs {p.need} blocks; only "
-                        f"{self.cache.manager.num_free_blocks - 1} are free with nothing "
+                        f"{self._free()} are free with nothing "
                         "running (shared prefixes hold the rest: unshare some)")
             yield from self.step()
 
