@@ -187,6 +187,7 @@ class AcceleratedTTS:
             raise ValueError(f"{len(texts)} texts for {len(states)} voice states")
         shared = {}
         ids = {}
+        done = False
         try:
             for i, (st, text) in enumerate(zip(states, texts)):
                 chunks = self._chunks(text, max_tokens, frames_after_eos)
@@ -203,7 +204,11 @@ class AcceleratedTTS:
             for ev in self.engine.run():
                 if ev.audio is not None and ev.request in ids:
                     out[ids[ev.request]].append(ev.audio[0])
+            done = True
         finally:
+            if not done:  # a bad text (or an interrupt) must not leave requests queued
+                for rid in ids:
+                    self.engine.cancel(rid)
             owned = {id(st.shared) for st in states}
             for s in shared.values():
                 if id(s) not in owned:

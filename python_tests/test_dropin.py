@@ -67,6 +67,9 @@ def test_stream_chunks_and_batch_call(fast, voice):
     again = fast.generate_audio_batch(state, TEXTS[1:], seed=8)
     torch.testing.assert_close(batch[1], again[0], rtol=1e-4, atol=1e-5)
     assert fast.engine.running == 0 and fast.engine.queue_depth == 0
+    with pytest.raises(ValueError, match="chunks"):  # the second text is too long: nothing
+        fast.generate_audio_batch(state, [TEXTS[0], " ".join([TEXTS[1]] * 9)])  # stays queued
+    assert fast.engine.running == 0 and fast.engine.queue_depth == 0
     # the voice state keeps its prefilled rows in the engine (as the package's state keeps
     # its KV cache) until it is dropped
     import gc
