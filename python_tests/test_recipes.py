@@ -236,6 +236,8 @@ def test_recipe_errors(tmp_path, capsys):
         run_recipe(write_toml(tmp_path / "g.toml", ok), sets=["model.latent_dim=32"])
     with pytest.raises(RecipeError, match="d_model"):  # nested override, checked by the config
         run_recipe(write_toml(tmp_path / "h.toml", ok), sets=["model.backbone.d_model=66"])
+    with pytest.raises(RecipeError, match=r"an lm recipe takes .*; got \[student\]"):
+        run_recipe(write_toml(tmp_path / "i.toml", ok), sets=['student.teacher="x"'])
     with pytest.raises(RecipeError, match="student.layers"):
         teacher = CALM(preset("tiny"))
         make_student(teacher, [5])

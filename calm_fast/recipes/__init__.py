@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import tomllib
 
-from .config import RecipeError, load_recipe
+from .config import RecipeError, check_sections, load_recipe
 
 
 def apply_overrides(recipe: dict, sets: list[str]) -> dict:
@@ -35,6 +35,7 @@ def run_recipe(path, kind: str | None = None, sets: list[str] = ()):
     recipe = apply_overrides(load_recipe(path), list(sets))
     if kind is not None and recipe["kind"] != kind:
         raise RecipeError(f"{path} is a {recipe['kind']!r} recipe, not {kind!r}")
+    check_sections(recipe)
     if recipe["kind"] == "vae":
         from .vae import run
     elif recipe["kind"] == "lm":

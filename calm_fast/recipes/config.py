@@ -23,6 +23,10 @@ from ..errors import CalmFastError
 
 KINDS = ("vae", "lm", "distill")
 SECTIONS = ("data", "model", "objective", "loss", "train", "student")
+# the sections each kind reads (a table for another kind is a mistake, never ignored)
+KIND_SECTIONS = {"vae": ("data", "model", "loss", "train"),
+                 "lm": ("data", "model", "objective", "train"),
+                 "distill": ("student", "data", "train")}
 
 
 class RecipeError(CalmFastError, ValueError):
@@ -50,6 +54,24 @@ def load_recipe(path) -> dict:
         if not isinstance(raw.setdefault(s, {}), dict):
             raise RecipeError(f"{path}: [{s}] must be a table")
     return raw
+
+
+def check_sections(recipe: dict) -> None:
+    """Refuse a non-empty table that the recipe's kind does not read."""
+    kind, allowed = recipe["kind"], KIND_SECTIONS[recipe["kind"]]
+    extra = [s for s in SECTIONS if recipe.get(s) and s not in allowed]
+    if extra:
+        note = " (the model is the teacher's)" if kind == "distill" else ""
+        raise RecipeError(f"a{'n' if kind == 'lm' else ''} {kind} recipe takes "
+                          f"{', '.join(f'[{s}]' for s in allowed)}{note}; got "
+                          f"{', '.join(f'[{s}]' for s in extra)}")
+
+
+def build_preset(cls, table: dict, where: str, presets):
+    """``cls`` from the preset named by the table's ``preset`` key (default "tiny"),
+    overridden by the table's other keys."""
+    table = dict(table)
+    return build(cls, table, where, base=presets(table.pop("preset", "tiny")))
 
 
 def _hints(cls) -> dict:

@@ -95,9 +95,6 @@ def run(recipe: dict) -> Path:
     spec = build(StudentSpec, recipe["student"], "student")
     data = build(LMData, recipe["data"], "data")
     train_cfg = build(TrainConfig, recipe["train"], "train", out_dir=recipe["out_dir"])
-    if recipe["loss"] or recipe["model"] or recipe["objective"]:
-        raise RecipeError("a distill recipe takes [student], [data] and [train] (the model "
-                          "is the teacher's)")
     teacher = load_model(spec.teacher, expect="calm").requires_grad_(False)
     utts = Utterances(data, teacher.cfg.latent_dim)
     tokenizer = teacher.conditioner.tokenizer if hasattr(teacher, "conditioner") else None

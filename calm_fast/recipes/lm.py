@@ -29,7 +29,7 @@ from ..data.latents import LatentCache
 from ..model import CALM
 from ..train import TrainConfig
 from .common import batch_generator, train_and_export
-from .config import RecipeError, build
+from .config import RecipeError, build, build_preset
 
 
 @dataclass(frozen=True)
@@ -179,18 +179,11 @@ class LMTraining(nn.Module):
         return loss, {"head": head.detach(), "eos": eos.detach()}
 
 
-def model_config(table: dict) -> CALMConfig:
-    table = dict(table)
-    return build(CALMConfig, table, "model", base=preset(table.pop("preset", "tiny")))
-
-
 def run(recipe: dict) -> Path:
     data = build(LMData, recipe["data"], "data")
-    cfg = model_config(recipe["model"])
+    cfg = build_preset(CALMConfig, recipe["model"], "model", preset)
     objective = build(LMObjective, recipe["objective"], "objective")
     train_cfg = build(TrainConfig, recipe["train"], "train", out_dir=recipe["out_dir"])
-    if recipe["loss"] or recipe["student"]:
-        raise RecipeError("an lm recipe takes [data], [model], [objective] and [train]")
     utts = Utterances(data, cfg.latent_dim)
     if data.voice_frames and not cfg.voice:
         raise RecipeError(f"data.voice_frames > 0 but model {cfg.name!r} has no voice input")

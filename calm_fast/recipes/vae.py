@@ -26,7 +26,7 @@ from ..vae import VAE, VAEConfig, vae_preset
 from ..vae_losses import (MultiScaleSTFTDiscriminator, VAELossConfig, feature_matching_loss,
                           hinge_d_loss, hinge_g_loss, reconstruction_loss)
 from .common import batch_generator, train_and_export
-from .config import RecipeError, build
+from .config import RecipeError, build, build_preset
 
 
 @dataclass(frozen=True)
@@ -97,12 +97,9 @@ class VAETraining(nn.Module):
 
 def run(recipe: dict) -> Path:
     data = build(VAEData, recipe["data"], "data")
-    model_tab = dict(recipe["model"])
-    cfg = build(VAEConfig, model_tab, "model", base=vae_preset(model_tab.pop("preset", "tiny")))
+    cfg = build_preset(VAEConfig, recipe["model"], "model", vae_preset)
     loss_cfg = build(VAELossConfig, recipe["loss"], "loss")
     train_cfg = build(TrainConfig, recipe["train"], "train", out_dir=recipe["out_dir"])
-    if recipe["objective"] or recipe["student"]:
-        raise RecipeError("a vae recipe takes [data], [model], [loss] and [train]")
     clips = Clips(data.manifest, data.splits, cfg.sample_rate, data.max_files)
     length = round(data.segment_seconds * cfg.sample_rate)
     if length < cfg.frame_size:
