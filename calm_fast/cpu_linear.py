@@ -37,6 +37,14 @@ except ImportError:
     _gemv = None
 
 
+def _blocks(size: int, want: int) -> int:
+    """At most ``want`` equal blocks of ``size``, each of at least 32: uneven or tiny blocks
+    give fewer."""
+    while want > 1 and (size % want or size // want < 32):
+        want -= 1
+    return want
+
+
 class SplitLinear:
     """y = x @ W (+ b) for W given as an fp32 [in, out] tensor (the packed layout)."""
 
@@ -48,12 +56,7 @@ class SplitLinear:
             raise ValueError(f"SplitLinear needs a float [in, out] weight, got {tuple(w_t.shape)}")
         K, N = w_t.shape
         want = parts or max(1, torch.get_num_threads())
-        parts = want
-        while parts > 1 and (N % parts or N // parts < 32):
-            parts -= 1  # uneven or tiny column blocks: fewer parts
-        kparts = want
-        while kparts > 1 and (K % kparts or K // kparts < 32):
-            kparts -= 1
+        parts, kparts = _blocks(N, want), _blocks(K, want)
         self.parts, self.kparts, self.in_features, self.out_features = parts, kparts, K, N
         self.w = w_t.detach().contiguous()
         n = N // parts
