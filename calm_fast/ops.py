@@ -63,6 +63,35 @@ def paged_decode_attention(q, k_cache, v_cache, indptr, indices, last_page_len,
     return out
 
 
+# -- the whole backbone decode step, fp32 CPU, 1-4 rows ---------------------------------------
+NATIVE_STEP_MAX_ROWS = 4
+
+
+def native_decode_step_ok(x: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether ``native_decode_step`` applies: the extension is built, the reference is not
+    forced, and x / the cache are fp32 CPU tensors with 1-4 rows and no autograd."""
+    return (_C is not None and hasattr(_C, "decode_step") and not force_reference()
+            and x.device.type == "cpu" and x.dtype == torch.float32
+            and k_cache.dtype == torch.float32 and 1 <= x.shape[0] <= NATIVE_STEP_MAX_ROWS
+            and not x.requires_grad)
+
+
+def native_decode_step(layers, heads, kv_heads, eps, x, cos, sin, k_cache, v_cache, slots,
+                       table) -> torch.Tensor:
+    """Every layer of one backbone decode step in one C++ call (csrc/decode_step_cpu.cpp):
+    ``layers`` as numpy tuples (fast_backbone.native_layers), x [B, d] (copied, then
+    updated), cos/sin [B, Dh/2], the full [layers, blocks, ...] K/V pools, int64 ``slots``
+    [B] and ``table`` = cache.page_table(...). Returns the new x."""
+    out = x.detach().contiguous().clone()
+    indptr, indices, last, start = table
+    _C.decode_step(layers, heads, kv_heads, eps, out.numpy(), cos.contiguous().numpy(),
+                   sin.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
+                   slots.to(torch.int64).contiguous().numpy(), indptr.numpy(),
+                   indices.numpy(), last.numpy(), None if start is None else start.numpy(),
+                   torch.get_num_threads())
+    return out
+
+
 # -- short-context ring step attention ---------------------------------------------------------
 def ring_attention(q, k, v, ring_k, ring_v, slots, pos, max_period=10_000.0):
     """RoPE + ring write + attention of one short-context step (kernels/short_context_step)."""

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "decode_step_cpu.h"
 #include "gemv_cpu.h"
 #include "kv_manager.h"
 #include "paged_attention_cpu.h"
@@ -79,6 +80,31 @@ py::int_ page_table(const KVManager& m, py::array streams, py::array indptr, py:
   return py::int_(m.page_table(ids, n, ip, ix, indices.shape(0), lp, st));
 }
 
+// A bad page index would be an out-of-bounds read in the kernels: the whole table is checked.
+void validate_table(const int32_t* ip, const int32_t* ix, int64_t n_indices, const int32_t* lp,
+                    const int32_t* st, int64_t B, int64_t BS, int64_t NB) {
+  if (ip[0] != 0) throw std::invalid_argument("indptr[0] must be 0");
+  for (int64_t b = 0; b < B; ++b) {
+    if (ip[b + 1] < ip[b] || ip[b + 1] > n_indices) {
+      throw std::invalid_argument("indptr is not a non-decreasing offset array into indices");
+    }
+    const bool any = ip[b + 1] > ip[b];
+    const int32_t first = (st != nullptr && any) ? st[b] : 0;
+    if (any && (lp[b] < 1 || lp[b] > BS || first < 0 || first >= BS ||
+                (ip[b + 1] - ip[b] == 1 && first > lp[b]))) {
+      throw std::invalid_argument("stream " + std::to_string(b) +
+                                  ": last_page_len/start out of range for block_size " +
+                                  std::to_string(BS));
+    }
+    for (int32_t p = ip[b]; p < ip[b + 1]; ++p) {
+      if (ix[p] < 0 || ix[p] >= NB) {
+        throw std::invalid_argument("page index " + std::to_string(ix[p]) +
+                                    " out of range [0, " + std::to_string(NB) + ")");
+      }
+    }
+  }
+}
+
 void paged_attention(py::array q, py::array k, py::array v, py::array indptr, py::array indices,
                      py::array last_page_len, py::object start, py::array out, double scale) {
   const float* qp = checked<float>(q, "q", 3, false);
@@ -113,27 +139,7 @@ void paged_attention(py::array q, py::array k, py::array v, py::array indptr, py
     st = checked<int32_t>(start_arr, "start", 1, false);
     if (start_arr.shape(0) < B) throw std::invalid_argument("start covers fewer than batch");
   }
-  // Validate the table fully: a bad index here would be an out-of-bounds read.
-  if (ip[0] != 0) throw std::invalid_argument("indptr[0] must be 0");
-  for (int64_t b = 0; b < B; ++b) {
-    if (ip[b + 1] < ip[b] || ip[b + 1] > indices.shape(0)) {
-      throw std::invalid_argument("indptr is not a non-decreasing offset array into indices");
-    }
-    const bool any = ip[b + 1] > ip[b];
-    const int32_t first = (st != nullptr && any) ? st[b] : 0;
-    if (any && (lp[b] < 1 || lp[b] > BS || first < 0 || first >= BS ||
-                (ip[b + 1] - ip[b] == 1 && first > lp[b]))) {
-      throw std::invalid_argument("stream " + std::to_string(b) +
-                                  ": last_page_len/start out of range for block_size " +
-                                  std::to_string(BS));
-    }
-    for (int32_t p = ip[b]; p < ip[b + 1]; ++p) {
-      if (ix[p] < 0 || ix[p] >= NB) {
-        throw std::invalid_argument("page index " + std::to_string(ix[p]) +
-                                    " out of range [0, " + std::to_string(NB) + ")");
-      }
-    }
-  }
+  validate_table(ip, ix, indices.shape(0), lp, st, B, BS, NB);
   py::gil_scoped_release nogil;
   paged_decode_attention_cpu(qp, kp, vp, ip, ix, lp, st, B, H, HKV, D, BS,
                              static_cast<float>(scale), op);
@@ -160,6 +166,94 @@ void gemv(py::array x, py::array w, py::object bias, py::array y, int threads) {
   calm_fast::gemv_rows_f32(xp, wp, bp, yp, B, K, N, threads);
 }
 
+// layers: one tuple per layer (ln1_w, ln1_b, w_qkv, w_o, ln2_w, ln2_b, w1, w2, ls1, ls2),
+// projections [in, out], layer scales or None. Every shape is checked here, once per call.
+void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, py::array x,
+                 py::array cos, py::array sin, py::array k_cache, py::array v_cache,
+                 py::array slots, py::array indptr, py::array indices, py::array last_page_len,
+                 py::object start, int threads) {
+  float* xp = checked<float>(x, "x", 2, true);
+  const int64_t B = x.shape(0), d = x.shape(1);
+  if (B < 1 || B > 4) throw std::invalid_argument("decode_step takes 1 to 4 rows");
+  float* kp = checked<float>(k_cache, "k_cache", 5, true);
+  float* vp = checked<float>(v_cache, "v_cache", 5, true);
+  if (shape_str(k_cache) != shape_str(v_cache)) {
+    throw std::invalid_argument("k_cache " + shape_str(k_cache) + " and v_cache " +
+                                shape_str(v_cache) + " differ");
+  }
+  const int64_t NL = k_cache.shape(0), NB = k_cache.shape(1), BS = k_cache.shape(2);
+  const int64_t D = k_cache.shape(4);
+  if (kv_heads < 1 || heads % kv_heads != 0 || k_cache.shape(3) != kv_heads || D % 2) {
+    throw std::invalid_argument("k_cache " + shape_str(k_cache) + " does not fit " +
+                                std::to_string(heads) + " heads / " + std::to_string(kv_heads) +
+                                " kv heads of even width");
+  }
+  if (static_cast<int64_t>(py::len(layers)) != NL) {
+    throw std::invalid_argument(std::to_string(py::len(layers)) + " layers for a cache of " +
+                                std::to_string(NL));
+  }
+  const float* cp = checked<float>(cos, "cos", 2, false);
+  const float* sp = checked<float>(sin, "sin", 2, false);
+  if (cos.shape(0) != B || cos.shape(1) != D / 2 || shape_str(cos) != shape_str(sin)) {
+    throw std::invalid_argument("cos/sin must be (" + std::to_string(B) + ", " +
+                                std::to_string(D / 2) + "), got " + shape_str(cos));
+  }
+  const int64_t* sl = checked<int64_t>(slots, "slots", 1, false);
+  if (slots.shape(0) != B) throw std::invalid_argument("one slot per row is needed");
+  for (int64_t b = 0; b < B; ++b) {
+    if (sl[b] < 0 || sl[b] >= NB * BS) throw std::invalid_argument("slot out of range");
+  }
+  const int32_t* ip = checked<int32_t>(indptr, "indptr", 1, false);
+  const int32_t* ix = checked<int32_t>(indices, "indices", 1, false);
+  const int32_t* lp = checked<int32_t>(last_page_len, "last_page_len", 1, false);
+  if (indptr.shape(0) < B + 1 || last_page_len.shape(0) < B) {
+    throw std::invalid_argument("page table covers fewer streams than the batch");
+  }
+  const int32_t* st = nullptr;
+  py::array start_arr;
+  if (!start.is_none()) {
+    start_arr = start.cast<py::array>();
+    st = checked<int32_t>(start_arr, "start", 1, false);
+    if (start_arr.shape(0) < B) throw std::invalid_argument("start covers fewer than batch");
+  }
+  validate_table(ip, ix, indices.shape(0), lp, st, B, BS, NB);
+
+  const int64_t attn = heads * D, nqkv = (heads + 2 * kv_heads) * D;
+  std::vector<py::array> keep;  // the arrays stay referenced until the call returns
+  std::vector<DecodeLayerWeights> ws;
+  int64_t ff = -1;
+  auto get = [&](py::handle t, size_t i, const char* name, int64_t r, int64_t c) -> const float* {
+    py::object o = t.cast<py::tuple>()[i];
+    if (o.is_none()) {
+      if (std::string(name).rfind("ls", 0) == 0) return nullptr;  // no layer scale
+      throw std::invalid_argument(std::string(name) + " is missing");
+    }
+    py::array a = o.cast<py::array>();
+    const float* p = checked<float>(a, name, c < 0 ? 1 : 2, false);
+    const bool ok = c < 0 ? a.shape(0) == r : (a.shape(0) == r && a.shape(1) == c);
+    if (!ok) {
+      throw std::invalid_argument(std::string(name) + " has shape " + shape_str(a) +
+                                  ", expected (" + std::to_string(r) +
+                                  (c < 0 ? "" : ", " + std::to_string(c)) + ")");
+    }
+    keep.push_back(a);
+    return p;
+  };
+  for (py::handle t : layers) {
+    if (py::len(t) != 10) throw std::invalid_argument("a layer is a tuple of 10 arrays");
+    py::array w1 = t.cast<py::tuple>()[6].cast<py::array>();
+    if (w1.ndim() != 2) throw std::invalid_argument("w1 must be (d_model, ff)");
+    if (ff < 0) ff = w1.shape(1);
+    ws.push_back({get(t, 0, "ln1_w", d, -1), get(t, 1, "ln1_b", d, -1),
+                  get(t, 2, "w_qkv", d, nqkv), get(t, 3, "w_o", attn, d),
+                  get(t, 4, "ln2_w", d, -1), get(t, 5, "ln2_b", d, -1), get(t, 6, "w1", d, ff),
+                  get(t, 7, "w2", ff, d), get(t, 8, "ls1", d, -1), get(t, 9, "ls2", d, -1)});
+  }
+  const DecodeShape shape{d, heads, kv_heads, D, ff, BS, static_cast<float>(eps)};
+  py::gil_scoped_release nogil;
+  decode_step_f32(ws, shape, xp, B, cp, sp, kp, vp, NB, sl, ip, ix, lp, st, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -183,6 +277,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("gemv", &gemv, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"),
         py::arg("threads") = 0,
         "y = x w (+ bias) for 1-4 fp32 rows, w row-major [K, N] (decode-size linears)");
+
+  m.def("decode_step", &decode_step, py::arg("layers"), py::arg("heads"), py::arg("kv_heads"),
+        py::arg("eps"), py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("slots"), py::arg("indptr"), py::arg("indices"),
+        py::arg("last_page_len"), py::arg("start"), py::arg("threads") = 0,
+        "Every layer of a backbone decode step for 1-4 fp32 rows (x updated in place); "
+        "writes the rows' K/V at `slots` and attends over the page table");
 
 #ifdef CALM_FAST_OPENMP
   m.attr("has_openmp") = true;

@@ -26,6 +26,22 @@ def test_cpu_kernel_matches_sdpa_on_ragged_shared_and_trimmed_streams(seed):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_split_rows_across_threads_for_few_streams(threads):
+    """With fewer streams than threads each stream's rows are split into one chunk per
+    thread and the partial softmaxes merged (chunks may be empty or cross pages)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for seed in range(6):
+            cache, streams, hist, q = build(40 + seed, 1 + seed % 2, 4, 2, 16, 4)
+            out = cache.attend(0, q, streams)
+            for b, (k, v) in enumerate(hist):
+                torch.testing.assert_close(out[b], sdpa_one(q[b], k, v), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_python_twin_gives_the_same_attention():
     a = build(3, 4, 4, 2, 16, 4, backend="cpp")
     b = build(3, 4, 4, 2, 16, 4, backend="python")

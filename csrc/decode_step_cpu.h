@@ -1,0 +1,30 @@
+// One decode step of the backbone (every layer) for 1-4 fp32 rows, in one native call.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace calm_fast {
+
+// Weights of one pre-LN layer, projections row-major [in, out] (no biases, as published).
+struct DecodeLayerWeights {
+  const float *ln1_w, *ln1_b, *w_qkv, *w_o, *ln2_w, *ln2_b, *w1, *w2;
+  const float *ls1, *ls2;  // layer scales, or nullptr
+};
+
+struct DecodeShape {
+  int64_t d_model, heads, kv_heads, head_dim, ff, block_size;
+  float eps;
+};
+
+// x [B, d] is updated in place through every layer. cos/sin [B, head_dim/2] rotate q and k
+// ((real, imag) pairs interleaved). k_cache/v_cache: [layers, num_blocks, block_size,
+// kv_heads, head_dim]; each row's new K/V goes to flat row slots[b] of every layer, then it
+// attends over its page table (see paged_attention_cpu.h), which must include that row.
+// Inputs must already be validated.
+void decode_step_f32(const std::vector<DecodeLayerWeights>& layers, const DecodeShape& s,
+                     float* x, int64_t B, const float* cos, const float* sin, float* k_cache,
+                     float* v_cache, int64_t num_blocks, const int64_t* slots,
+                     const int32_t* indptr, const int32_t* indices,
+                     const int32_t* last_page_len, const int32_t* start, int threads);
+
+}  // namespace calm_fast

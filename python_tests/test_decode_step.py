@@ -1,0 +1,125 @@
+"""The native decode step (csrc/decode_step_cpu.cpp, every layer in one C++ call) against the
+op-by-op path it replaces, on ragged, forked and trimmed streams; fallbacks; bad inputs."""
+import numpy as np
+import pytest
+import torch
+
+from calm_fast import _C, fast_backbone as fb, ops
+
+from test_fast_backbone import random_sd
+
+
+def op_by_op(monkeypatch):
+    monkeypatch.setattr(ops, "native_decode_step_ok", lambda *a: False)
+
+
+def run_steps(p, cache_seed, rows, steps, monkeypatch=None, trim=None, fork=False):
+    """Prefill ragged streams, optionally fork the first and trim one, then step them all
+    ``steps`` times; returns every step's output [steps, rows, d]."""
+    g = torch.Generator().manual_seed(cache_seed)
+    cache = p.make_cache(64, 4, max_streams=8)
+    streams = []
+    for i in range(rows):
+        if fork and i == 1:
+            streams.append(cache.fork(streams[0]))
+            continue
+        s = cache.new_stream()
+        fb.prefill(p, cache, s, torch.randn(3 + 2 * i, p.d_model, generator=g))
+        streams.append(s)
+    if trim is not None:
+        cache.trim_front(streams[-1], trim)
+    outs = []
+    for _ in range(steps):
+        x = torch.randn(rows, p.d_model, generator=g)
+        outs.append(fb.step(p, cache, streams, x))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("rows,kv_heads,layer_scale,trim,fork", [
+    (1, 4, False, None, False),
+    (2, 2, True, None, True),
+    (3, 4, True, 2, False),
+    (4, 1, False, 5, True),
+])
+def test_native_step_equals_op_by_op(monkeypatch, rows, kv_heads, layer_scale, trim, fork):
+    p = fb.pack_transformer(random_sd(layers=3, kv_heads=kv_heads, layer_scale=layer_scale,
+                                      seed=rows), heads=4, kv_heads=kv_heads)
+    native = run_steps(p.split(), 7, rows, 6, trim=trim, fork=fork)
+    assert fb.native_layers(p.split()) is not None
+    with monkeypatch.context() as m:
+        op_by_op(m)
+        ref = run_steps(p, 7, rows, 6, trim=trim, fork=fork)
+    torch.testing.assert_close(native, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_tails_and_wide_activations(monkeypatch):
+    """Pre-activations far into both tails of the tanh (the native GELU uses its own exp)."""
+    sd = random_sd(layers=1, seed=11)
+    sd["layers.0.linear1.weight"] *= 40
+    p = fb.pack_transformer(sd, heads=4)
+    native = run_steps(p, 3, 2, 3)
+    with monkeypatch.context() as m:
+        op_by_op(m)
+        ref = run_steps(p, 3, 2, 3)
+    torch.testing.assert_close(native, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_nan_input_propagates():
+    p = fb.pack_transformer(random_sd(layers=1), heads=4)
+    cache = p.make_cache(8, 4)
+    s = cache.new_stream()
+    fb.prefill(p, cache, s, torch.randn(3, 32))
+    out = fb.step(p, cache, [s], torch.full((1, 32), float("nan")))
+    assert torch.isnan(out).all()
+
+
+def test_more_than_four_rows_and_int8_run_op_by_op(monkeypatch):
+    p = fb.pack_transformer(random_sd(layers=2, seed=4), heads=4)
+    calls = []
+    real = ops.native_decode_step
+    monkeypatch.setattr(ops, "native_decode_step", lambda *a: calls.append(1) or real(*a))
+    run_steps(p, 1, 5, 1)  # 5 rows: the op-by-op path
+    assert not calls
+    run_steps(p, 1, 4, 1)
+    assert calls
+    assert fb.native_layers(p.quantized()) is None
+
+
+def test_bad_inputs_are_rejected_before_any_write():
+    p = fb.pack_transformer(random_sd(layers=2), heads=4)
+    cache = p.make_cache(8, 4)
+    s = cache.new_stream()
+    fb.prefill(p, cache, s, torch.randn(3, 32))
+    slots = cache.reserve([s], 1)[:, 0]
+    indptr, indices, last, start = (t.numpy() for t in cache.page_table([s]))
+    layers = fb.native_layers(p)
+    x = np.zeros((1, 32), np.float32)
+    cs = np.ones((1, 4), np.float32)
+    k, v = cache.k.numpy(), cache.v.numpy()
+    before = k.copy()
+    sl = slots.numpy().astype(np.int64)
+
+    def call(**kw):
+        a = dict(layers=layers, heads=4, kv_heads=4, eps=1e-5, x=x, cos=cs, sin=cs,
+                 k_cache=k, v_cache=v, slots=sl, indptr=indptr, indices=indices,
+                 last_page_len=last, start=start)
+        a.update(kw)
+        _C.decode_step(**a)
+
+    with pytest.raises(ValueError, match="1 to 4 rows"):
+        call(x=np.zeros((5, 32), np.float32))
+    with pytest.raises(ValueError, match="3 layers for a cache of 2"):
+        call(layers=layers[:1] * 2 + layers[:1])
+    with pytest.raises(ValueError, match="w_qkv has shape"):
+        call(layers=[layers[0][:2] + (np.ascontiguousarray(layers[0][2][:, :8]),) + layers[0][3:]] + layers[1:])
+    with pytest.raises(ValueError, match="slot out of range"):
+        call(slots=np.array([10_000], np.int64))
+    with pytest.raises(ValueError, match="page index"):
+        call(indices=np.full_like(indices, 99))
+    with pytest.raises(ValueError, match="cos/sin"):
+        call(cos=np.ones((1, 3), np.float32))
+    with pytest.raises(ValueError, match="does not fit"):
+        call(kv_heads=3)
+    with pytest.raises(ValueError, match="dtype"):
+        call(x=x.astype(np.float64))
+    np.testing.assert_array_equal(k, before)
