@@ -8,7 +8,8 @@ frames: ~10 s), from a voice state exported beforehand (so time to first audio e
 voice encoding, for both). Reported:
   * single stream: real-time factor (audio s / wall s) and time to the first audio chunk,
     the package through its own threaded pipeline, calm_fast through calm_fast.accelerate;
-  * per-frame breakdown at batch 1: backbone step, head, decoder (ms);
+  * per-frame breakdown at batch 1: backbone step, head, decoder (ms; ours also on its
+    multi-frame chunks: the drop-in decodes 1, 2, then 4 frames per call);
   * aggregate throughput of calm_fast's engine at each batch (voice prefix shared, one VAE
     batch per frame), against the package's best: one process per core, i.e. twice its
     1-thread single-stream rate (an upper bound for the package);
@@ -116,8 +117,12 @@ def ours_breakdown(fast, state):
     slots.open(0)
     lat = torch.randn(1, 1, lm.cfg.latent_dim)
     d = timeit(lambda: slots.decode([0], lat), warmup=3, min_time=1.0)
+    n = eng.decode_frames  # the engine's steady-state chunk
+    lat = torch.randn(1, n, lm.cfg.latent_dim)
+    dn = timeit(lambda: slots.decode([0], lat), warmup=3, min_time=1.0) / n
     slots.close(0)
-    return {"lm": step * 1e3, "head": head * 1e3, "decoder": d * 1e3}
+    return {"lm": step * 1e3, "head": head * 1e3, "decoder": d * 1e3,
+            f"decoder, {n} frames per call": dn * 1e3}
 
 
 def throughput(fast, state, batch, sr):
@@ -162,9 +167,9 @@ def main():
         {"metric": f"best throughput (x RT; ours at batch {best_b})", "peer": peer_best,
          "ours": thr[best_b], "ratio": thr[best_b] / peer_best, "target": ">= 3.5x"},
     ]
-    for k in ("lm", "head", "decoder"):
-        rows.append({"metric": f"batch-1 {k} ms/frame", "peer": pb[k], "ours": ob[k],
-                     "ratio": pb[k] / ob[k], "target": ""})
+    for k in ob:  # ours also times the decoder on its steady-state multi-frame chunks
+        rows.append({"metric": f"batch-1 {k} ms/frame", "peer": pb.get(k, pb["decoder"]),
+                     "ours": ob[k], "ratio": pb.get(k, pb["decoder"]) / ob[k], "target": ""})
     for b in batches:
         rows.append({"metric": f"throughput batch {b} (x RT)", "peer": "", "ours": thr[b],
                      "ratio": thr[b] / peer_best, "target": ""})

@@ -46,7 +46,7 @@ class VoiceState:
 
 class AcceleratedTTS:
     def __init__(self, peer, *, int8: bool = False, max_streams: int = 16,
-                 cache_mb: float = 512.0):
+                 cache_mb: float = 512.0, decode_frames: int = 4):
         if not hasattr(peer, "flow_lm") or not hasattr(peer, "mimi"):
             raise TypeError(f"accelerate() takes a pocket_tts TTSModel, got {type(peer).__name__}")
         self.peer = peer
@@ -58,7 +58,7 @@ class AcceleratedTTS:
         block_bytes = 2 * c.num_layers * c.kv_heads * c.head_dim * 4 * 16
         self.engine = Engine(self.lm, num_blocks=max(64, int(cache_mb * 2**20 // block_bytes)),
                              max_streams=max_streams, head_steps=peer.sampler_decode_steps,
-                             int8=int8, vae=self.vae)
+                             int8=int8, vae=self.vae, decode_frames=decode_frames)
         self.sample_rate = peer.sample_rate
 
     # -- the package's calls ------------------------------------------------------------------
@@ -137,7 +137,9 @@ class AcceleratedTTS:
     def generate_audio_stream(self, model_state: VoiceState, text_to_generate: str,
                               max_tokens: int = 50, frames_after_eos: int | None = None,
                               copy_state: bool = True, stop=None):
-        """Audio chunks [samples] as they are decoded (one per frame)."""
+        """Audio chunks [samples] as they are decoded: the first is one frame (80 ms),
+        then 2, 4, ... up to ``decode_frames`` frames (``accelerate(..., decode_frames=1)``
+        gives the package's one chunk per frame). The audio is the same either way."""
         if not isinstance(model_state, VoiceState):
             raise TypeError("model_state must come from this object's "
                             "get_state_for_audio_prompt()")
@@ -149,13 +151,16 @@ class AcceleratedTTS:
             self._burn_draw(gen)  # the package samples once after prompting the text
             req = self._request(model_state, ids, fae, gen)
             rid = self.engine.submit(req, shared=model_state.shared)
-            made, stopped = 0, False
+            made, chunks, stopped = 0, 0, False
             try:
                 for ev in self.engine.run():
-                    if ev.request == rid and ev.audio is not None:
+                    if ev.request != rid:
+                        continue
+                    made += ev.latent is not None
+                    if ev.audio is not None:
                         wav = ev.audio[0].clone()
-                        yield self._fade(wav) if made == 0 else wav
-                        made += 1
+                        yield self._fade(wav) if chunks == 0 else wav
+                        chunks += 1
                     if stop is not None and stop.is_set():
                         self.engine.cancel(rid)
                         stopped = True

@@ -58,6 +58,10 @@ def test_stream_chunks_and_batch_call(fast, voice):
     torch.manual_seed(5)
     chunks = list(fast.generate_audio_stream(state, TEXTS[1]))
     assert all(c.dim() == 1 for c in chunks) and len(chunks) > 1
+    # decode_frames=4 (the default): chunks of 1, 2, then up to 4 frames of 1920 samples
+    frames = [len(c) // 1920 for c in chunks]
+    assert all(len(c) % 1920 == 0 for c in chunks) and frames[:2] == [1, 2], frames
+    assert all(f == 4 for f in frames[2:-1]) and 1 <= frames[-1] <= 4, frames
     torch.manual_seed(5)
     whole = fast.generate_audio(state, TEXTS[1])
     torch.testing.assert_close(torch.cat(chunks), whole, rtol=0, atol=0)

@@ -170,3 +170,60 @@ def test_audio_chunks_per_stream_equal_offline_decode(tts):
             ref = vae.decode(tts.denormalize(alone(tts, r))[None])[0]
         torch.testing.assert_close(torch.cat(chunks[i], -1), ref, rtol=1e-4, atol=1e-4)
     assert eng.decoder.open_slots == []
+
+
+def test_chunked_decode_ramps_and_equals_frame_by_frame(tts):
+    """decode_frames=4: a stream's chunks hold 1, 2, 4, 4, ... frames (the rest when it
+    ends), decoded in batches with other streams, and its audio equals the offline decode;
+    a request cancelled with undecoded frames leaves no slot or queue behind."""
+    from calm_fast.vae import VAE, vae_preset
+
+    torch.manual_seed(0)
+    vae = VAE(vae_preset("tiny")).eval()
+    reqs = ragged_tts_requests(tts)
+    extra = Request(tts.prefix(tokens=torch.tensor([3, 1])), 12, seed=4, eos_threshold=None)
+    eng = Engine(tts, num_blocks=96, block_size=4, max_streams=4, vae=vae, decode_frames=4)
+    ids = [eng.submit(r) for r in reqs]
+    victim = eng.submit(extra)
+    sizes, chunks, frames, step = {}, {}, {}, 0
+    while eng.running or eng.queue_depth:
+        for ev in eng.step():
+            frames[ev.request] = frames.get(ev.request, 0) + (ev.latent is not None)
+            if ev.audio is not None:
+                assert ev.audio.shape[-1] % vae.cfg.frame_size == 0
+                sizes.setdefault(ev.request, []).append(ev.audio.shape[-1] // vae.cfg.frame_size)
+                chunks.setdefault(ev.request, []).append(ev.audio)
+        step += 1
+        if step == 6:
+            assert frames[victim] == 6 and sum(sizes[victim]) == 3  # 1 + 2; 3 pending
+            assert eng.cancel(victim)
+            assert victim not in eng._undecoded
+    for i, r in zip(ids, reqs):
+        n = frames[i]
+        want, c = [], 0
+        while sum(want) < n:
+            want.append(min(2 ** c, 4, n - sum(want)))
+            c += 1
+        assert sizes[i] == want, (sizes[i], n)
+        with torch.no_grad():
+            ref = vae.decode(tts.denormalize(alone(tts, r))[None])[0]
+        torch.testing.assert_close(torch.cat(chunks[i], -1), ref, rtol=1e-4, atol=1e-4)
+    assert eng.decoder.open_slots == [] and not eng._undecoded
+    with pytest.raises(ValueError, match="decode_frames"):
+        Engine(tts, num_blocks=8, vae=vae, decode_frames=0)
+
+
+def test_decode_chunks_shrink_when_many_streams_run(tts):
+    from calm_fast.vae import VAE, vae_preset
+
+    torch.manual_seed(0)
+    vae = VAE(vae_preset("tiny")).eval()
+    reqs = [Request(tts.prefix(tokens=torch.tensor([i + 1])), 6, seed=i, eos_threshold=None)
+            for i in range(4)]
+    eng = Engine(tts, num_blocks=96, block_size=4, max_streams=4, vae=vae, decode_frames=4)
+    eng.DECODE_ROWS = 8  # 4 streams running: chunks of at most 2 frames
+    for r in reqs:
+        eng.submit(r)
+    sizes = [ev.audio.shape[-1] // vae.cfg.frame_size for ev in eng.run()
+             if ev.audio is not None]
+    assert max(sizes) == 2 and sum(sizes) == 4 * 6, sizes
