@@ -1,40 +1,36 @@
-"""Decode-size fp32 linears on CPU that use every thread.
+"""fp32 linears on CPU that use every thread at decode and prefill sizes.
 
-At decode batch sizes a linear is a matrix-vector product: read bound. torch's CPU
-``x @ W`` with a handful of rows runs on ONE thread (sgemm with m = 1..8 is not split),
-so a second core adds nothing. Measured on the 2-core dev box, 2 threads, the 24
-projections of the ``pocket`` backbone (302 MB of fp32 weights):
+torch's CPU ``x @ W`` with a handful of rows runs on ONE thread (sgemm with m = 1..8 is not
+split), and on this AMD host its sgemm reaches 55-130 GFLOP/s for 8-64 rows where a 1024^3
+product measures 193. ``SplitLinear`` holds the weight once, packed as panels
+[ceil(out / 32), in, 32] (zero past ``out``), and calls the C++ kernel
+(``calm_fast._C.linear``, csrc/gemm_cpu.cpp): each thread streams whole panels (at 1 row,
+one sequential read per thread, as a plain sum does), through a 6-row x 32-column register
+block. Same host, 2 threads, one `pocket` projection (1024 x 4096) in cache:
 
-    rows   x @ W (one sgemm)   bmm over 2 column halves
-      1        13.5 ms              9.6 ms   (22 -> 31 GB/s)
-      8        35.3 ms             23.2 ms
-     64        90.2 ms             69.7 ms
-    256       257.6 ms            245.7 ms
+    rows   packed C++ kernel   previous path (gemv / bmm over views of [in, out])
+      1        106 us              148 us
+      8        331 us              962 us
+     35       1542 us             3094 us
+    256      10063 us            12816 us
 
-``SplitLinear`` keeps the plain contiguous [in, out] weight (no packed copy) and picks:
+Without the extension it keeps the plain [in, out] weight and runs one batched matmul over
+views of it: row blocks for 1-2 rows (the partial products summed), column blocks
+otherwise (torch parallelises over the blocks).
 
-* 1-4 rows: the C++ gemv (``calm_fast._C.gemv``, csrc/gemv_cpu.cpp): each thread streams
-  its own contiguous slab of weight rows into a private accumulator. The 24 `pocket`
-  projections at batch 1 in 10.3-11.0 ms (~29 GB/s, where a plain sum read 30 GB/s), at
-  batch 2 in 12.7 ms (same run, 2 threads).
-* without the extension, 1-2 rows: ONE batched matmul over row blocks
-  [parts, in/parts, out] (contiguous slabs, views), the partial products summed:
-  11.1-12.6 ms at batch 1 (18-21 ms at batch 2).
-* more rows: one batched matmul over column blocks [parts, in, out/parts] (strided views,
-  leading dimension ``out``), which torch parallelises over the blocks: 22-25 ms at
-  batch 8 against 25-27 ms for row blocks.
-
-Each output is the same dot product as ``x @ W`` up to fp32 rounding (the summation
-blocking differs).
+Each output is the same dot product as ``x @ W`` up to fp32 rounding.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-try:  # the C++ decode gemv (csrc/gemv_cpu.cpp); without the extension, the bmm paths
-    from ._C import gemv as _gemv
+try:  # the C++ kernel (csrc/gemm_cpu.cpp); without the extension, the bmm paths
+    from ._C import linear as _native
 except ImportError:
-    _gemv = None
+    _native = None
+
+PANEL = 32  # output columns per packed panel (csrc/gemm_cpu.h)
 
 
 def _blocks(size: int, want: int) -> int:
@@ -43,6 +39,13 @@ def _blocks(size: int, want: int) -> int:
     while want > 1 and (size % want or size // want < 32):
         want -= 1
     return want
+
+
+def pack_panels(w_t: torch.Tensor) -> torch.Tensor:
+    """[in, out] -> panels [ceil(out / 32), in, 32], zero past ``out``."""
+    K, N = w_t.shape
+    P = -(-N // PANEL)
+    return F.pad(w_t, (0, P * PANEL - N)).view(K, P, PANEL).transpose(0, 1).contiguous()
 
 
 class SplitLinear:
@@ -55,23 +58,34 @@ class SplitLinear:
         if w_t.dim() != 2 or not w_t.is_floating_point():
             raise ValueError(f"SplitLinear needs a float [in, out] weight, got {tuple(w_t.shape)}")
         K, N = w_t.shape
+        self.in_features, self.out_features = K, N
+        self.b = None if bias is None else bias.detach().contiguous()
+        w_t = w_t.detach()
+        self.native = (_native is not None and w_t.dtype == torch.float32
+                       and w_t.device.type == "cpu")
+        if self.native:
+            self.panels = pack_panels(w_t)
+            return
         want = parts or max(1, torch.get_num_threads())
         parts, kparts = _blocks(N, want), _blocks(K, want)
-        self.parts, self.kparts, self.in_features, self.out_features = parts, kparts, K, N
-        self.w = w_t.detach().contiguous()
+        self.parts, self.kparts = parts, kparts
+        self.w = w_t.contiguous()
         n = N // parts
         self.cols = self.w.as_strided((parts, K, n), (n, N, 1))  # column blocks (views)
         self.rows = self.w.view(kparts, K // kparts, N)  # row blocks (views)
-        self.b = None if bias is None else bias.detach().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         B, K, N = x.shape[0], self.in_features, self.out_features
-        if _gemv is not None and B <= 4 and x.dtype == torch.float32 and not x.requires_grad:
+        if self.native and x.dtype == torch.float32 and not x.requires_grad:
             y = torch.empty(B, N)
-            _gemv(x.contiguous().numpy(), self.w.numpy(),
-                  None if self.b is None else self.b.numpy(), y.numpy(),
-                  torch.get_num_threads())
+            _native(x.contiguous().numpy(), self.panels.numpy(),
+                    None if self.b is None else self.b.numpy(), y.numpy(),
+                    torch.get_num_threads())
             return y
+        w = self.weight()
+        if self.native:  # autograd or another dtype: plain matmul on the unpacked weight
+            y = x @ w.to(x.dtype)
+            return y if self.b is None else y + self.b.to(x.dtype)
         if self.kparts > 1 and B <= self.ROW_BLOCK_MAX_ROWS:
             xs = x.reshape(B, self.kparts, K // self.kparts).transpose(0, 1)
             y = torch.bmm(xs, self.rows).sum(0)
@@ -82,11 +96,15 @@ class SplitLinear:
         return y if self.b is None else y.add_(self.b)
 
     def nbytes(self) -> int:
-        n = self.w.numel() + (0 if self.b is None else self.b.numel())
-        return n * self.w.element_size()
+        """Bytes of the weight and bias (the packed panels' zero columns not counted)."""
+        n = self.in_features * self.out_features + (0 if self.b is None else self.b.numel())
+        return n * (4 if self.native else self.w.element_size())
 
     def weight(self) -> torch.Tensor:
-        """The [in, out] weight (tests and repacking)."""
+        """The [in, out] weight (tests and repacking; a copy when packed)."""
+        if self.native:
+            K, N = self.in_features, self.out_features
+            return self.panels.transpose(0, 1).reshape(K, -1)[:, :N]
         return self.w
 
 
@@ -96,3 +114,21 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     if isinstance(w, torch.Tensor):
         return x @ w if b is None else torch.addmm(b, x, w)
     return w(x)
+
+
+def inference_linear(mod: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``mod(x)`` through a panel-packed copy of its weight when nothing needs gradients
+    and x is fp32 on CPU (the copy is made on first use and remade when the weight
+    changes); ``mod(x)`` otherwise. For small inference-only modules (the VAE's windowed
+    Transformer: its 16-row linears per frame take ~4 ms through nn.Linear, ~1 ms here)."""
+    w = mod.weight
+    if (_native is None or torch.is_grad_enabled() or x.dtype != torch.float32
+            or x.device.type != "cpu" or w.dtype != torch.float32 or w.device.type != "cpu"):
+        return mod(x)
+    key = (w.data_ptr(), w._version, None if mod.bias is None else mod.bias._version)
+    cached = mod.__dict__.get("_packed")
+    if cached is None or cached[0] != key:
+        cached = (key, SplitLinear(w.detach().t(), None if mod.bias is None
+                                   else mod.bias.detach().float()))
+        mod.__dict__["_packed"] = cached
+    return cached[1](x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], w.shape[0])

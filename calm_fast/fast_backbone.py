@@ -83,8 +83,8 @@ class PackedBackbone:
         return self._repack(Int8Linear)
 
     def split(self) -> "PackedBackbone":
-        """A copy whose projections use every CPU thread at decode batch sizes
-        (cpu_linear.SplitLinear: 13.5 -> 9.6 ms for the `pocket` layers at batch 1)."""
+        """A copy whose projections run through cpu_linear.SplitLinear (panel-packed fp32,
+        every CPU thread at any batch size; the native decode step reads the same panels)."""
         return self._repack(SplitLinear)
 
     def make_cache(self, num_blocks: int, block_size: int = 16, max_streams: int = 256,
@@ -202,29 +202,25 @@ def step_rows(p: PackedBackbone, cache: PagedKVCache, x: torch.Tensor, pos: torc
 
 def native_layers(p: PackedBackbone):
     """The layers as the numpy tuples ``ops.native_decode_step`` reads, made once and kept
-    on ``p`` (a tensor's ``.numpy()`` costs ~1 us, 60 of them per step); None when a
-    projection is not an fp32 CPU weight (int8, GPU, bf16: those run op by op)."""
+    on ``p`` (a tensor's ``.numpy()`` costs ~1 us, 60 of them per step); None unless every
+    projection is a panel-packed fp32 CPU ``SplitLinear`` (``split()``; plain, int8 or GPU
+    weights run op by op)."""
     cached = p.__dict__.get("_native")
     if cached is not None:
         return cached or None
-
-    def arr(t):
-        if isinstance(t, SplitLinear):
-            t = t.weight()
-        ok = (isinstance(t, torch.Tensor) and t.device.type == "cpu"
-              and t.dtype == torch.float32)
-        return t.detach().contiguous().numpy() if ok else None
-
     out = []
     for L in p.layers:
-        row = tuple(None if getattr(L, k) is None else arr(getattr(L, k))
-                    for k in ("ln1_w", "ln1_b", "w_qkv", "w_o", "ln2_w", "ln2_b", "w1", "w2",
-                              "ls1", "ls2"))
-        if any(a is None for a in row[:8]) or any(
-                a is None and getattr(L, k) is not None for a, k in zip(row[8:], ("ls1", "ls2"))):
+        projs = [getattr(L, k) for k in ("w_qkv", "w_o", "w1", "w2")]
+        vecs = [getattr(L, k) for k in ("ln1_w", "ln1_b", "ln2_w", "ln2_b", "ls1", "ls2")]
+        if not all(isinstance(w, SplitLinear) and w.native and w.b is None for w in projs) \
+                or not all(v is None or (v.device.type == "cpu" and v.dtype == torch.float32)
+                           for v in vecs):
             out = []
             break
-        out.append(row)
+        arr = lambda t: None if t is None else t.detach().contiguous().numpy()  # noqa: E731
+        ln1_w, ln1_b, ln2_w, ln2_b, ls1, ls2 = map(arr, vecs)
+        w_qkv, w_o, w1, w2 = (w.panels.numpy() for w in projs)
+        out.append((ln1_w, ln1_b, w_qkv, w_o, ln2_w, ln2_b, w1, w2, ls1, ls2))
     p.__dict__["_native"] = out
     return out or None
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from . import fast_backbone as fb
 from .config import TransformerConfig
+from .cpu_linear import inference_linear
 
 
 class LayerScale(nn.Module):
@@ -51,13 +52,21 @@ class TransformerLayer(nn.Module):
         self.layer_scale_1 = nn.Identity() if ls is None else LayerScale(d, ls)
         self.layer_scale_2 = nn.Identity() if ls is None else LayerScale(d, ls)
 
+    # Inference-only users (the VAE's windowed Transformers) set this: under no_grad on CPU
+    # the linears then run through packed copies (cpu_linear.inference_linear).
+    packed_inference = False
+
+    def _lin(self, mod, x):
+        return inference_linear(mod, x) if self.packed_inference else mod(x)
+
     def project(self, x, cos=None, sin=None):
         """q [..., H, D] and k, v [..., Hkv, D] of norm1(x), RoPE applied (none without cos,
         sin: for kernels that rotate themselves). The cached paths (short-context ring, VAE
         window) call this and ``finish`` around their own attention."""
         c = self.self_attn.cfg
         H, Hk, D = c.num_heads, c.kv_heads, c.head_dim
-        q, k, v = self.self_attn.in_proj(self.norm1(x)).split([H * D, Hk * D, Hk * D], dim=-1)
+        q, k, v = self._lin(self.self_attn.in_proj, self.norm1(x)).split([H * D, Hk * D, Hk * D],
+                                                                         dim=-1)
         q, k, v = q.unflatten(-1, (H, D)), k.unflatten(-1, (Hk, D)), v.unflatten(-1, (Hk, D))
         if cos is None:
             return q, k, v
@@ -65,8 +74,9 @@ class TransformerLayer(nn.Module):
 
     def finish(self, x, attn):
         """The residual attention update (attn [..., H * D]) and the feed-forward block."""
-        x = x + self.layer_scale_1(self.self_attn.out_proj(attn))
-        h = self.linear2(F.gelu(self.linear1(self.norm2(x)), approximate="tanh"))
+        x = x + self.layer_scale_1(self._lin(self.self_attn.out_proj, attn))
+        h = self._lin(self.linear2, F.gelu(self._lin(self.linear1, self.norm2(x)),
+                                           approximate="tanh"))
         return x + self.layer_scale_2(h)
 
     def forward(self, x, cos, sin, mask):

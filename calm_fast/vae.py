@@ -258,6 +258,8 @@ class WindowedTransformer(nn.Module):
         super().__init__()
         self.transformer = Transformer(cfg)
         self.context = context
+        for layer in self.transformer.layers:  # small: a packed copy for no-grad decoding
+            layer.packed_inference = True
 
     def forward(self, x, state: VAEState | None = None):
         h = x.transpose(1, 2)

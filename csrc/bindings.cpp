@@ -5,7 +5,7 @@
 #include <pybind11/stl.h>
 
 #include "decode_step_cpu.h"
-#include "gemv_cpu.h"
+#include "gemm_cpu.h"
 #include "kv_manager.h"
 #include "paged_attention_cpu.h"
 
@@ -145,15 +145,16 @@ void paged_attention(py::array q, py::array k, py::array v, py::array indptr, py
                              static_cast<float>(scale), op);
 }
 
-void gemv(py::array x, py::array w, py::object bias, py::array y, int threads) {
+void linear(py::array x, py::array panels, py::object bias, py::array y, int threads) {
   const float* xp = checked<float>(x, "x", 2, false);
-  const float* wp = checked<float>(w, "w", 2, false);
+  const float* wp = checked<float>(panels, "panels", 3, false);
   float* yp = checked<float>(y, "y", 2, true);
-  const int64_t B = x.shape(0), K = x.shape(1), N = w.shape(1);
-  if (B < 1 || B > 4) throw std::invalid_argument("gemv takes 1 to 4 rows");
-  if (w.shape(0) != K || y.shape(0) != B || y.shape(1) != N) {
-    throw std::invalid_argument("gemv shapes: x " + shape_str(x) + ", w " + shape_str(w) +
-                                ", y " + shape_str(y));
+  const int64_t M = x.shape(0), K = x.shape(1), N = y.shape(1);
+  if (panels.shape(0) != (N + kPanel - 1) / kPanel || panels.shape(1) != K ||
+      panels.shape(2) != kPanel || y.shape(0) != M) {
+    throw std::invalid_argument("linear shapes: x " + shape_str(x) + ", panels " +
+                                shape_str(panels) + ", y " + shape_str(y) +
+                                " (panels must be (ceil(N / 32), K, 32))");
   }
   const float* bp = nullptr;
   py::array b_arr;
@@ -163,11 +164,11 @@ void gemv(py::array x, py::array w, py::object bias, py::array y, int threads) {
     if (b_arr.shape(0) != N) throw std::invalid_argument("bias must have N entries");
   }
   py::gil_scoped_release nogil;
-  calm_fast::gemv_rows_f32(xp, wp, bp, yp, B, K, N, threads);
+  calm_fast::gemm_panels_f32(xp, M, K, wp, N, bp, yp, threads);
 }
 
 // layers: one tuple per layer (ln1_w, ln1_b, w_qkv, w_o, ln2_w, ln2_b, w1, w2, ls1, ls2),
-// projections [in, out], layer scales or None. Every shape is checked here, once per call.
+// projections as panels (gemm_cpu.h), layer scales or None. Every shape is checked here, once per call.
 void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, py::array x,
                  py::array cos, py::array sin, py::array k_cache, py::array v_cache,
                  py::array slots, py::array indptr, py::array indices, py::array last_page_len,
@@ -229,21 +230,26 @@ void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, p
       throw std::invalid_argument(std::string(name) + " is missing");
     }
     py::array a = o.cast<py::array>();
-    const float* p = checked<float>(a, name, c < 0 ? 1 : 2, false);
-    const bool ok = c < 0 ? a.shape(0) == r : (a.shape(0) == r && a.shape(1) == c);
+    // vectors (c < 0) are [r]; projections [r, c] are packed as panels [ceil(c / 32), r, 32]
+    const float* p = checked<float>(a, name, c < 0 ? 1 : 3, false);
+    const int64_t np = (c + kPanel - 1) / kPanel;
+    const bool ok = c < 0 ? a.shape(0) == r
+                          : (a.shape(0) == np && a.shape(1) == r && a.shape(2) == kPanel);
     if (!ok) {
-      throw std::invalid_argument(std::string(name) + " has shape " + shape_str(a) +
-                                  ", expected (" + std::to_string(r) +
-                                  (c < 0 ? "" : ", " + std::to_string(c)) + ")");
+      throw std::invalid_argument(
+          std::string(name) + " has shape " + shape_str(a) + ", expected (" +
+          (c < 0 ? std::to_string(r)
+                 : std::to_string(np) + ", " + std::to_string(r) + ", " + std::to_string(kPanel)) +
+          ")");
     }
     keep.push_back(a);
     return p;
   };
   for (py::handle t : layers) {
     if (py::len(t) != 10) throw std::invalid_argument("a layer is a tuple of 10 arrays");
-    py::array w1 = t.cast<py::tuple>()[6].cast<py::array>();
-    if (w1.ndim() != 2) throw std::invalid_argument("w1 must be (d_model, ff)");
-    if (ff < 0) ff = w1.shape(1);
+    py::array w2 = t.cast<py::tuple>()[7].cast<py::array>();
+    if (w2.ndim() != 3) throw std::invalid_argument("w2 must be panels (ceil(d / 32), ff, 32)");
+    if (ff < 0) ff = w2.shape(1);
     ws.push_back({get(t, 0, "ln1_w", d, -1), get(t, 1, "ln1_b", d, -1),
                   get(t, 2, "w_qkv", d, nqkv), get(t, 3, "w_o", attn, d),
                   get(t, 4, "ln2_w", d, -1), get(t, 5, "ln2_b", d, -1), get(t, 6, "w1", d, ff),
@@ -274,9 +280,9 @@ PYBIND11_MODULE(_C, m) {
     }
   });
 
-  m.def("gemv", &gemv, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"),
+  m.def("linear", &linear, py::arg("x"), py::arg("panels"), py::arg("bias"), py::arg("y"),
         py::arg("threads") = 0,
-        "y = x w (+ bias) for 1-4 fp32 rows, w row-major [K, N] (decode-size linears)");
+        "y = x W (+ bias) for fp32 rows, W packed as panels (ceil(N / 32), K, 32)");
 
   m.def("decode_step", &decode_step, py::arg("layers"), py::arg("heads"), py::arg("kv_heads"),
         py::arg("eps"), py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),

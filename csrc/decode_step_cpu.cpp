@@ -2,7 +2,7 @@
 // `pocket` shapes, ~9-10 ms at this host's 30-35 GB/s. Run op by op from Python, the ~20
 // small torch calls per layer around the four projections (LayerNorm, RoPE, cache writes,
 // residual adds, GELU, dispatch) cost 2.5-3.5 ms per frame on top. Here the whole step is
-// one call: the projections are gemv_rows_f32, attention is the paged CPU kernel, and the
+// one call: the projections are gemm_panels_f32, attention is the paged CPU kernel, and the
 // rest is a few loops over B x d floats.
 #include "decode_step_cpu.h"
 
@@ -10,7 +10,7 @@
 #include <cmath>
 #include <vector>
 
-#include "gemv_cpu.h"
+#include "gemm_cpu.h"
 #include "paged_attention_cpu.h"
 
 namespace calm_fast {
@@ -92,7 +92,7 @@ void decode_step_f32(const std::vector<DecodeLayerWeights>& layers, const Decode
     float* kc = k_cache + static_cast<int64_t>(li) * layer_floats;
     float* vc = v_cache + static_cast<int64_t>(li) * layer_floats;
     layer_norm(x, L.ln1_w, L.ln1_b, h.data(), B, d, s.eps);
-    gemv_rows_f32(h.data(), L.w_qkv, nullptr, qkv.data(), B, d, nqkv, threads);
+    gemm_panels_f32(h.data(), B, d, L.w_qkv, nqkv, nullptr, qkv.data(), threads);
     for (int64_t b = 0; b < B; ++b) {
       // RoPE on q (into q) and k (straight into its cache row); v copied as is.
       const float* src = qkv.data() + b * nqkv;
@@ -114,12 +114,12 @@ void decode_step_f32(const std::vector<DecodeLayerWeights>& layers, const Decode
     }
     paged_decode_attention_cpu(q.data(), kc, vc, indptr, indices, last_page_len, start, B, H,
                                Hk, D, s.block_size, scale, attn.data());
-    gemv_rows_f32(attn.data(), L.w_o, nullptr, upd.data(), B, H * D, d, threads);
+    gemm_panels_f32(attn.data(), B, H * D, L.w_o, d, nullptr, upd.data(), threads);
     residual(x, upd.data(), L.ls1, B, d);
     layer_norm(x, L.ln2_w, L.ln2_b, h.data(), B, d, s.eps);
-    gemv_rows_f32(h.data(), L.w1, nullptr, ff.data(), B, d, s.ff, threads);
+    gemm_panels_f32(h.data(), B, d, L.w1, s.ff, nullptr, ff.data(), threads);
     gelu_tanh(ff.data(), B * s.ff);
-    gemv_rows_f32(ff.data(), L.w2, nullptr, upd.data(), B, s.ff, d, threads);
+    gemm_panels_f32(ff.data(), B, s.ff, L.w2, d, nullptr, upd.data(), threads);
     residual(x, upd.data(), L.ls2, B, d);
   }
 }

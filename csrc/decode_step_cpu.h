@@ -5,7 +5,8 @@
 
 namespace calm_fast {
 
-// Weights of one pre-LN layer, projections row-major [in, out] (no biases, as published).
+// Weights of one pre-LN layer; projections packed as panels [ceil(out / 32), in, 32]
+// (gemm_cpu.h), no biases (as published).
 struct DecodeLayerWeights {
   const float *ln1_w, *ln1_b, *w_qkv, *w_o, *ln2_w, *ln2_b, *w1, *w2;
   const float *ls1, *ls2;  // layer scales, or nullptr

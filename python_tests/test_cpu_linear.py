@@ -8,30 +8,54 @@ from calm_fast.kernels.fused_head import head_cpu, head_ref, pack_head
 
 
 @pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 13])
 @pytest.mark.parametrize("k,n,parts", [(16, 64, 2), (16, 96, 4), (24, 40, 2), (8, 64, 1),
-                                       (64, 64, 2), (128, 32, 4), (131, 48, 2)])
+                                       (64, 64, 2), (128, 32, 4), (131, 48, 2), (5, 7, 2)])
 def test_split_linear_matches_matmul(rows, k, n, parts, native, monkeypatch):
-    """Every path: the C++ gemv (1-4 rows; K not a multiple of its 4-row pass in 131), the
-    row-block and the column-block batched matmuls (native=False: no extension)."""
+    """Every path: the C++ panel kernel (any rows: full 6-row blocks and a remainder; full
+    panels and a partial last one when n is not a multiple of 32), and without the
+    extension the row-block and column-block batched matmuls."""
     from calm_fast import cpu_linear
 
-    if native and cpu_linear._gemv is None:
+    if native and cpu_linear._native is None:
         pytest.skip("calm_fast._C not built")
     if not native:
-        monkeypatch.setattr(cpu_linear, "_gemv", None)
+        monkeypatch.setattr(cpu_linear, "_native", None)
     g = torch.Generator().manual_seed(rows * 100 + n)
     w, b = torch.randn(k, n, generator=g), torch.randn(n, generator=g)
     x = torch.randn(rows, k, generator=g)
     for bias in (None, b):
         L = SplitLinear(w, bias, parts=parts)
+        assert L.native == native
         want = x @ w if bias is None else x @ w + b
         torch.testing.assert_close(L(x), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(linear(x, L), want, rtol=1e-5, atol=1e-5)
+        assert L.nbytes() == 4 * (k * n + (0 if bias is None else n))
     assert torch.equal(SplitLinear(w, parts=parts).weight(), w)
 
 
-def test_split_linear_picks_parts_that_divide():
+def test_packed_linear_keeps_autograd_and_rejects_bad_shapes():
+    from calm_fast import _C
+    from calm_fast.cpu_linear import pack_panels
+
+    w = torch.randn(16, 40)
+    L = SplitLinear(w, torch.zeros(40))
+    x = torch.randn(3, 16, requires_grad=True)
+    L(x).sum().backward()  # the autograd path is a plain matmul on the unpacked weight
+    torch.testing.assert_close(x.grad, w.sum(1).expand(3, 16))
+    panels = pack_panels(w)
+    assert panels.shape == (2, 16, 32) and panels[1, :, 8:].abs().sum() == 0
+    with pytest.raises(ValueError, match="panels must be"):
+        _C.linear(x.detach().numpy(), panels.numpy(), None, torch.empty(3, 70).numpy(), 2)
+    with pytest.raises(ValueError, match="dtype"):
+        _C.linear(x.detach().double().numpy(), panels.numpy(), None,
+                  torch.empty(3, 40).numpy(), 2)
+
+
+def test_split_linear_picks_parts_that_divide(monkeypatch):
+    from calm_fast import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "_native", None)  # the bmm paths' block counts
     # 40 columns cannot be cut into 4 blocks of >= 32, nor into 2 of 20 >= 32: one block
     assert SplitLinear(torch.randn(4, 40), parts=4).parts == 1
     assert SplitLinear(torch.randn(4, 96), parts=4).parts == 3  # 96 = 3 x 32
@@ -74,3 +98,23 @@ def test_split_head_matches_reference():
     want = head_ref(ph, c, x, [torch.full((3, 1), 0.0), torch.full((3, 1), 1.0)])
     torch.testing.assert_close(head_cpu(ph.split(), c, x, (0.0, 1.0)), want,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_inference_linear_packs_once_and_follows_weight_changes():
+    from calm_fast.cpu_linear import inference_linear
+
+    torch.manual_seed(0)
+    mod = torch.nn.Linear(24, 40)
+    x = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(inference_linear(mod, x), mod(x), rtol=1e-5, atol=1e-5)
+        packed = mod.__dict__.get("_packed")
+        assert packed is not None
+        inference_linear(mod, x)
+        assert mod.__dict__["_packed"] is packed  # reused
+        mod.weight.mul_(2)  # an in-place update (an optimizer step) repacks
+        torch.testing.assert_close(inference_linear(mod, x), mod(x), rtol=1e-5, atol=1e-5)
+        assert mod.__dict__["_packed"] is not packed
+    y = inference_linear(mod, x)  # gradients wanted: the module itself runs
+    y.sum().backward()
+    assert mod.weight.grad is not None

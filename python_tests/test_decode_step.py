@@ -44,6 +44,7 @@ def run_steps(p, cache_seed, rows, steps, monkeypatch=None, trim=None, fork=Fals
 def test_native_step_equals_op_by_op(monkeypatch, rows, kv_heads, layer_scale, trim, fork):
     p = fb.pack_transformer(random_sd(layers=3, kv_heads=kv_heads, layer_scale=layer_scale,
                                       seed=rows), heads=4, kv_heads=kv_heads)
+    assert fb.native_layers(p) is None  # plain [in, out] weights run op by op
     native = run_steps(p.split(), 7, rows, 6, trim=trim, fork=fork)
     assert fb.native_layers(p.split()) is not None
     with monkeypatch.context() as m:
@@ -57,7 +58,7 @@ def test_gelu_tails_and_wide_activations(monkeypatch):
     sd = random_sd(layers=1, seed=11)
     sd["layers.0.linear1.weight"] *= 40
     p = fb.pack_transformer(sd, heads=4)
-    native = run_steps(p, 3, 2, 3)
+    native = run_steps(p.split(), 3, 2, 3)
     with monkeypatch.context() as m:
         op_by_op(m)
         ref = run_steps(p, 3, 2, 3)
@@ -65,7 +66,7 @@ def test_gelu_tails_and_wide_activations(monkeypatch):
 
 
 def test_nan_input_propagates():
-    p = fb.pack_transformer(random_sd(layers=1), heads=4)
+    p = fb.pack_transformer(random_sd(layers=1), heads=4).split()
     cache = p.make_cache(8, 4)
     s = cache.new_stream()
     fb.prefill(p, cache, s, torch.randn(3, 32))
@@ -74,7 +75,7 @@ def test_nan_input_propagates():
 
 
 def test_more_than_four_rows_and_int8_run_op_by_op(monkeypatch):
-    p = fb.pack_transformer(random_sd(layers=2, seed=4), heads=4)
+    p = fb.pack_transformer(random_sd(layers=2, seed=4), heads=4).split()
     calls = []
     real = ops.native_decode_step
     monkeypatch.setattr(ops, "native_decode_step", lambda *a: calls.append(1) or real(*a))
@@ -82,11 +83,11 @@ def test_more_than_four_rows_and_int8_run_op_by_op(monkeypatch):
     assert not calls
     run_steps(p, 1, 4, 1)
     assert calls
-    assert fb.native_layers(p.quantized()) is None
+    assert fb.native_layers(fb.pack_transformer(random_sd(layers=2), heads=4).quantized()) is None
 
 
 def test_bad_inputs_are_rejected_before_any_write():
-    p = fb.pack_transformer(random_sd(layers=2), heads=4)
+    p = fb.pack_transformer(random_sd(layers=2), heads=4).split()
     cache = p.make_cache(8, 4)
     s = cache.new_stream()
     fb.prefill(p, cache, s, torch.randn(3, 32))
@@ -111,7 +112,8 @@ def test_bad_inputs_are_rejected_before_any_write():
     with pytest.raises(ValueError, match="3 layers for a cache of 2"):
         call(layers=layers[:1] * 2 + layers[:1])
     with pytest.raises(ValueError, match="w_qkv has shape"):
-        call(layers=[layers[0][:2] + (np.ascontiguousarray(layers[0][2][:, :8]),) + layers[0][3:]] + layers[1:])
+        call(layers=[layers[0][:2] + (np.ascontiguousarray(layers[0][2][:, :8]),) + layers[0][3:]]
+             + layers[1:])
     with pytest.raises(ValueError, match="slot out of range"):
         call(slots=np.array([10_000], np.int64))
     with pytest.raises(ValueError, match="page index"):
