@@ -46,7 +46,7 @@ class VoiceState:
 
 class AcceleratedTTS:
     def __init__(self, peer, *, int8: bool = False, max_streams: int = 16,
-                 cache_mb: float = 512.0, decode_frames: int = 4):
+                 cache_mb: float = 512.0, decode_frames: int = 8):
         if not hasattr(peer, "flow_lm") or not hasattr(peer, "mimi"):
             raise TypeError(f"accelerate() takes a pocket_tts TTSModel, got {type(peer).__name__}")
         self.peer = peer
@@ -138,8 +138,11 @@ class AcceleratedTTS:
                               max_tokens: int = 50, frames_after_eos: int | None = None,
                               copy_state: bool = True, stop=None):
         """Audio chunks [samples] as they are decoded: the first is one frame (80 ms),
-        then 2, 4, ... up to ``decode_frames`` frames (``accelerate(..., decode_frames=1)``
-        gives the package's one chunk per frame). The audio is the same either way."""
+        then 2, 4, ... up to ``decode_frames`` (default 8) frames: the `pocket` Mimi
+        decodes a frame in ~9.5 ms alone, ~4.8 ms eight at a time, and the chunks still
+        arrive well before the audio already out has played (``accelerate(...,
+        decode_frames=1)`` gives the package's one chunk per frame). The audio is the same
+        either way."""
         if not isinstance(model_state, VoiceState):
             raise TypeError("model_state must come from this object's "
                             "get_state_for_audio_prompt()")
@@ -151,18 +154,18 @@ class AcceleratedTTS:
             self._burn_draw(gen)  # the package samples once after prompting the text
             req = self._request(model_state, ids, fae, gen)
             rid = self.engine.submit(req, shared=model_state.shared)
-            made, chunks, stopped = 0, 0, False
+            made, chunks, stopped, ended = 0, 0, False, False
             try:
                 for ev in self.engine.run():
                     if ev.request != rid:
                         continue
                     made += ev.latent is not None
+                    ended = ended or ev.finished
                     if ev.audio is not None:
                         wav = ev.audio[0].clone()
                         yield self._fade(wav) if chunks == 0 else wav
                         chunks += 1
                     if stop is not None and stop.is_set():
-                        self.engine.cancel(rid)
                         stopped = True
                         break
                 # The package's loop computes (and draws for) one more frame before it
@@ -170,6 +173,10 @@ class AcceleratedTTS:
                 if not stopped and fae >= 1 and made < req.max_frames:
                     self._burn_draw(gen)
             finally:
+                # stopped, or the caller closed the iterator (or raised into it) mid-text:
+                # the request must not keep running in the engine under the next call
+                if not ended:
+                    self.engine.cancel(rid)
                 torch.set_rng_state(gen.get_state())
 
     def generate_audio(self, model_state: VoiceState, text_to_generate: str,

@@ -58,13 +58,23 @@ def test_stream_chunks_and_batch_call(fast, voice):
     torch.manual_seed(5)
     chunks = list(fast.generate_audio_stream(state, TEXTS[1]))
     assert all(c.dim() == 1 for c in chunks) and len(chunks) > 1
-    # decode_frames=4 (the default): chunks of 1, 2, then up to 4 frames of 1920 samples
+    # decode_frames=8 (the default): chunks of 1, 2, 4, then 8 frames of 1920 samples (the
+    # last one: what is left)
     frames = [len(c) // 1920 for c in chunks]
-    assert all(len(c) % 1920 == 0 for c in chunks) and frames[:2] == [1, 2], frames
-    assert all(f == 4 for f in frames[2:-1]) and 1 <= frames[-1] <= 4, frames
+    assert all(len(c) % 1920 == 0 for c in chunks), frames
+    assert frames[:-1] == [min(2 ** i, 8) for i in range(len(frames) - 1)], frames
+    assert 1 <= frames[-1] <= min(2 ** (len(frames) - 1), 8), frames
     torch.manual_seed(5)
     whole = fast.generate_audio(state, TEXTS[1])
     torch.testing.assert_close(torch.cat(chunks), whole, rtol=0, atol=0)
+    # a caller that stops reading after the first chunk: the request leaves the engine (it
+    # would otherwise run on under the next call), and the next call is unaffected
+    it = fast.generate_audio_stream(state, TEXTS[1])
+    next(it)
+    it.close()
+    assert fast.engine.running == 0 and fast.engine.queue_depth == 0
+    torch.manual_seed(5)
+    torch.testing.assert_close(fast.generate_audio(state, TEXTS[1]), whole, rtol=0, atol=0)
     batch = fast.generate_audio_batch(state, TEXTS, seed=7)
     assert len(batch) == 2 and all(len(b) > 0 and torch.isfinite(b).all() for b in batch)
     # request i of a batch draws from seed + i: alone, with that seed, it is the same audio
