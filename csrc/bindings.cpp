@@ -80,9 +80,30 @@ py::int_ page_table(const KVManager& m, py::array streams, py::array indptr, py:
   return py::int_(m.page_table(ids, n, ip, ix, indices.shape(0), lp, st));
 }
 
-// A bad page index would be an out-of-bounds read in the kernels: the whole table is checked.
-void validate_table(const int32_t* ip, const int32_t* ix, int64_t n_indices, const int32_t* lp,
-                    const int32_t* st, int64_t B, int64_t BS, int64_t NB) {
+// The page table's arrays for a batch of B streams over NB blocks of BS rows. A bad page
+// index would be an out-of-bounds read in the kernels: the whole table is checked.
+struct Table {
+  const int32_t *ip = nullptr, *ix = nullptr, *lp = nullptr, *st = nullptr;
+  py::array start_arr;  // keeps `start` referenced while st is in use
+};
+
+Table checked_table(py::array indptr, py::array indices, py::array last_page_len,
+                    py::object start, int64_t B, int64_t BS, int64_t NB) {
+  Table t;
+  const int32_t* ip = t.ip = checked<int32_t>(indptr, "indptr", 1, false);
+  const int32_t* ix = t.ix = checked<int32_t>(indices, "indices", 1, false);
+  const int32_t* lp = t.lp = checked<int32_t>(last_page_len, "last_page_len", 1, false);
+  const int64_t n_indices = indices.shape(0);
+  if (indptr.shape(0) < B + 1 || last_page_len.shape(0) < B) {
+    throw std::invalid_argument("page table covers fewer streams than the batch of " +
+                                std::to_string(B));
+  }
+  if (!start.is_none()) {
+    t.start_arr = start.cast<py::array>();
+    t.st = checked<int32_t>(t.start_arr, "start", 1, false);
+    if (t.start_arr.shape(0) < B) throw std::invalid_argument("start covers fewer than batch");
+  }
+  const int32_t* st = t.st;
   if (ip[0] != 0) throw std::invalid_argument("indptr[0] must be 0");
   for (int64_t b = 0; b < B; ++b) {
     if (ip[b + 1] < ip[b] || ip[b + 1] > n_indices) {
@@ -103,6 +124,7 @@ void validate_table(const int32_t* ip, const int32_t* ix, int64_t n_indices, con
       }
     }
   }
+  return t;
 }
 
 void paged_attention(py::array q, py::array k, py::array v, py::array indptr, py::array indices,
@@ -111,9 +133,6 @@ void paged_attention(py::array q, py::array k, py::array v, py::array indptr, py
   const float* kp = checked<float>(k, "k_cache", 4, false);
   const float* vp = checked<float>(v, "v_cache", 4, false);
   float* op = checked<float>(out, "out", 3, true);
-  const int32_t* ip = checked<int32_t>(indptr, "indptr", 1, false);
-  const int32_t* ix = checked<int32_t>(indices, "indices", 1, false);
-  const int32_t* lp = checked<int32_t>(last_page_len, "last_page_len", 1, false);
   const int64_t B = q.shape(0), H = q.shape(1), D = q.shape(2);
   const int64_t NB = k.shape(0), BS = k.shape(1), HKV = k.shape(2);
   if (k.shape(3) != D || shape_str(k) != shape_str(v)) {
@@ -128,20 +147,9 @@ void paged_attention(py::array q, py::array k, py::array v, py::array indptr, py
   if (shape_str(out) != shape_str(q)) {
     throw std::invalid_argument("out " + shape_str(out) + " must match q " + shape_str(q));
   }
-  if (indptr.shape(0) < B + 1 || last_page_len.shape(0) < B) {
-    throw std::invalid_argument("page table covers fewer streams than q's batch of " +
-                                std::to_string(B));
-  }
-  const int32_t* st = nullptr;
-  py::array start_arr;
-  if (!start.is_none()) {
-    start_arr = start.cast<py::array>();
-    st = checked<int32_t>(start_arr, "start", 1, false);
-    if (start_arr.shape(0) < B) throw std::invalid_argument("start covers fewer than batch");
-  }
-  validate_table(ip, ix, indices.shape(0), lp, st, B, BS, NB);
+  const Table t = checked_table(indptr, indices, last_page_len, start, B, BS, NB);
   py::gil_scoped_release nogil;
-  paged_decode_attention_cpu(qp, kp, vp, ip, ix, lp, st, B, H, HKV, D, BS,
+  paged_decode_attention_cpu(qp, kp, vp, t.ip, t.ix, t.lp, t.st, B, H, HKV, D, BS,
                              static_cast<float>(scale), op);
 }
 
@@ -168,7 +176,8 @@ void linear(py::array x, py::array panels, py::object bias, py::array y, int thr
 }
 
 // layers: one tuple per layer (ln1_w, ln1_b, w_qkv, w_o, ln2_w, ln2_b, w1, w2, ls1, ls2),
-// projections as panels (gemm_cpu.h), layer scales or None. Every shape is checked here, once per call.
+// projections as panels (gemm_cpu.h), layer scales or None. Every shape is checked here,
+// once per call.
 void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, py::array x,
                  py::array cos, py::array sin, py::array k_cache, py::array v_cache,
                  py::array slots, py::array indptr, py::array indices, py::array last_page_len,
@@ -204,20 +213,7 @@ void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, p
   for (int64_t b = 0; b < B; ++b) {
     if (sl[b] < 0 || sl[b] >= NB * BS) throw std::invalid_argument("slot out of range");
   }
-  const int32_t* ip = checked<int32_t>(indptr, "indptr", 1, false);
-  const int32_t* ix = checked<int32_t>(indices, "indices", 1, false);
-  const int32_t* lp = checked<int32_t>(last_page_len, "last_page_len", 1, false);
-  if (indptr.shape(0) < B + 1 || last_page_len.shape(0) < B) {
-    throw std::invalid_argument("page table covers fewer streams than the batch");
-  }
-  const int32_t* st = nullptr;
-  py::array start_arr;
-  if (!start.is_none()) {
-    start_arr = start.cast<py::array>();
-    st = checked<int32_t>(start_arr, "start", 1, false);
-    if (start_arr.shape(0) < B) throw std::invalid_argument("start covers fewer than batch");
-  }
-  validate_table(ip, ix, indices.shape(0), lp, st, B, BS, NB);
+  const Table t = checked_table(indptr, indices, last_page_len, start, B, BS, NB);
 
   const int64_t attn = heads * D, nqkv = (heads + 2 * kv_heads) * D;
   std::vector<py::array> keep;  // the arrays stay referenced until the call returns
@@ -257,7 +253,7 @@ void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, p
   }
   const DecodeShape shape{d, heads, kv_heads, D, ff, BS, static_cast<float>(eps)};
   py::gil_scoped_release nogil;
-  decode_step_f32(ws, shape, xp, B, cp, sp, kp, vp, NB, sl, ip, ix, lp, st, threads);
+  decode_step_f32(ws, shape, xp, B, cp, sp, kp, vp, NB, sl, t.ip, t.ix, t.lp, t.st, threads);
 }
 
 }  // namespace
