@@ -131,7 +131,7 @@ class Engine:
 
         sid = self.cache.new_stream()
         fb.prefill(self.gen.backbone, self.cache, sid,
-                   rows.detach().to(self.gen.device, self.gen.dtype))
+                   rows.detach().to(self.gen.device, self.gen.dtype), outputs=False)
         self._templates += need
         return Shared(sid, rows.detach().clone())
 

@@ -63,7 +63,7 @@ class FastFlowLM:
         if not torch.isfinite(prefix).all():
             raise ValueError("prefix holds NaN or Inf")
         if prefix.shape[0]:
-            fb.prefill(self.backbone, cache, stream, prefix)
+            fb.prefill(self.backbone, cache, stream, prefix, outputs=False)
 
     @torch.no_grad()
     def step(self, cache, streams, latents: torch.Tensor, *, temp: float = 0.7,

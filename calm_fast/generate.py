@@ -198,7 +198,7 @@ class CALMGenerator:
             try:
                 rows = torch.cat([dev(rows), lat_rows])
                 if len(rows):
-                    fb.prefill(self.backbone, cache, sid, rows)
+                    fb.prefill(self.backbone, cache, sid, rows, outputs=False)
             except BaseException:
                 cache.free(sid)
                 raise

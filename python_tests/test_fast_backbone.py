@@ -143,3 +143,19 @@ def test_int8_linear_rejects_bad_weights():
 
     with pytest.raises(ValueError, match="float"):
         Int8Linear(torch.zeros(4, 4, dtype=torch.int32))
+
+
+def test_prefill_without_outputs_fills_the_same_cache():
+    """outputs=False stops the last layer after its K/V: the cache, hence every later step,
+    is the same."""
+    p = fb.pack_transformer(random_sd(layers=3, seed=9), heads=4)
+    g = torch.Generator().manual_seed(2)
+    prefix, nxt = torch.randn(7, 32, generator=g), torch.randn(3, 1, 32, generator=g)
+    outs = []
+    for full in (True, False):
+        cache = p.make_cache(16, 4)
+        s = cache.new_stream()
+        got = fb.prefill(p, cache, s, prefix, outputs=full)
+        assert (got is None) == (not full)
+        outs.append(torch.cat([fb.step(p, cache, [s], x) for x in nxt]))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
