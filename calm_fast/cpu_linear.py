@@ -116,19 +116,31 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     return w(x)
 
 
-def inference_linear(mod: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``mod(x)`` through a panel-packed copy of its weight when nothing needs gradients
-    and x is fp32 on CPU (the copy is made on first use and remade when the weight
-    changes); ``mod(x)`` otherwise. For small inference-only modules (the VAE's windowed
-    Transformer: its 16-row linears per frame take ~4 ms through nn.Linear, ~1 ms here)."""
-    w = mod.weight
-    if (_native is None or torch.is_grad_enabled() or x.dtype != torch.float32
-            or x.device.type != "cpu" or w.dtype != torch.float32 or w.device.type != "cpu"):
-        return mod(x)
-    key = (w.data_ptr(), w._version, None if mod.bias is None else mod.bias._version)
-    cached = mod.__dict__.get("_packed")
+def cached_packed(owner: torch.nn.Module, w: torch.Tensor, make,
+                  bias: torch.Tensor | None = None) -> SplitLinear | None:
+    """A SplitLinear over ``make(w)`` (the weight as [in, out]) kept on ``owner`` and remade
+    when ``w`` or ``bias`` change (an optimizer step bumps their version); None when
+    gradients are wanted, w is not an fp32 CPU tensor or the extension is missing (the
+    caller then runs its torch op)."""
+    if (_native is None or torch.is_grad_enabled() or w.dtype != torch.float32
+            or w.device.type != "cpu"):
+        return None
+    key = (w.data_ptr(), w._version, None if bias is None else bias._version)
+    cached = owner.__dict__.get("_packed")
     if cached is None or cached[0] != key:
-        cached = (key, SplitLinear(w.detach().t(), None if mod.bias is None
-                                   else mod.bias.detach().float()))
-        mod.__dict__["_packed"] = cached
-    return cached[1](x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], w.shape[0])
+        cached = (key, SplitLinear(make(w.detach()),
+                                   None if bias is None else bias.detach().float()))
+        owner.__dict__["_packed"] = cached
+    return cached[1]
+
+
+def inference_linear(mod: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``mod(x)`` through a panel-packed copy of its weight (``cached_packed``) when nothing
+    needs gradients and x is fp32 on CPU; ``mod(x)`` otherwise. For small inference-only
+    modules (the VAE's windowed Transformer: its 16-row linears per frame take ~4 ms
+    through nn.Linear, ~1 ms here)."""
+    lin = cached_packed(mod, mod.weight, lambda w: w.t(), mod.bias) \
+        if x.dtype == torch.float32 and x.device.type == "cpu" else None
+    if lin is None:
+        return mod(x)
+    return lin(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], mod.weight.shape[0])

@@ -167,7 +167,7 @@ def test_decode_slots_join_and_leave_equal_offline_decode():
 
     torch.manual_seed(0)
     vae = VAE(vae_preset("tiny")).eval()
-    C, n = vae.cfg.latent_dim, vae.cfg.frame_size
+    C = vae.cfg.latent_dim
     starts, lengths = [0, 2, 5], [9, 6, 4]  # window 12 rows = 6 frames: all pass it
     lat = [torch.randn(1, L, C) for L in lengths]
     with torch.no_grad():
@@ -192,3 +192,22 @@ def test_decode_slots_join_and_leave_equal_offline_decode():
     assert slots.open_slots == [] and slots.cache.manager.num_streams == 0
     with pytest.raises(ValueError, match="open slots"):
         slots.decode([0], torch.randn(1, 1, C))
+
+
+@pytest.mark.parametrize("kernel,stride,dilation", [(7, 1, 1), (3, 1, 2), (4, 2, 1), (1, 1, 1)])
+def test_short_conv_as_packed_gemm_equals_the_conv(kernel, stride, dilation):
+    """No-grad convs over short inputs run as one GEMM over the packed weight (B x T_out <=
+    256); longer ones and autograd run torch's conv. Both give the same numbers."""
+    from calm_fast.vae import CausalConv
+
+    torch.manual_seed(kernel + stride)
+    conv = CausalConv(24, 40, kernel, stride, dilation)
+    for T in (16 * stride, 300 * stride):  # under and over the 256 rows of the GEMM path
+        x = torch.randn(2, 24, T + (kernel - 1) * dilation + 1 - stride)
+        with torch.no_grad():
+            got = conv._small_as_gemm(x)
+        torch.testing.assert_close(got, conv.conv(x), rtol=1e-5, atol=1e-5)
+    assert "_packed" in conv.__dict__  # the short input took the GEMM path
+    x.requires_grad_(True)
+    conv._small_as_gemm(x[..., :40]).sum().backward()  # autograd: torch's conv
+    assert x.grad is not None
