@@ -25,7 +25,8 @@ Audio (with ``vae=``): the frames made in a step are decoded as one VAE batch. W
 (and whatever is left when it finishes): the first audio comes after one frame, and later
 chunks amortise the decoder's per-call cost over several frames. Chunks shrink when many
 streams run, to keep a decode call near ``DECODE_ROWS`` stream-frames: the `pocket` Mimi,
-ms per stream-frame (2 threads; streams x frames per call):
+ms per stream-frame (2 threads; streams x frames per call; before the VAE's packed linears,
+which brought 1 x 1 to ~9 and 1 x 8 to ~4.8):
 
     1 x 1: 12.6   1 x 4: 6.6   4 x 4: 5.0   16 x 1: 5.2   16 x 4: 4.4   64 x 1: 4.8   64 x 4: 7.3
 
