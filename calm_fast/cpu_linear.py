@@ -82,9 +82,8 @@ class SplitLinear:
                     None if self.b is None else self.b.numpy(), y.numpy(),
                     torch.get_num_threads())
             return y
-        w = self.weight()
         if self.native:  # autograd or another dtype: plain matmul on the unpacked weight
-            y = x @ w.to(x.dtype)
+            y = x @ self.weight().to(x.dtype)
             return y if self.b is None else y + self.b.to(x.dtype)
         if self.kparts > 1 and B <= self.ROW_BLOCK_MAX_ROWS:
             xs = x.reshape(B, self.kparts, K // self.kparts).transpose(0, 1)
@@ -116,14 +115,14 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     return w(x)
 
 
-def cached_packed(owner: torch.nn.Module, w: torch.Tensor, make,
-                  bias: torch.Tensor | None = None) -> SplitLinear | None:
+def cached_packed(owner: torch.nn.Module, w: torch.Tensor, make, bias: torch.Tensor | None,
+                  x: torch.Tensor) -> SplitLinear | None:
     """A SplitLinear over ``make(w)`` (the weight as [in, out]) kept on ``owner`` and remade
-    when ``w`` or ``bias`` change (an optimizer step bumps their version); None when
-    gradients are wanted, w is not an fp32 CPU tensor or the extension is missing (the
-    caller then runs its torch op)."""
-    if (_native is None or torch.is_grad_enabled() or w.dtype != torch.float32
-            or w.device.type != "cpu"):
+    when ``w`` or ``bias`` change (an optimizer step bumps their version), for the input
+    ``x``; None when gradients are wanted, w or x is not an fp32 CPU tensor or the extension
+    is missing (the caller then runs its torch op)."""
+    if (_native is None or torch.is_grad_enabled()
+            or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (w, x))):
         return None
     key = (w.data_ptr(), w._version, None if bias is None else bias._version)
     cached = owner.__dict__.get("_packed")
@@ -139,8 +138,7 @@ def inference_linear(mod: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     needs gradients and x is fp32 on CPU; ``mod(x)`` otherwise. For small inference-only
     modules (the VAE's windowed Transformer: its 16-row linears per frame take ~4 ms
     through nn.Linear, ~1 ms here)."""
-    lin = cached_packed(mod, mod.weight, lambda w: w.t(), mod.bias) \
-        if x.dtype == torch.float32 and x.device.type == "cpu" else None
+    lin = cached_packed(mod, mod.weight, lambda w: w.t(), mod.bias, x)
     if lin is None:
         return mod(x)
     return lin(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], mod.weight.shape[0])

@@ -82,7 +82,7 @@ def native_decode_step(layers, heads, kv_heads, eps, x, cos, sin, k_cache, v_cac
     ``layers`` as numpy tuples (fast_backbone.native_layers), x [B, d] (copied, then
     updated), cos/sin [B, Dh/2], the full [layers, blocks, ...] K/V pools, int64 ``slots``
     [B] and ``table`` = cache.page_table(...). Returns the new x."""
-    out = x.detach().contiguous().clone()
+    out = x.detach().clone(memory_format=torch.contiguous_format)
     indptr, indices, last, start = table
     _C.decode_step(layers, heads, kv_heads, eps, out.numpy(), cos.contiguous().numpy(),
                    sin.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),

@@ -154,10 +154,8 @@ class CausalConv(nn.Module):
         c = self.conv
         K, S, D = c.kernel_size[0], c.stride[0], c.dilation[0]
         T = (x.shape[-1] - (K - 1) * D - 1) // S + 1
-        if c.groups != 1 or x.shape[0] * T > 256 or x.dtype != torch.float32 \
-                or x.device.type != "cpu":
-            return c(x)
-        lin = cached_packed(self, c.weight, lambda w: w.reshape(w.shape[0], -1).t(), c.bias)
+        lin = None if c.groups != 1 or x.shape[0] * T > 256 else \
+            cached_packed(self, c.weight, lambda w: w.reshape(w.shape[0], -1).t(), c.bias, x)
         if lin is None:
             return c(x)
         cols = x.unfold(-1, (K - 1) * D + 1, S)[..., ::D]  # [B, C_in, T_out, K]
@@ -184,8 +182,7 @@ class CausalConvTranspose(nn.Module):
         S, O = c.stride[0], c.out_channels
         if c.groups == 1:  # the packed GEMM when no gradient is wanted (cpu_linear)
             xt = x.transpose(1, 2).reshape(B * T, C)
-            lin = cached_packed(self, c.weight, lambda w: w.reshape(w.shape[0], -1)) \
-                if x.dtype == torch.float32 and x.device.type == "cpu" else None
+            lin = cached_packed(self, c.weight, lambda w: w.reshape(w.shape[0], -1), None, x)
             a = lin(xt) if lin is not None else xt @ c.weight.reshape(C, -1)
             a = a.view(B, T, O, 2 * S).transpose(1, 2)
         else:  # depthwise
@@ -328,7 +325,6 @@ class WindowedTransformer(nn.Module):
         for s in ids:  # the next call's first row needs the W - 1 rows before it
             cache.trim_front(s, W - 1)
         return h
-
 
     @staticmethod
     def _key_rows(cache: PagedKVCache, ids, off: torch.Tensor, Lk: int) -> torch.Tensor:

@@ -58,29 +58,25 @@ int64_t live_rows(const Args& a, int64_t b, int64_t* first) {
   return p1 > p0 ? (int64_t)(p1 - p0 - 1) * a.block_size + a.last_page_len[b] - *first : 0;
 }
 
-// Attention of stream b over its live rows [t0, t1) for kv heads [g0, g1) (and their
-// query-head groups), unnormalised: o[h] = sum_t exp(s_t - m[h]) v_t and
-// l[h] = sum_t exp(s_t - m[h]). Within a row all requested heads are handled together, so
-// a task over every head reads each cache row as one contiguous run.
-void attend_part(const Args& a, int64_t b, int64_t g0, int64_t g1, int64_t t0, int64_t t1,
-                 float* o, float* m, float* l) {
-  const int64_t group = a.heads / a.kv_heads;
-  const int64_t nh = (g1 - g0) * group;  // query heads handled here
+// Attention of stream b (its live rows starting ``first`` rows into its first page) over
+// rows [t0, t1), every head, unnormalised: o[h] = sum_t exp(s_t - m[h]) v_t and
+// l[h] = sum_t exp(s_t - m[h]). Within a row all heads are handled together, so each cache
+// row is read as one contiguous run.
+void attend_part(const Args& a, int64_t b, int64_t first, int64_t t0, int64_t t1, float* o,
+                 float* m, float* l) {
+  const int64_t group = a.heads / a.kv_heads, nh = a.heads;
   std::fill(o, o + nh * a.dim, 0.0f);
   std::fill(m, m + nh, -std::numeric_limits<float>::infinity());
   std::fill(l, l + nh, 0.0f);
   const int64_t rows = t1 - t0;
   if (rows <= 0) return;
-  int64_t first = 0;
-  live_rows(a, b, &first);
-  const float* qb = a.q + (b * a.heads + g0 * group) * a.dim;
+  const float* qb = a.q + b * a.heads * a.dim;
   thread_local std::vector<float> scores;  // reused across calls: no per-task allocation
   scores.resize(nh * rows);
   for_each_row(a, b, first, t0, t1, [&](int64_t t, int64_t row) {
     const float* krow = a.k + row;
     for (int64_t h = 0; h < nh; ++h) {
-      scores[h * rows + t - t0] =
-          dot(qb + h * a.dim, krow + (g0 + h / group) * a.dim, a.dim) * a.scale;
+      scores[h * rows + t - t0] = dot(qb + h * a.dim, krow + (h / group) * a.dim, a.dim) * a.scale;
     }
   });
   for (int64_t h = 0; h < nh; ++h) {
@@ -99,7 +95,7 @@ void attend_part(const Args& a, int64_t b, int64_t g0, int64_t g1, int64_t t0, i
     const float* vrow = a.v + row;
     for (int64_t h = 0; h < nh; ++h) {
       const float w = scores[h * rows + t - t0];
-      const float* vr = vrow + (g0 + h / group) * a.dim;
+      const float* vr = vrow + (h / group) * a.dim;
       float* oh = o + h * a.dim;
       for (int64_t d = 0; d < a.dim; ++d) oh[d] += w * vr[d];
     }
@@ -119,41 +115,23 @@ void paged_decode_attention_cpu(const float* q, const float* k, const float* v,
 #ifdef CALM_FAST_OPENMP
   threads = omp_get_max_threads();
 #endif
-  if (batch >= threads) {
-    // Enough streams to keep every thread busy: one task per stream, contiguous rows.
-#ifdef CALM_FAST_OPENMP
-#pragma omp parallel for schedule(dynamic, 1)
-#endif
-    for (int64_t b = 0; b < batch; ++b) {
-      thread_local std::vector<float> ml;
-      ml.resize(2 * heads);
-      float* o = out + b * heads * dim;
-      int64_t first = 0;
-      attend_part(a, b, 0, kv_heads, 0, live_rows(a, b, &first), o, ml.data(),
-                  ml.data() + heads);
-      for (int64_t h = 0; h < heads; ++h) {
-        const float inv = ml[heads + h] > 0.0f ? 1.0f / ml[heads + h] : 0.0f;
-        for (int64_t d = 0; d < dim; ++d) o[h * dim + d] *= inv;
-      }
-    }
-    return;
-  }
-  // Few streams (batch 1 decode): split each stream's rows into contiguous chunks, one per
-  // thread, each over every head (split-K, as flash-decoding does), then merge the partial
-  // softmaxes. Splitting by head instead had each thread read a 256-byte piece of every
-  // 4 KB cache row: 12 GB/s against ~30 for contiguous runs (`pocket`, ctx 512, batch 1).
-  const int64_t chunks = threads;
+  // Enough streams to keep every thread busy: one task per stream. Fewer (batch 1 decode):
+  // each stream's rows split into one contiguous chunk per thread, each over every head
+  // (split-K, as flash-decoding does). Either way the partial softmaxes are then merged.
+  // Splitting by head instead had each thread read a 256-byte piece of every 4 KB cache
+  // row: 12 GB/s against ~30 for contiguous runs (`pocket`, ctx 512, batch 1).
+  const int64_t chunks = batch >= threads ? 1 : threads;
   std::vector<float> po(batch * chunks * heads * dim), pm(batch * chunks * heads),
       pl(batch * chunks * heads);
 #ifdef CALM_FAST_OPENMP
-#pragma omp parallel for collapse(2) schedule(static, 1)
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
 #endif
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t c = 0; c < chunks; ++c) {
       int64_t first = 0;
       const int64_t rows = live_rows(a, b, &first);
       const int64_t i = (b * chunks + c) * heads;
-      attend_part(a, b, 0, kv_heads, rows * c / chunks, rows * (c + 1) / chunks,
+      attend_part(a, b, first, rows * c / chunks, rows * (c + 1) / chunks,
                   po.data() + i * dim, pm.data() + i, pl.data() + i);
     }
   }
@@ -166,7 +144,7 @@ void paged_decode_attention_cpu(const float* q, const float* k, const float* v,
       float sum = 0.0f;
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t i = (b * chunks + c) * heads + h;
-        if (pl[i] == 0.0f) continue;  // an empty chunk
+        if (pl[i] == 0.0f) continue;  // an empty chunk (or a stream with no live rows)
         const float w = std::exp(pm[i] - mx);
         sum += w * pl[i];
         for (int64_t d = 0; d < dim; ++d) o[d] += w * po[i * dim + d];
