@@ -289,9 +289,12 @@ class Engine:
         ring = {s.idx: s.ring for s in self.active}
         dev = next(self.decoder.vae.parameters()).device
         audio = {}
-        for rids in groups.values():
-            lat = torch.stack([torch.stack(self._undecoded[r]) for r in rids]).to(dev)
-            audio.update(zip(rids, self.decoder.decode([ring[r] for r in rids], lat)))
+        for frames, rids in groups.items():
+            per_call = max(1, self.DECODE_ROWS // frames)  # calls of <= DECODE_ROWS rows
+            for i in range(0, len(rids), per_call):
+                part = rids[i:i + per_call]
+                lat = torch.stack([torch.stack(self._undecoded[r]) for r in part]).to(dev)
+                audio.update(zip(part, self.decoder.decode([ring[r] for r in part], lat)))
             for r in rids:
                 self._undecoded[r] = []
                 self._chunks[r] = self._chunks.get(r, 0) + 1

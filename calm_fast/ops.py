@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from .kernels import fused_head as _fh
 from .kernels import paged_attention as _pa
@@ -63,32 +64,93 @@ def paged_decode_attention(q, k_cache, v_cache, indptr, indices, last_page_len,
     return out
 
 
-# -- the whole backbone decode step, fp32 CPU, 1-4 rows ---------------------------------------
-NATIVE_STEP_MAX_ROWS = 4
+# -- causal sliding-window attention of T rows per stream (the VAE's Transformer) ----------------
+def window_attention_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether ``window_attention`` has its C++ path: fp32 CPU tensors without autograd, the
+    extension built and the reference not forced (else the caller runs torch: a gather of
+    the keys and a masked SDPA, vae.WindowedTransformer)."""
+    return (_C is not None and hasattr(_C, "window_attention") and not force_reference()
+            and q.device.type == "cpu" and q.dtype == torch.float32
+            and k_cache.dtype == torch.float32 and not q.requires_grad
+            and window_head_dim_ok(q.shape[-1]))
 
 
+def window_head_dim_ok(head_dim: int) -> bool:
+    """The C++ window attention keeps a head's row in 1-8 vectors of 16 floats."""
+    return head_dim in (16, 32, 64, 128)
+
+
+def window_attention(q, k_cache, v_cache, table, window: int, scale=None) -> torch.Tensor:
+    """q [B, T, H, D], the T new rows of each stream (their K/V already in the pages, last):
+    row t attends to its stream's last ``window`` rows up to itself. k/v_cache: one layer's
+    [blocks, block_size, kv_heads, D]; table = cache.page_table(streams). The C++ kernel
+    (csrc/window_attention_cpu.cpp) on fp32 CPU, else the reference."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not window_attention_ok(q, k_cache):
+        return window_attention_ref(q, k_cache, v_cache, table, window, scale)
+    indptr, indices, last, start = table
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    _C.window_attention(q.numpy(), k_cache.numpy(), v_cache.numpy(), indptr.numpy(),
+                        indices.numpy(), last.numpy(), None if start is None else start.numpy(),
+                        int(window), scale, out.numpy(), torch.get_num_threads())
+    return out
+
+
+def window_attention_ref(q, k_cache, v_cache, table, window: int, scale=None) -> torch.Tensor:
+    """The same in torch: every stream's live rows gathered with one index op, left-padded
+    to the longest (padding points at a real row and is masked), then a masked SDPA."""
+    indptr, indices, last, start = (t.long().cpu() for t in table)
+    B, T, H, D = q.shape
+    bs, Hk = k_cache.shape[1], k_cache.shape[2]
+    start = torch.zeros_like(last) if start is None else start
+    n = (indptr[1:B + 1] - indptr[:B] - 1) * bs + last[:B] - start[:B]  # live rows
+    if bool((n < T).any()):
+        raise ValueError(f"every stream needs its {T} query rows in the cache")
+    L = int(n.max())
+    off = L - n  # left padding per stream
+    u = start[:B, None] + (torch.arange(L)[None] - off[:, None]).clamp(min=0)
+    rows = (indices[indptr[:B, None] + u // bs] * bs + u % bs).reshape(-1).to(q.device)
+    K = k_cache.reshape(-1, Hk, D)[rows].view(B, L, Hk, D)
+    V = v_cache.reshape(-1, Hk, D)[rows].view(B, L, Hk, D)
+    if H != Hk:
+        K, V = K.repeat_interleave(H // Hk, 2), V.repeat_interleave(H // Hk, 2)
+    qpos = (n - T)[:, None, None] + torch.arange(T)[None, :, None]  # [B, T, 1]
+    kpos = torch.arange(L)[None, None] - off[:, None, None]  # [B, 1, L]
+    mask = ((kpos >= 0) & (kpos <= qpos) & (kpos > qpos - window))[:, None].to(q.device)
+    a = F.scaled_dot_product_attention(q.transpose(1, 2), K.transpose(1, 2).to(q.dtype),
+                                       V.transpose(1, 2).to(q.dtype), attn_mask=mask,
+                                       scale=scale)
+    return a.transpose(1, 2)
+
+
+# -- every layer of a Transformer step in one call, fp32 CPU ------------------------------------
 def native_decode_step_ok(x: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether ``native_decode_step`` applies: the extension is built, the reference is not
-    forced, and x / the cache are fp32 CPU tensors with 1-4 rows and no autograd."""
+    forced, and x / the cache are fp32 CPU tensors without autograd. Any row count: at
+    `pocket` shapes it was 1.1-1.2x faster than op by op from 1 to 64 rows (ctx ~200,
+    2 threads, same run)."""
     return (_C is not None and hasattr(_C, "decode_step") and not force_reference()
             and x.device.type == "cpu" and x.dtype == torch.float32
-            and k_cache.dtype == torch.float32 and 1 <= x.shape[0] <= NATIVE_STEP_MAX_ROWS
-            and not x.requires_grad)
+            and k_cache.dtype == torch.float32 and x.shape[0] >= 1 and not x.requires_grad)
 
 
 def native_decode_step(layers, heads, kv_heads, eps, x, cos, sin, k_cache, v_cache, slots,
-                       table) -> torch.Tensor:
-    """Every layer of one backbone decode step in one C++ call (csrc/decode_step_cpu.cpp):
+                       table, queries: int = 1, window: int = 0) -> torch.Tensor:
+    """Every layer of one Transformer step in one C++ call (csrc/decode_step_cpu.cpp):
     ``layers`` as numpy tuples (fast_backbone.native_layers), x [B, d] (copied, then
     updated), cos/sin [B, Dh/2], the full [layers, blocks, ...] K/V pools, int64 ``slots``
-    [B] and ``table`` = cache.page_table(...). Returns the new x."""
+    [B] and ``table`` = cache.page_table(...). Returns the new x. Each row is one stream's
+    next position (the backbone), or with ``queries`` = T the rows are streams of T
+    consecutive rows attending causally over their stream's last ``window`` rows (0: all;
+    the VAE's windowed Transformer)."""
     out = x.detach().clone(memory_format=torch.contiguous_format)
     indptr, indices, last, start = table
     _C.decode_step(layers, heads, kv_heads, eps, out.numpy(), cos.contiguous().numpy(),
                    sin.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
                    slots.to(torch.int64).contiguous().numpy(), indptr.numpy(),
                    indices.numpy(), last.numpy(), None if start is None else start.numpy(),
-                   torch.get_num_threads())
+                   queries=queries, window=window, threads=torch.get_num_threads())
     return out
 
 

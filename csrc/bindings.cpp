@@ -4,10 +4,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "conv_cpu.h"
 #include "decode_step_cpu.h"
 #include "gemm_cpu.h"
 #include "kv_manager.h"
 #include "paged_attention_cpu.h"
+#include "window_attention_cpu.h"
 
 namespace py = pybind11;
 using namespace calm_fast;
@@ -38,6 +40,37 @@ std::string shape_str(const py::array& a) {
   std::string s = "(";
   for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
   return s + ")";
+}
+
+
+// A [B, rows, C] float32 view whose rows are contiguous (row stride C, element stride 1) and
+// whose batch stride is free: a slice of a longer buffer (rows after a causal context) or
+// of every batch's last row.
+struct Rows {
+  float* data = nullptr;
+  int64_t bstride = 0;
+};
+
+Rows rows_view(py::array& a, const char* name, bool writable) {
+  if (!a.dtype().is(py::dtype::of<float>())) {
+    throw std::invalid_argument(std::string(name) + " has dtype " +
+                                std::string(py::str(a.dtype())) + ", expected float32");
+  }
+  if (a.ndim() != 3) {
+    throw std::invalid_argument(std::string(name) + " must be [B, rows, C], got " +
+                                std::to_string(a.ndim()) + " dims");
+  }
+  const auto f = static_cast<py::ssize_t>(sizeof(float));
+  if ((a.shape(2) > 1 && a.strides(2) != f) ||
+      (a.shape(1) > 1 && a.strides(1) != a.shape(2) * f) || a.strides(0) % f != 0 ||
+      (a.shape(0) > 1 && a.strides(0) < a.shape(1) * a.shape(2) * f)) {
+    throw std::invalid_argument(std::string(name) +
+                                " must have contiguous rows and non-overlapping batches");
+  }
+  if (writable && !a.writeable()) {
+    throw std::invalid_argument(std::string(name) + " must be writable");
+  }
+  return {static_cast<float*>(a.mutable_data()), a.strides(0) / f};
 }
 
 py::tuple to_python(const AppendResult& r, std::vector<py::ssize_t> slot_shape) {
@@ -153,6 +186,51 @@ void paged_attention(py::array q, py::array k, py::array v, py::array indptr, py
                              static_cast<float>(scale), op);
 }
 
+
+// q [B, T, H, D] and out; k/v caches [blocks, block_size, kv_heads, D] (one layer); the page
+// table of the B streams, each with at least T live rows (the queries' own, last).
+void window_attention(py::array q, py::array k_cache, py::array v_cache, py::array indptr,
+                      py::array indices, py::array last_page_len, py::object start,
+                      int64_t window, double scale, py::array out, int threads) {
+  const float* qp = checked<float>(q, "q", 4, false);
+  const float* kp = checked<float>(k_cache, "k_cache", 4, false);
+  const float* vp = checked<float>(v_cache, "v_cache", 4, false);
+  float* op = checked<float>(out, "out", 4, true);
+  const int64_t B = q.shape(0), T = q.shape(1), H = q.shape(2), D = q.shape(3);
+  const int64_t NB = k_cache.shape(0), BS = k_cache.shape(1), HKV = k_cache.shape(2);
+  if (shape_str(k_cache) != shape_str(v_cache) || k_cache.shape(3) != D) {
+    throw std::invalid_argument("k_cache " + shape_str(k_cache) + " and v_cache " +
+                                shape_str(v_cache) + " must both be (num_blocks, block_size, "
+                                "kv_heads, " + std::to_string(D) + ")");
+  }
+  if (HKV <= 0 || H % HKV != 0) {
+    throw std::invalid_argument("query heads " + std::to_string(H) +
+                                " must be a multiple of kv heads " + std::to_string(HKV));
+  }
+  if (shape_str(out) != shape_str(q)) {
+    throw std::invalid_argument("out " + shape_str(out) + " must match q " + shape_str(q));
+  }
+  if (window < 1 || T < 1) throw std::invalid_argument("window and T must be >= 1");
+  if (!window_attention_dim_ok(D)) {
+    throw std::invalid_argument("window attention takes head_dim 16, 32, 64 or 128, got " +
+                                std::to_string(D));
+  }
+  const Table t = checked_table(indptr, indices, last_page_len, start, B, BS, NB);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t np = t.ip[b + 1] - t.ip[b];
+    const int64_t first = (t.st != nullptr && np > 0) ? t.st[b] : 0;
+    const int64_t n = np > 0 ? (np - 1) * BS + t.lp[b] - first : 0;
+    if (n < T) {
+      throw std::invalid_argument("stream " + std::to_string(b) + " has " + std::to_string(n) +
+                                  " live rows, fewer than its " + std::to_string(T) +
+                                  " queries");
+    }
+  }
+  py::gil_scoped_release nogil;
+  paged_window_attention_cpu(qp, kp, vp, t.ip, t.ix, t.lp, t.st, B, T, H, HKV, D, BS, window,
+                             static_cast<float>(scale), op, threads);
+}
+
 void linear(py::array x, py::array panels, py::object bias, py::array y, int threads) {
   const float* xp = checked<float>(x, "x", 2, false);
   const float* wp = checked<float>(panels, "panels", 3, false);
@@ -175,16 +253,124 @@ void linear(py::array x, py::array panels, py::object bias, py::array y, int thr
   calm_fast::gemm_panels_f32(xp, M, K, wp, N, bp, yp, threads);
 }
 
+
+// A causal conv over channels-last rows (conv_cpu.h). x [B, >= T + (taps - 1) dil, cin];
+// panels [ceil(N / 32), >= taps cin, 32]; y / e [B, T, N] (either may be None; not both);
+// bias [bias_n] with N % bias_n == 0; add0 [B, N]; res [B, T, N].
+void conv_rows(py::array x, py::array panels, int64_t taps, int64_t dil, int64_t T,
+               py::object bias, py::object add0, py::object res, py::object y, py::object e,
+               int threads) {
+  ConvCall c;
+  const Rows xv = rows_view(x, "x", false);
+  c.x = xv.data;
+  c.x_bstride = xv.bstride;
+  c.B = x.shape(0);
+  c.cin = x.shape(2);
+  c.taps = taps;
+  c.dil = dil;
+  c.T = T;
+  if (taps < 1 || dil < 1 || T < 0 || x.shape(1) < T + (taps - 1) * dil) {
+    throw std::invalid_argument("conv_rows: x " + shape_str(x) + " has too few rows for " +
+                                std::to_string(T) + " outputs of " + std::to_string(taps) +
+                                " taps at dilation " + std::to_string(dil));
+  }
+  if (y.is_none() && e.is_none()) throw std::invalid_argument("conv_rows: no output");
+  py::array ya, ea, ra, ba, aa;
+  int64_t N = -1;
+  auto out_view = [&](py::object o, py::array& arr, const char* name) -> Rows {
+    if (o.is_none()) return {};
+    arr = o.cast<py::array>();
+    const Rows v = rows_view(arr, name, true);
+    if (arr.shape(0) != c.B || arr.shape(1) != T || (N >= 0 && arr.shape(2) != N)) {
+      throw std::invalid_argument(std::string("conv_rows: ") + name + " " + shape_str(arr) +
+                                  " must be [" + std::to_string(c.B) + ", " +
+                                  std::to_string(T) + ", N]");
+    }
+    N = arr.shape(2);
+    return v;
+  };
+  const Rows yv = out_view(y, ya, "y"), ev = out_view(e, ea, "e");
+  c.y = yv.data;
+  c.y_bstride = yv.bstride;
+  c.e = ev.data;
+  c.e_bstride = ev.bstride;
+  c.N = N;
+  c.panels = checked<float>(panels, "panels", 3, false);
+  if (panels.shape(0) != (N + kPanel - 1) / kPanel || panels.shape(1) < taps * c.cin ||
+      panels.shape(2) != kPanel) {
+    throw std::invalid_argument("conv_rows: panels " + shape_str(panels) + " do not fit " +
+                                std::to_string(taps) + " taps x " + std::to_string(c.cin) +
+                                " inputs -> " + std::to_string(N) + " outputs");
+  }
+  c.panel_stride = panels.shape(1) * kPanel;
+  if (!bias.is_none()) {
+    ba = bias.cast<py::array>();
+    c.bias = checked<float>(ba, "bias", 1, false);
+    c.bias_n = ba.shape(0);
+    if (c.bias_n < 1 || N % c.bias_n != 0) {
+      throw std::invalid_argument("conv_rows: bias of " + std::to_string(c.bias_n) +
+                                  " does not divide N = " + std::to_string(N));
+    }
+  }
+  if (!add0.is_none()) {
+    aa = add0.cast<py::array>();
+    c.add0 = checked<float>(aa, "add0", 2, false);
+    if (aa.shape(0) != c.B || aa.shape(1) != N) {
+      throw std::invalid_argument("conv_rows: add0 " + shape_str(aa) + " must be [B, N]");
+    }
+  }
+  if (!res.is_none()) {
+    ra = res.cast<py::array>();
+    const Rows rv = rows_view(ra, "res", false);
+    if (ra.shape(0) != c.B || ra.shape(1) != T || ra.shape(2) != N) {
+      throw std::invalid_argument("conv_rows: res " + shape_str(ra) + " must be [B, T, N]");
+    }
+    c.res = rv.data;
+    c.res_bstride = rv.bstride;
+  }
+  py::gil_scoped_release nogil;
+  conv_rows_f32(c, threads);
+}
+
+// The one-output-channel conv: x [B, >= T + (taps - 1) dil, cin], w [taps * cin], y [B, T].
+void conv_rows_to_one(py::array x, py::array w, double bias, int64_t taps, int64_t dil,
+                      int64_t T, py::array y, int threads) {
+  const Rows xv = rows_view(x, "x", false);
+  const float* wp = checked<float>(w, "w", 1, false);
+  const int64_t B = x.shape(0), cin = x.shape(2);
+  if (taps < 1 || dil < 1 || T < 0 || x.shape(1) < T + (taps - 1) * dil ||
+      w.shape(0) != taps * cin) {
+    throw std::invalid_argument("conv_rows_to_one: x " + shape_str(x) + ", w " +
+                                shape_str(w) + " do not fit " + std::to_string(T) +
+                                " outputs of " + std::to_string(taps) + " taps");
+  }
+  if (y.ndim() != 2 || y.shape(0) != B || y.shape(1) != T || !y.writeable() ||
+      !y.dtype().is(py::dtype::of<float>()) || (T > 1 && y.strides(1) != sizeof(float))) {
+    throw std::invalid_argument("conv_rows_to_one: y must be a writable float32 [B, T] "
+                                "with contiguous rows, got " + shape_str(y));
+  }
+  float* yp = static_cast<float*>(y.mutable_data());
+  const int64_t ys = y.strides(0) / static_cast<int64_t>(sizeof(float));
+  py::gil_scoped_release nogil;
+  conv_rows_to_one_f32(xv.data, xv.bstride, B, T, cin, taps, dil, wp, static_cast<float>(bias),
+                       yp, ys, threads);
+}
+
 // layers: one tuple per layer (ln1_w, ln1_b, w_qkv, w_o, ln2_w, ln2_b, w1, w2, ls1, ls2),
 // projections as panels (gemm_cpu.h), layer scales or None. Every shape is checked here,
 // once per call.
 void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, py::array x,
                  py::array cos, py::array sin, py::array k_cache, py::array v_cache,
                  py::array slots, py::array indptr, py::array indices, py::array last_page_len,
-                 py::object start, int threads) {
+                 py::object start, int64_t queries, int64_t window, int threads) {
   float* xp = checked<float>(x, "x", 2, true);
   const int64_t B = x.shape(0), d = x.shape(1);
-  if (B < 1 || B > 4) throw std::invalid_argument("decode_step takes 1 to 4 rows");
+  if (B < 1) throw std::invalid_argument("decode_step needs at least one row");
+  if (queries < 1 || B % queries != 0 || window < 0) {
+    throw std::invalid_argument("decode_step: " + std::to_string(B) + " rows are not streams "
+                                "of " + std::to_string(queries) + " queries (window " +
+                                std::to_string(window) + ")");
+  }
   float* kp = checked<float>(k_cache, "k_cache", 5, true);
   float* vp = checked<float>(v_cache, "v_cache", 5, true);
   if (shape_str(k_cache) != shape_str(v_cache)) {
@@ -213,7 +399,22 @@ void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, p
   for (int64_t b = 0; b < B; ++b) {
     if (sl[b] < 0 || sl[b] >= NB * BS) throw std::invalid_argument("slot out of range");
   }
-  const Table t = checked_table(indptr, indices, last_page_len, start, B, BS, NB);
+  if ((queries > 1 || window > 0) && !window_attention_dim_ok(D)) {
+    throw std::invalid_argument("windowed steps take head_dim 16, 32, 64 or 128, got " +
+                                std::to_string(D));
+  }
+  const int64_t streams = B / queries;
+  const Table t = checked_table(indptr, indices, last_page_len, start, streams, BS, NB);
+  // windowed: each stream's queries are its last rows (a one-query step may hold padding
+  // streams without rows: they read nothing and get zeros, frame_step's buckets)
+  for (int64_t b = 0; (queries > 1 || window > 0) && b < streams; ++b) {
+    const int64_t np = t.ip[b + 1] - t.ip[b];
+    const int64_t first = (t.st != nullptr && np > 0) ? t.st[b] : 0;
+    if ((np > 0 ? (np - 1) * BS + t.lp[b] - first : 0) < queries) {
+      throw std::invalid_argument("stream " + std::to_string(b) + " holds fewer rows than its " +
+                                  std::to_string(queries) + " queries");
+    }
+  }
 
   const int64_t attn = heads * D, nqkv = (heads + 2 * kv_heads) * D;
   std::vector<py::array> keep;  // the arrays stay referenced until the call returns
@@ -253,7 +454,8 @@ void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, p
   }
   const DecodeShape shape{d, heads, kv_heads, D, ff, BS, static_cast<float>(eps)};
   py::gil_scoped_release nogil;
-  decode_step_f32(ws, shape, xp, B, cp, sp, kp, vp, NB, sl, t.ip, t.ix, t.lp, t.st, threads);
+  decode_step_f32(ws, shape, xp, B, cp, sp, kp, vp, NB, sl, t.ip, t.ix, t.lp, t.st, queries,
+                  window, threads);
 }
 
 }  // namespace
@@ -280,12 +482,31 @@ PYBIND11_MODULE(_C, m) {
         py::arg("threads") = 0,
         "y = x W (+ bias) for fp32 rows, W packed as panels (ceil(N / 32), K, 32)");
 
+
+  m.def("conv_rows", &conv_rows, py::arg("x"), py::arg("panels"), py::arg("taps"),
+        py::arg("dil"), py::arg("T"), py::arg("bias"), py::arg("add0"), py::arg("res"),
+        py::arg("y"), py::arg("e"), py::arg("threads") = 0,
+        "Causal conv over channels-last fp32 rows as an implicit GEMM over packed panels, "
+        "with bias, row-0 add, residual, and raw and / or ELU outputs");
+  m.def("conv_rows_to_one", &conv_rows_to_one, py::arg("x"), py::arg("w"), py::arg("bias"),
+        py::arg("taps"), py::arg("dil"), py::arg("T"), py::arg("y"), py::arg("threads") = 0,
+        "Causal conv over channels-last fp32 rows to one output channel");
+
+  m.def("window_attention", &window_attention, py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("indptr"), py::arg("indices"), py::arg("last_page_len"),
+        py::arg("start"), py::arg("window"), py::arg("scale"), py::arg("out"),
+        py::arg("threads") = 0,
+        "Causal sliding-window attention of T new rows per stream over paged fp32 K/V "
+        "(writes `out`)");
+
   m.def("decode_step", &decode_step, py::arg("layers"), py::arg("heads"), py::arg("kv_heads"),
         py::arg("eps"), py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("slots"), py::arg("indptr"), py::arg("indices"),
-        py::arg("last_page_len"), py::arg("start"), py::arg("threads") = 0,
-        "Every layer of a backbone decode step for 1-4 fp32 rows (x updated in place); "
-        "writes the rows' K/V at `slots` and attends over the page table");
+        py::arg("last_page_len"), py::arg("start"), py::arg("queries") = 1,
+        py::arg("window") = 0, py::arg("threads") = 0,
+        "Every layer of a pre-LN Transformer for a batch of fp32 rows (x updated in place); "
+        "writes the rows' K/V at `slots` and attends over the page table (one query per "
+        "stream, or `queries` rows per stream over its last `window` rows)");
 
 #ifdef CALM_FAST_OPENMP
   m.attr("has_openmp") = true;

@@ -12,14 +12,24 @@
 
 #include "gemm_cpu.h"
 #include "paged_attention_cpu.h"
+#include "simd.h"
+#include "window_attention_cpu.h"
+
 
 namespace calm_fast {
 
 namespace {
 
+// The loops over rows below run on the GEMMs' threads from 8 rows up (the VAE's Transformer
+// steps 256 rows at once: GELU over 256 x 2048 alone took ~1.8 ms on one thread).
+template <typename Fn>
+void each_row(int64_t B, int nt, Fn&& fn) {
+  parallel_for(B, B >= 8 ? nt : 1, fn);
+}
+
 void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t B, int64_t d,
-                float eps) {
-  for (int64_t r = 0; r < B; ++r) {
+                float eps, int nt) {
+  each_row(B, nt, [&](int64_t r) {
     const float* xr = x + r * d;
     float* yr = y + r * d;
     double mean = 0.0, var = 0.0;
@@ -29,44 +39,28 @@ void layer_norm(const float* x, const float* w, const float* b, float* y, int64_
     const float m = static_cast<float>(mean);
     const float inv = 1.0f / std::sqrt(static_cast<float>(var / static_cast<double>(d)) + eps);
     for (int64_t i = 0; i < d; ++i) yr[i] = (xr[i] - m) * inv * w[i] + b[i];
-  }
-}
-
-// exp(x) to ~1e-7 relative, in plain arithmetic that the compiler vectorises (std::tanh
-// is a scalar call: GELU over the 6 x 4096 FFN activations took 0.27-0.47 ms per frame,
-// this 0.014 ms). NaN stays NaN.
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -80.0f), 80.0f);
-  const float t = x * 1.44269504f + 12582912.0f;  // + 1.5 * 2^23 rounds to an integer
-  const float n = t - 12582912.0f;
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln 2, split
-  float p = 1.0f / 720.0f;  // Taylor to r^6 on |r| <= ln2 / 2: error < 1.3e-7
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (__builtin_bit_cast(int32_t, t) - 0x4B400000 + 127) << 23;  // 2^n
-  return p * __builtin_bit_cast(float, bits);
+  });
 }
 
 // GELU, tanh approximation, in place: 0.5 v (1 + tanh(u)), tanh(u) = (e - 1) / (e + 1) with
 // e = exp(2u).
-void gelu_tanh(float* v, int64_t n) {
+void gelu_tanh(float* v, int64_t B, int64_t n, int nt) {
   const float k0 = 0.7978845608028654f;  // sqrt(2 / pi)
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = v[i];
-    const float e = exp_approx(2.0f * k0 * (x + 0.044715f * x * x * x));
-    v[i] = 0.5f * x * (1.0f + (e - 1.0f) / (e + 1.0f));
-  }
+  each_row(B, nt, [&](int64_t r) {
+    float* vr = v + r * n;
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = vr[i];
+      const float e = exp_approx(2.0f * k0 * (x + 0.044715f * x * x * x));
+      vr[i] = 0.5f * x * (1.0f + (e - 1.0f) / (e + 1.0f));
+    }
+  });
 }
 
 // x += ls * upd (ls may be null).
-void residual(float* x, const float* upd, const float* ls, int64_t B, int64_t d) {
-  for (int64_t r = 0; r < B; ++r) {
+void residual(float* x, const float* upd, const float* ls, int64_t B, int64_t d, int nt) {
+  each_row(B, nt, [&](int64_t r) {
     for (int64_t i = 0; i < d; ++i) x[r * d + i] += ls ? ls[i] * upd[r * d + i] : upd[r * d + i];
-  }
+  });
 }
 
 }  // namespace
@@ -75,7 +69,9 @@ void decode_step_f32(const std::vector<DecodeLayerWeights>& layers, const Decode
                      float* x, int64_t B, const float* cos, const float* sin, float* k_cache,
                      float* v_cache, int64_t num_blocks, const int64_t* slots,
                      const int32_t* indptr, const int32_t* indices,
-                     const int32_t* last_page_len, const int32_t* start, int threads) {
+                     const int32_t* last_page_len, const int32_t* start, int64_t queries,
+                     int64_t window, int threads) {
+  const int nt = team(threads, B);
   const int64_t d = s.d_model, H = s.heads, Hk = s.kv_heads, D = s.head_dim, half = D / 2;
   const int64_t nqkv = (H + 2 * Hk) * D, row = Hk * D;
   const int64_t layer_floats = num_blocks * s.block_size * row;
@@ -91,17 +87,21 @@ void decode_step_f32(const std::vector<DecodeLayerWeights>& layers, const Decode
     const DecodeLayerWeights& L = layers[li];
     float* kc = k_cache + static_cast<int64_t>(li) * layer_floats;
     float* vc = v_cache + static_cast<int64_t>(li) * layer_floats;
-    layer_norm(x, L.ln1_w, L.ln1_b, h.data(), B, d, s.eps);
+    layer_norm(x, L.ln1_w, L.ln1_b, h.data(), B, d, s.eps, nt);
     gemm_panels_f32(h.data(), B, d, L.w_qkv, nqkv, nullptr, qkv.data(), threads);
-    for (int64_t b = 0; b < B; ++b) {
+    // the buffers are thread_local: inside the parallel loop their names would be the
+    // worker threads' own (empty) vectors, so the loop sees plain pointers
+    const float* qkv_p = qkv.data();
+    float* q_p = q.data();
+    each_row(B, nt, [&](int64_t b) {
       // RoPE on q (into q) and k (straight into its cache row); v copied as is.
-      const float* src = qkv.data() + b * nqkv;
+      const float* src = qkv_p + b * nqkv;
       const float* c = cos + b * half;
       const float* sn = sin + b * half;
       float* kdst = kc + slots[b] * row;
       for (int64_t hh = 0; hh < H + Hk; ++hh) {
         const float* in = src + hh * D;
-        float* out = hh < H ? q.data() + (b * H + hh) * D : kdst + (hh - H) * D;
+        float* out = hh < H ? q_p + (b * H + hh) * D : kdst + (hh - H) * D;
         for (int64_t j = 0; j < half; ++j) {
           const float re = in[2 * j], im = in[2 * j + 1];
           out[2 * j] = re * c[j] - im * sn[j];
@@ -111,16 +111,23 @@ void decode_step_f32(const std::vector<DecodeLayerWeights>& layers, const Decode
       const float* vsrc = src + (H + Hk) * D;
       float* vdst = vc + slots[b] * row;
       for (int64_t i = 0; i < row; ++i) vdst[i] = vsrc[i];
+    });
+    if (queries == 1 && window == 0) {
+      paged_decode_attention_cpu(q.data(), kc, vc, indptr, indices, last_page_len, start, B, H,
+                                 Hk, D, s.block_size, scale, attn.data());
+    } else {  // `queries` rows per stream, each over its last `window` rows (0: all)
+      paged_window_attention_cpu(q.data(), kc, vc, indptr, indices, last_page_len, start,
+                                 B / queries, queries, H, Hk, D, s.block_size,
+                                 window > 0 ? window : (int64_t{1} << 40), scale, attn.data(),
+                                 threads);
     }
-    paged_decode_attention_cpu(q.data(), kc, vc, indptr, indices, last_page_len, start, B, H,
-                               Hk, D, s.block_size, scale, attn.data());
     gemm_panels_f32(attn.data(), B, H * D, L.w_o, d, nullptr, upd.data(), threads);
-    residual(x, upd.data(), L.ls1, B, d);
-    layer_norm(x, L.ln2_w, L.ln2_b, h.data(), B, d, s.eps);
+    residual(x, upd.data(), L.ls1, B, d, nt);
+    layer_norm(x, L.ln2_w, L.ln2_b, h.data(), B, d, s.eps, nt);
     gemm_panels_f32(h.data(), B, d, L.w1, s.ff, nullptr, ff.data(), threads);
-    gelu_tanh(ff.data(), B * s.ff);
+    gelu_tanh(ff.data(), B, s.ff, nt);
     gemm_panels_f32(ff.data(), B, s.ff, L.w2, d, nullptr, upd.data(), threads);
-    residual(x, upd.data(), L.ls2, B, d);
+    residual(x, upd.data(), L.ls2, B, d, nt);
   }
 }
 

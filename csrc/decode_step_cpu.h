@@ -1,4 +1,5 @@
-// One decode step of the backbone (every layer) for 1-4 fp32 rows, in one native call.
+// Every layer of a pre-LN RoPE Transformer over a paged K/V cache for a batch of new fp32
+// rows, in one native call: the backbone's decode step, and the VAE's windowed Transformer.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -21,11 +22,15 @@ struct DecodeShape {
 // ((real, imag) pairs interleaved). k_cache/v_cache: [layers, num_blocks, block_size,
 // kv_heads, head_dim]; each row's new K/V goes to flat row slots[b] of every layer, then it
 // attends over its page table (see paged_attention_cpu.h), which must include that row.
+// queries > 1 or window > 0: the rows are B / queries streams of `queries` consecutive rows
+// each (the page table has B / queries entries) and attend causally over their stream's
+// last `window` rows (0: all of them; window_attention_cpu.h).
 // Inputs must already be validated.
 void decode_step_f32(const std::vector<DecodeLayerWeights>& layers, const DecodeShape& s,
                      float* x, int64_t B, const float* cos, const float* sin, float* k_cache,
                      float* v_cache, int64_t num_blocks, const int64_t* slots,
                      const int32_t* indptr, const int32_t* indices,
-                     const int32_t* last_page_len, const int32_t* start, int threads);
+                     const int32_t* last_page_len, const int32_t* start, int64_t queries,
+                     int64_t window, int threads);
 
 }  // namespace calm_fast

@@ -10,29 +10,12 @@
 #include "gemm_cpu.h"
 
 #include <algorithm>
-#include <cstring>
 
-#ifdef CALM_FAST_OPENMP
-#include <omp.h>
-#endif
+#include "simd.h"
 
 namespace calm_fast {
 
 namespace {
-
-// GCC/Clang vector extension: 16 floats, compiled to whatever the target has (one AVX-512
-// register, two AVX ones, ...).
-typedef float v16 __attribute__((vector_size(64)));
-
-inline v16 load(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-
-inline v16 splat(float a) { return v16{} + a; }
 
 // Rows [0, MR) of x times one panel: out [MR, 32] (row stride ldo), plus bias (32 or null).
 // With PF, the same k loop also prefetches ``next`` (the panel this thread takes next) into
@@ -128,17 +111,7 @@ void gemm_panels_f32(const float* x, int64_t M, int64_t K, const float* panels, 
   // 16, re-read 15.7 MB of rows per panel panel-major (71 ms at batch 64; rows outer: see
   // vae.CausalConvTranspose).
   const bool rows_outer = M > N;
-  int T = 1;
-#ifdef CALM_FAST_OPENMP
-  if (threads <= 0) threads = omp_get_max_threads();
-  T = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
-#else
-  (void)threads;
-#endif
-#ifdef CALM_FAST_OPENMP
-#pragma omp parallel for num_threads(T) schedule(static)
-#endif
-  for (int64_t t = 0; t < tasks; ++t) {
+  parallel_for(tasks, threads, [&](int64_t t) {
     const int64_t p = rows_outer ? t % P : t / MB, mb = rows_outer ? t / P : t % MB;
     const int64_t m0 = mb * kRows, rows = std::min<int64_t>(kRows, M - m0);
     const int64_t n0 = p * kPanel, cols = std::min<int64_t>(kPanel, N - n0);
@@ -163,7 +136,7 @@ void gemm_panels_f32(const float* x, int64_t M, int64_t K, const float* panels, 
         std::copy(tmp + r * kPanel, tmp + r * kPanel + cols, y + (m0 + r) * N + n0);
       }
     }
-  }
+  });
 }
 
 }  // namespace calm_fast

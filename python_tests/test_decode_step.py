@@ -17,7 +17,7 @@ def run_steps(p, cache_seed, rows, steps, monkeypatch=None, trim=None, fork=Fals
     """Prefill ragged streams, optionally fork the first and trim one, then step them all
     ``steps`` times; returns every step's output [steps, rows, d]."""
     g = torch.Generator().manual_seed(cache_seed)
-    cache = p.make_cache(64, 4, max_streams=8)
+    cache = p.make_cache(160, 4, max_streams=16)
     streams = []
     for i in range(rows):
         if fork and i == 1:
@@ -40,6 +40,7 @@ def run_steps(p, cache_seed, rows, steps, monkeypatch=None, trim=None, fork=Fals
     (2, 2, True, None, True),
     (3, 4, True, 2, False),
     (4, 1, False, 5, True),
+    (9, 2, True, 3, True),  # from 8 rows the loops between the GEMMs run on every thread
 ])
 def test_native_step_equals_op_by_op(monkeypatch, rows, kv_heads, layer_scale, trim, fork):
     p = fb.pack_transformer(random_sd(layers=3, kv_heads=kv_heads, layer_scale=layer_scale,
@@ -74,14 +75,12 @@ def test_nan_input_propagates():
     assert torch.isnan(out).all()
 
 
-def test_more_than_four_rows_and_int8_run_op_by_op(monkeypatch):
+def test_any_row_count_runs_native_and_int8_runs_op_by_op(monkeypatch):
     p = fb.pack_transformer(random_sd(layers=2, seed=4), heads=4).split()
     calls = []
     real = ops.native_decode_step
     monkeypatch.setattr(ops, "native_decode_step", lambda *a: calls.append(1) or real(*a))
-    run_steps(p, 1, 5, 1)  # 5 rows: the op-by-op path
-    assert not calls
-    run_steps(p, 1, 4, 1)
+    run_steps(p, 1, 12, 1)
     assert calls
     assert fb.native_layers(fb.pack_transformer(random_sd(layers=2), heads=4).quantized()) is None
 
@@ -107,8 +106,10 @@ def test_bad_inputs_are_rejected_before_any_write():
         a.update(kw)
         _C.decode_step(**a)
 
-    with pytest.raises(ValueError, match="1 to 4 rows"):
-        call(x=np.zeros((5, 32), np.float32))
+    with pytest.raises(ValueError, match="at least one row"):
+        call(x=np.zeros((0, 32), np.float32))
+    with pytest.raises(ValueError, match="not streams of 2 queries"):
+        call(queries=2)
     with pytest.raises(ValueError, match="3 layers for a cache of 2"):
         call(layers=layers[:1] * 2 + layers[:1])
     with pytest.raises(ValueError, match="w_qkv has shape"):
