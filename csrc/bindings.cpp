@@ -259,7 +259,7 @@ void linear(py::array x, py::array panels, py::object bias, py::array y, int thr
 // bias [bias_n] with N % bias_n == 0; add0 [B, N]; res [B, T, N].
 void conv_rows(py::array x, py::array panels, int64_t taps, int64_t dil, int64_t T,
                py::object bias, py::object add0, py::object res, py::object y, py::object e,
-               int threads) {
+               py::object pair_panels, int threads) {
   ConvCall c;
   const Rows xv = rows_view(x, "x", false);
   c.x = xv.data;
@@ -328,8 +328,23 @@ void conv_rows(py::array x, py::array panels, int64_t taps, int64_t dil, int64_t
     c.res = rv.data;
     c.res_bstride = rv.bstride;
   }
+  const float* sum = nullptr;
+  py::array sa;
+  if (!pair_panels.is_none()) {  // two taps, two rows at a time (conv2_pairs_f32)
+    sa = pair_panels.cast<py::array>();
+    sum = checked<float>(sa, "pair_panels", 3, false);
+    if (taps != 2 || dil != 1 || T % 2 != 0 || sa.shape(0) != panels.shape(0) ||
+        sa.shape(1) != c.cin || sa.shape(2) != kPanel) {
+      throw std::invalid_argument("conv_rows: pair_panels " + shape_str(sa) + " need 2 taps "
+                                  "at dilation 1, an even T and (ceil(N / 32), cin, 32)");
+    }
+  }
   py::gil_scoped_release nogil;
-  conv_rows_f32(c, threads);
+  if (sum != nullptr) {
+    conv2_pairs_f32(c, sum, threads);
+  } else {
+    conv_rows_f32(c, threads);
+  }
 }
 
 // The one-output-channel conv: x [B, >= T + (taps - 1) dil, cin], w [taps * cin], y [B, T].
@@ -485,9 +500,11 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("conv_rows", &conv_rows, py::arg("x"), py::arg("panels"), py::arg("taps"),
         py::arg("dil"), py::arg("T"), py::arg("bias"), py::arg("add0"), py::arg("res"),
-        py::arg("y"), py::arg("e"), py::arg("threads") = 0,
+        py::arg("y"), py::arg("e"), py::arg("pair_panels") = py::none(),
+        py::arg("threads") = 0,
         "Causal conv over channels-last fp32 rows as an implicit GEMM over packed panels, "
-        "with bias, row-0 add, residual, and raw and / or ELU outputs");
+        "with bias, row-0 add, residual, and raw and / or ELU outputs; with pair_panels "
+        "(tap 0 + tap 1), a 2-tap conv two rows at a time with 3/4 of the multiplies");
   m.def("conv_rows_to_one", &conv_rows_to_one, py::arg("x"), py::arg("w"), py::arg("bias"),
         py::arg("taps"), py::arg("dil"), py::arg("T"), py::arg("y"), py::arg("threads") = 0,
         "Causal conv over channels-last fp32 rows to one output channel");

@@ -108,9 +108,34 @@ def test_conv_rows_equals_conv1d(taps, dil, cin, N, res, add0):
     panels = pack_panels(w.permute(2, 1, 0).reshape(taps * cin, N))
     y, e = np.empty((B, T, N), np.float32), np.empty((B, T, N), np.float32)
     _C.conv_rows(x.numpy(), panels.numpy(), taps, dil, T, b.numpy(),
-                 a0.numpy() if add0 else None, r.numpy() if res else None, y, e, 2)
+                 a0.numpy() if add0 else None, r.numpy() if res else None, y, e, None, 2)
     torch.testing.assert_close(torch.from_numpy(y), want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(torch.from_numpy(e), F.elu(want), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("B,T,cin,N", [(3, 10, 24, 40), (2, 2, 8, 64), (1, 26, 33, 32)])
+def test_two_taps_two_rows_at_a_time_equal_the_plain_kernel(B, T, cin, N):
+    """Winograd F(2, 2) over pairs of rows (pair blocks cross batch boundaries) == the
+    plain 2-tap kernel, with a row-0 add, the bias repeated per sample, raw and ELU out."""
+    torch.manual_seed(T)
+    x = torch.randn(B, T + 3, cin)[:, 2:]  # strided batches, one row of context
+    w0, w1 = torch.randn(cin, N) * 0.2, torch.randn(cin, N) * 0.2
+    panels, pairs = pack_panels(torch.cat([w0, w1])), pack_panels(w0 + w1)
+    b, a0 = torch.randn(8), torch.randn(B, N)
+    outs = []
+    for pp in (None, pairs.numpy()):
+        y, e = np.empty((B, T, N), np.float32), np.empty((B, T, N), np.float32)
+        _C.conv_rows(x.numpy(), panels.numpy(), 2, 1, T, b.numpy(), a0.numpy(), None, y, e,
+                     pp, 2)
+        outs.append((torch.from_numpy(y), torch.from_numpy(e)))
+    want = x[:, :-1] @ w0 + x[:, 1:] @ w1 + b.repeat(N // 8)
+    want[:, 0] += a0
+    for y, e in outs:
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(e, F.elu(want), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="even T"):
+        _C.conv_rows(x.numpy(), panels.numpy(), 2, 1, T - 1, None, None, None,
+                     np.empty((B, T - 1, N), np.float32), None, pairs.numpy(), 2)
 
 
 def test_conv_rows_to_one_and_strided_views():
