@@ -182,26 +182,31 @@ std::vector<float> column_bias(const ConvCall& c, int64_t P) {
   return bias;
 }
 
+// fn(m0, rows, p, n0, cols) for every block of <= 6 rows (of M) and panel p (of N columns),
+// group-major: a thread's consecutive tasks share their rows (in L1/L2) and walk the
+// panels; each panel is read once per group of 48 rows.
+template <typename Fn>
+void for_blocks(int64_t M, int64_t N, int threads, Fn&& fn) {
+  if (M <= 0 || N <= 0) return;
+  const int64_t P = (N + kPanel - 1) / kPanel, MB = (M + kRows - 1) / kRows;
+  const int64_t groups = (MB + kGroup - 1) / kGroup;
+  parallel_for(groups * P, threads, [&](int64_t task) {
+    const int64_t g = task / P, p = task % P;
+    const int64_t n0 = p * kPanel, cols = std::min<int64_t>(kPanel, N - n0);
+    const int64_t mb_end = std::min<int64_t>(MB, (g + 1) * kGroup);
+    for (int64_t mb = g * kGroup; mb < mb_end; ++mb) {
+      fn(mb * kRows, std::min<int64_t>(kRows, M - mb * kRows), p, n0, cols);
+    }
+  });
+}
+
 }  // namespace
 
 void conv_rows_f32(const ConvCall& c, int threads) {
   const int64_t M = c.B * c.T;
-  if (M <= 0 || c.N <= 0) return;
-  const int64_t P = (c.N + kPanel - 1) / kPanel, MB = (M + kRows - 1) / kRows;
-  const int64_t groups = (MB + kGroup - 1) / kGroup, tasks = groups * P;
-  const std::vector<float> bias = column_bias(c, P);
-  // Group-major: a thread's consecutive tasks share their rows (in L1/L2) and walk the
-  // panels; each panel is read once per group of 48 rows.
-  parallel_for(tasks, threads, [&](int64_t task) {
-    const int64_t g = task / P, p = task % P;
-    const int64_t n0 = p * kPanel, cols = std::min<int64_t>(kPanel, c.N - n0);
-    const float* panel = c.panels + p * c.panel_stride;
-    const float* bias32 = bias.data() + n0;
-    const int64_t mb_end = std::min<int64_t>(MB, (g + 1) * kGroup);
-    for (int64_t mb = g * kGroup; mb < mb_end; ++mb) {
-      const int64_t m0 = mb * kRows;
-      rows_block(c, m0, std::min<int64_t>(kRows, M - m0), panel, n0, cols, bias32);
-    }
+  const std::vector<float> bias = column_bias(c, (c.N + kPanel - 1) / kPanel);
+  for_blocks(M, c.N, threads, [&](int64_t m0, int64_t rows, int64_t p, int64_t n0, int64_t cols) {
+    rows_block(c, m0, rows, c.panels + p * c.panel_stride, n0, cols, bias.data() + n0);
   });
 }
 
@@ -221,18 +226,10 @@ void conv2_pairs_f32(const ConvCall& c, const float* sum_panels, int threads) {
       d3p[q * cin + k] = xa[2 * cin + k] - xa[cin + k];
     }
   });
-  const int64_t P = (c.N + kPanel - 1) / kPanel, MB = (Q + kRows - 1) / kRows;
-  const int64_t groups = (MB + kGroup - 1) / kGroup, tasks = groups * P;
-  const std::vector<float> bias = column_bias(c, P);
-  parallel_for(tasks, threads, [&](int64_t task) {
-    const int64_t g = task / P, p = task % P;
-    const int64_t n0 = p * kPanel, cols = std::min<int64_t>(kPanel, c.N - n0);
-    const int64_t mb_end = std::min<int64_t>(MB, (g + 1) * kGroup);
-    for (int64_t mb = g * kGroup; mb < mb_end; ++mb) {
-      const int64_t q0 = mb * kRows;
-      pairs_block(c, q0, std::min<int64_t>(kRows, Q - q0), c.panels + p * c.panel_stride,
-                  sum_panels + p * cin * kPanel, n0, cols, bias.data() + n0, d1p, d3p);
-    }
+  const std::vector<float> bias = column_bias(c, (c.N + kPanel - 1) / kPanel);
+  for_blocks(Q, c.N, threads, [&](int64_t q0, int64_t rows, int64_t p, int64_t n0, int64_t cols) {
+    pairs_block(c, q0, rows, c.panels + p * c.panel_stride, sum_panels + p * cin * kPanel, n0,
+                cols, bias.data() + n0, d1p, d3p);
   });
 }
 
