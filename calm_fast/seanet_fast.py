@@ -50,7 +50,7 @@ class _Conv:
     cout: int
     up: int = 1  # output samples per input row (a transposed conv's stride)
     w_one: torch.Tensor | None = None  # [taps * cin] when cout == 1 (conv_rows_to_one)
-    pairs: torch.Tensor | None = None  # a transposed conv's tap 0 + tap 1 panels
+    pairs: torch.Tensor | None = None  # two rows at a time: see _call
 
 
 @dataclass
@@ -73,7 +73,11 @@ def _conv(m) -> _Conv | None:
     flat = w.permute(2, 1, 0).reshape(k * cin, cout)
     bias = None if c.bias is None else c.bias.detach().float().contiguous()
     one = flat[:, 0].contiguous() if cout == 1 else None
-    return _Conv(m, pack_panels(flat), bias, k, d, m.keep, cin, cout, w_one=one)
+    pairs = None
+    if k == 3 and d == 1 and cout > 1:  # Winograd F(2, 3) weights: g0, G1, G2, g2
+        g0, g1, g2 = flat.split(cin)
+        pairs = pack_panels(torch.cat([g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2]))
+    return _Conv(m, pack_panels(flat), bias, k, d, m.keep, cin, cout, w_one=one, pairs=pairs)
 
 
 def _up(m) -> _Conv | None:
@@ -220,9 +224,10 @@ def _fill_context(c: _Conv, buf: torch.Tensor, tensors) -> None:
 
 
 def _call(c: _Conv, buf, T, y=None, e=None, res=None, add0=None) -> None:
-    """y / e [B, T, cout] (or [B, T * up, cout]) from the input buffer. A transposed conv
-    over an even T goes two rows at a time (Winograd F(2, 2): 3/4 of the multiplies; the
-    three `pocket` upsamplers at batch 16: 17.7 -> 14.9 ms)."""
+    """y / e [B, T, cout] (or [B, T * up, cout]) from the input buffer. Over an even T, a
+    transposed conv goes two rows at a time with 3/4 of the multiplies (Winograd F(2, 2):
+    the three `pocket` upsamplers at batch 16, ~2.3 ms of a ~42 ms SEANet call, A/B in one
+    process), and a 3-tap conv at dilation 1 with 2/3 (F(2, 3))."""
     B = buf.shape[0]
     rows = lambda t: None if t is None else t.view(B, T, c.up * c.cout).numpy()  # noqa: E731
     pairs = c.pairs is not None and T % 2 == 0

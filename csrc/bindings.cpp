@@ -330,18 +330,22 @@ void conv_rows(py::array x, py::array panels, int64_t taps, int64_t dil, int64_t
   }
   const float* sum = nullptr;
   py::array sa;
-  if (!pair_panels.is_none()) {  // two taps, two rows at a time (conv2_pairs_f32)
+  if (!pair_panels.is_none()) {  // two rows at a time (conv2_pairs_f32 / conv3_pairs_f32)
     sa = pair_panels.cast<py::array>();
     sum = checked<float>(sa, "pair_panels", 3, false);
-    if (taps != 2 || dil != 1 || T % 2 != 0 || sa.shape(0) != panels.shape(0) ||
-        sa.shape(1) != c.cin || sa.shape(2) != kPanel) {
-      throw std::invalid_argument("conv_rows: pair_panels " + shape_str(sa) + " need 2 taps "
-                                  "at dilation 1, an even T and (ceil(N / 32), cin, 32)");
+    const int64_t rows = taps == 2 ? c.cin : 4 * c.cin;
+    if ((taps != 2 && taps != 3) || dil != 1 || T % 2 != 0 ||
+        sa.shape(0) != panels.shape(0) || sa.shape(1) != rows || sa.shape(2) != kPanel) {
+      throw std::invalid_argument("conv_rows: pair_panels " + shape_str(sa) + " need 2 or 3 "
+                                  "taps at dilation 1, an even T and (ceil(N / 32), cin or "
+                                  "4 cin, 32)");
     }
   }
   py::gil_scoped_release nogil;
-  if (sum != nullptr) {
+  if (sum != nullptr && taps == 2) {
     conv2_pairs_f32(c, sum, threads);
+  } else if (sum != nullptr) {
+    conv3_pairs_f32(c, sum, threads);
   } else {
     conv_rows_f32(c, threads);
   }
@@ -503,8 +507,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("y"), py::arg("e"), py::arg("pair_panels") = py::none(),
         py::arg("threads") = 0,
         "Causal conv over channels-last fp32 rows as an implicit GEMM over packed panels, "
-        "with bias, row-0 add, residual, and raw and / or ELU outputs; with pair_panels "
-        "(tap 0 + tap 1), a 2-tap conv two rows at a time with 3/4 of the multiplies");
+        "with bias, row-0 add, residual, and raw and / or ELU outputs; with pair_panels, "
+        "2 or 3 taps two rows at a time (Winograd F(2, 2) / F(2, 3))");
   m.def("conv_rows_to_one", &conv_rows_to_one, py::arg("x"), py::arg("w"), py::arg("bias"),
         py::arg("taps"), py::arg("dil"), py::arg("T"), py::arg("y"), py::arg("threads") = 0,
         "Causal conv over channels-last fp32 rows to one output channel");

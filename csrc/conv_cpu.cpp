@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "gemm_cpu.h"
@@ -50,23 +51,34 @@ inline void store_row(const ConvCall& c, int64_t b, int64_t t, int64_t n0, int64
   }
 }
 
+// Where rows m0 .. m0 + MR - 1 of a block are: item m is number t = m % per_batch of batch
+// b = m / per_batch, and reads input row mult * t + add. One division per block: with 32
+// inputs a row, a division per row cost as much as the FMAs.
+template <int MR>
+struct BlockRows {
+  int64_t b[MR], t[MR];
+  const float* x[MR];
+  BlockRows(const ConvCall& c, int64_t m0, int64_t per_batch, int64_t mult, int64_t add) {
+    int64_t bi = m0 / per_batch, ti = m0 % per_batch;
+    for (int r = 0; r < MR; ++r) {
+      b[r] = bi;
+      t[r] = ti;
+      x[r] = c.x + bi * c.x_bstride + (mult * ti + add) * c.cin;
+      if (++ti == per_batch) {
+        ti = 0;
+        ++bi;
+      }
+    }
+  }
+};
+
 // Rows m0 .. m0 + MR - 1 (flattened b * T + t) times one panel, then the epilogue for
 // columns n0 .. n0 + cols - 1.
 template <int MR>
 void block(const ConvCall& c, int64_t m0, const float* panel, int64_t n0, int64_t cols,
            const float* bias32) {
-  const float* xr[MR];
-  int64_t bb[MR], tt[MR];
-  int64_t b = m0 / c.T, t = m0 % c.T;  // one division per block: with 32 inputs a row,
-  for (int r = 0; r < MR; ++r) {        // a division per row cost as much as the FMAs
-    bb[r] = b;
-    tt[r] = t;
-    xr[r] = c.x + b * c.x_bstride + t * c.cin;
-    if (++t == c.T) {
-      t = 0;
-      ++b;
-    }
-  }
+  const BlockRows<MR> at(c, m0, c.T, 1, 0);
+  const float* const* xr = at.x;
   v16 acc[MR][2];
   const v16 b0 = load(bias32), b1 = load(bias32 + 16);
   for (int r = 0; r < MR; ++r) {
@@ -85,21 +97,9 @@ void block(const ConvCall& c, int64_t m0, const float* panel, int64_t n0, int64_
       }
     }
   }
-  for (int r = 0; r < MR; ++r) store_row(c, bb[r], tt[r], n0, cols, acc[r][0], acc[r][1]);
+  for (int r = 0; r < MR; ++r) store_row(c, at.b[r], at.t[r], n0, cols, acc[r][0], acc[r][1]);
 }
 
-void rows_block(const ConvCall& c, int64_t m0, int64_t rows, const float* panel, int64_t n0,
-                int64_t cols, const float* bias32) {
-  switch (rows) {
-    case 6: return block<6>(c, m0, panel, n0, cols, bias32);
-    case 5: return block<5>(c, m0, panel, n0, cols, bias32);
-    case 4: return block<4>(c, m0, panel, n0, cols, bias32);
-    case 3: return block<3>(c, m0, panel, n0, cols, bias32);
-    case 2: return block<2>(c, m0, panel, n0, cols, bias32);
-    case 1: return block<1>(c, m0, panel, n0, cols, bias32);
-    default: return;
-  }
-}
 
 // Two taps (a transposed conv), two output rows at a time with three products instead of
 // four (Winograd F(2, 2)): with a = X[2i], b = X[2i + 1], c = X[2i + 2] (tap 0 reads the
@@ -110,18 +110,8 @@ template <int MR>
 void pair_block(const ConvCall& c, int64_t q0, const float* panel, const float* psum, int64_t n0,
                 int64_t cols, const float* bias32, const float* d1, const float* d3) {
   const int64_t Tp = c.T / 2, cin = c.cin;
-  const float* br[MR];
-  int64_t bb[MR], ii[MR];
-  int64_t b = q0 / Tp, i = q0 % Tp;
-  for (int r = 0; r < MR; ++r) {
-    bb[r] = b;
-    ii[r] = i;
-    br[r] = c.x + b * c.x_bstride + (2 * i + 1) * cin;
-    if (++i == Tp) {
-      i = 0;
-      ++b;
-    }
-  }
+  const BlockRows<MR> at(c, q0, Tp, 2, 1);  // the rows b = X[2i + 1]
+  const float* const* br = at.x;
   v16 m2[MR][2], m[MR][2];
   const v16 b0 = load(bias32), b1 = load(bias32 + 16);
   for (int r = 0; r < MR; ++r) {
@@ -141,7 +131,7 @@ void pair_block(const ConvCall& c, int64_t q0, const float* panel, const float* 
     }
   }
   for (int r = 0; r < MR; ++r) {
-    store_row(c, bb[r], 2 * ii[r], n0, cols, m2[r][0] + m[r][0], m2[r][1] + m[r][1]);
+    store_row(c, at.b[r], 2 * at.t[r], n0, cols, m2[r][0] + m[r][0], m2[r][1] + m[r][1]);
     m[r][0] = m[r][1] = splat(0.0f);
   }
   const float* p1 = panel + cin * kPanel;  // tap 1: W1
@@ -154,20 +144,79 @@ void pair_block(const ConvCall& c, int64_t q0, const float* panel, const float* 
     }
   }
   for (int r = 0; r < MR; ++r) {
-    store_row(c, bb[r], 2 * ii[r] + 1, n0, cols, m2[r][0] + m[r][0], m2[r][1] + m[r][1]);
+    store_row(c, at.b[r], 2 * at.t[r] + 1, n0, cols, m2[r][0] + m[r][0],
+              m2[r][1] + m[r][1]);
   }
 }
 
-void pairs_block(const ConvCall& c, int64_t q0, int64_t rows, const float* panel,
-                 const float* psum, int64_t n0, int64_t cols, const float* bias32,
-                 const float* d1, const float* d3) {
+
+// Three taps at dilation 1, two output rows at a time with four products instead of six
+// (Winograd F(2, 3)): with d0..d3 = X[2i .. 2i + 3], G0 = g0, G1 = (g0 + g1 + g2) / 2,
+// G2 = (g0 - g1 + g2) / 2, G3 = g2: y[2i] = (d0 - d2) G0 + m2 + m3 and y[2i + 1] =
+// m2 - m3 + (d3 - d1) G3, where m2 = (d1 + d2) G1 and m3 = (d2 - d1) G2. The input sums are
+// made as the rows are read (scalar work beside the vector FMAs: free).
+// wp: the G panel of this column block, [4 cin][32].
+template <int MR>
+void wino3_block(const ConvCall& c, int64_t q0, const float* wp, int64_t n0, int64_t cols,
+                 const float* bias32) {
+  const int64_t Tp = c.T / 2, cin = c.cin;
+  const BlockRows<MR> at(c, q0, Tp, 2, 0);  // d0; d1, d2, d3 follow, cin apart
+  const float* const* xr = at.x;
+  v16 m2[MR][2], m3[MR][2];
+  for (int r = 0; r < MR; ++r) m2[r][0] = m2[r][1] = m3[r][0] = m3[r][1] = splat(0.0f);
+  const float* g1 = wp + cin * kPanel;
+  const float* g2 = wp + 2 * cin * kPanel;
+  for (int64_t k = 0; k < cin; ++k) {
+    const v16 a0 = load(g1 + k * kPanel), a1 = load(g1 + k * kPanel + 16);
+    const v16 c0 = load(g2 + k * kPanel), c1 = load(g2 + k * kPanel + 16);
+    for (int r = 0; r < MR; ++r) {
+      const float d1 = xr[r][cin + k], d2 = xr[r][2 * cin + k];
+      const v16 p = splat(d1 + d2), q = splat(d2 - d1);
+      m2[r][0] += p * a0;
+      m2[r][1] += p * a1;
+      m3[r][0] += q * c0;
+      m3[r][1] += q * c1;
+    }
+  }
+  const v16 b0 = load(bias32), b1 = load(bias32 + 16);
+  for (int r = 0; r < MR; ++r) {  // m2 <- y[2i] so far, m3 <- y[2i + 1] so far
+    const v16 s0 = m2[r][0] + m3[r][0] + b0, s1 = m2[r][1] + m3[r][1] + b1;
+    m3[r][0] = m2[r][0] - m3[r][0] + b0;
+    m3[r][1] = m2[r][1] - m3[r][1] + b1;
+    m2[r][0] = s0;
+    m2[r][1] = s1;
+  }
+  const float* g3 = wp + 3 * cin * kPanel;
+  for (int64_t k = 0; k < cin; ++k) {
+    const v16 a0 = load(wp + k * kPanel), a1 = load(wp + k * kPanel + 16);
+    const v16 c0 = load(g3 + k * kPanel), c1 = load(g3 + k * kPanel + 16);
+    for (int r = 0; r < MR; ++r) {
+      const v16 p = splat(xr[r][k] - xr[r][2 * cin + k]);
+      const v16 q = splat(xr[r][3 * cin + k] - xr[r][cin + k]);
+      m2[r][0] += p * a0;
+      m2[r][1] += p * a1;
+      m3[r][0] += q * c0;
+      m3[r][1] += q * c1;
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    store_row(c, at.b[r], 2 * at.t[r], n0, cols, m2[r][0], m2[r][1]);
+    store_row(c, at.b[r], 2 * at.t[r] + 1, n0, cols, m3[r][0], m3[r][1]);
+  }
+}
+
+
+// fn(std::integral_constant<int, rows>) for 1 <= rows <= 6: the register blocks' row count
+// as a template argument.
+template <typename Fn>
+void with_rows(int64_t rows, Fn&& fn) {
   switch (rows) {
-    case 6: return pair_block<6>(c, q0, panel, psum, n0, cols, bias32, d1, d3);
-    case 5: return pair_block<5>(c, q0, panel, psum, n0, cols, bias32, d1, d3);
-    case 4: return pair_block<4>(c, q0, panel, psum, n0, cols, bias32, d1, d3);
-    case 3: return pair_block<3>(c, q0, panel, psum, n0, cols, bias32, d1, d3);
-    case 2: return pair_block<2>(c, q0, panel, psum, n0, cols, bias32, d1, d3);
-    case 1: return pair_block<1>(c, q0, panel, psum, n0, cols, bias32, d1, d3);
+    case 6: return fn(std::integral_constant<int, 6>{});
+    case 5: return fn(std::integral_constant<int, 5>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 1: return fn(std::integral_constant<int, 1>{});
     default: return;
   }
 }
@@ -206,7 +255,9 @@ void conv_rows_f32(const ConvCall& c, int threads) {
   const int64_t M = c.B * c.T;
   const std::vector<float> bias = column_bias(c, (c.N + kPanel - 1) / kPanel);
   for_blocks(M, c.N, threads, [&](int64_t m0, int64_t rows, int64_t p, int64_t n0, int64_t cols) {
-    rows_block(c, m0, rows, c.panels + p * c.panel_stride, n0, cols, bias.data() + n0);
+    with_rows(rows, [&](auto mr) {
+      block<mr.value>(c, m0, c.panels + p * c.panel_stride, n0, cols, bias.data() + n0);
+    });
   });
 }
 
@@ -228,8 +279,21 @@ void conv2_pairs_f32(const ConvCall& c, const float* sum_panels, int threads) {
   });
   const std::vector<float> bias = column_bias(c, (c.N + kPanel - 1) / kPanel);
   for_blocks(Q, c.N, threads, [&](int64_t q0, int64_t rows, int64_t p, int64_t n0, int64_t cols) {
-    pairs_block(c, q0, rows, c.panels + p * c.panel_stride, sum_panels + p * cin * kPanel, n0,
-                cols, bias.data() + n0, d1p, d3p);
+    with_rows(rows, [&](auto mr) {
+      pair_block<mr.value>(c, q0, c.panels + p * c.panel_stride, sum_panels + p * cin * kPanel,
+                           n0, cols, bias.data() + n0, d1p, d3p);
+    });
+  });
+}
+
+void conv3_pairs_f32(const ConvCall& c, const float* wino_panels, int threads) {
+  const int64_t Q = c.B * (c.T / 2), cin = c.cin;
+  const std::vector<float> bias = column_bias(c, (c.N + kPanel - 1) / kPanel);
+  for_blocks(Q, c.N, threads, [&](int64_t q0, int64_t rows, int64_t p, int64_t n0, int64_t cols) {
+    with_rows(rows, [&](auto mr) {
+      wino3_block<mr.value>(c, q0, wino_panels + p * 4 * cin * kPanel, n0, cols,
+                            bias.data() + n0);
+    });
   });
 }
 

@@ -38,6 +38,10 @@ void conv_rows_f32(const ConvCall& c, int threads);
 // F(2, 2) over pairs of output rows); sum_panels: [ceil(N / 32)][cin][32], tap 0 + tap 1.
 void conv2_pairs_f32(const ConvCall& c, const float* sum_panels, int threads);
 
+// taps = 3, dil = 1, an even T: 2/3 of the multiplies (Winograd F(2, 3)); wino_panels:
+// [ceil(N / 32)][4 cin][32] holding g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2.
+void conv3_pairs_f32(const ConvCall& c, const float* wino_panels, int threads);
+
 // One output channel (the decoder's last conv, 64 -> 1): y[b, t] = bias + sum_j sum_c
 // x[b, t + j dil, c] w[j cin + c]. Through the 32-column panels this would be 32x the work.
 void conv_rows_to_one_f32(const float* x, int64_t x_bstride, int64_t B, int64_t T, int64_t cin,

@@ -133,9 +133,30 @@ def test_two_taps_two_rows_at_a_time_equal_the_plain_kernel(B, T, cin, N):
     for y, e in outs:
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(e, F.elu(want), rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match="even T"):
+    with pytest.raises(ValueError, match="an even T"):
         _C.conv_rows(x.numpy(), panels.numpy(), 2, 1, T - 1, None, None, None,
                      np.empty((B, T - 1, N), np.float32), None, pairs.numpy(), 2)
+
+
+@pytest.mark.parametrize("B,T,cin,N", [(3, 10, 24, 40), (2, 2, 8, 64), (1, 26, 33, 32)])
+def test_three_taps_two_rows_at_a_time_equal_the_plain_kernel(B, T, cin, N):
+    """Winograd F(2, 3) over pairs of rows == the plain 3-tap kernel (residual, ELU out)."""
+    torch.manual_seed(T + 1)
+    x = torch.randn(B, T + 4, cin)[:, 2:]  # strided batches, two rows of context
+    g0, g1, g2 = (torch.randn(cin, N) * 0.2 for _ in range(3))
+    panels = pack_panels(torch.cat([g0, g1, g2]))
+    wino = pack_panels(torch.cat([g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2]))
+    b, r = torch.randn(N), torch.randn(B, T, N)
+    want = x[:, :-2] @ g0 + x[:, 1:-1] @ g1 + x[:, 2:] @ g2 + b + r
+    for pp in (None, wino.numpy()):
+        y, e = np.empty((B, T, N), np.float32), np.empty((B, T, N), np.float32)
+        _C.conv_rows(x.numpy(), panels.numpy(), 3, 1, T, b.numpy(), None, r.numpy(), y, e, pp,
+                     2)
+        torch.testing.assert_close(torch.from_numpy(y), want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(e), F.elu(want), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="2 or 3 taps at dilation 1"):
+        _C.conv_rows(x.numpy(), panels.numpy(), 3, 1, T, None, None, None,
+                     np.empty((B, T, N), np.float32), None, panels.numpy(), 2)
 
 
 def test_conv_rows_to_one_and_strided_views():
