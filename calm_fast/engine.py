@@ -24,11 +24,12 @@ Audio (with ``vae=``): the frames made in a step are decoded as one VAE batch. W
 ``decode_frames=N`` a stream's frames are decoded in chunks of 1, 2, 4, ... up to N frames
 (and whatever is left when it finishes): the first audio comes after one frame, and later
 chunks amortise the decoder's per-call cost over several frames. Chunks shrink when many
-streams run, to keep a decode call near ``DECODE_ROWS`` stream-frames: the `pocket` Mimi,
-ms per stream-frame (2 threads; streams x frames per call; before the VAE's packed linears,
-which brought 1 x 1 to ~9 and 1 x 8 to ~4.8):
+streams run, and a step's streams are decoded in calls of at most ``DECODE_ROWS``
+stream-frames: the `pocket` Mimi, ms per stream-frame (2 threads; streams x frames in one
+call; 2026-12-01, C++ SEANet and windowed Transformer; ranges over 4-5 interleaved runs):
 
-    1 x 1: 12.6   1 x 4: 6.6   4 x 4: 5.0   16 x 1: 5.2   16 x 4: 4.4   64 x 1: 4.8   64 x 4: 7.3
+    1 x 1: 6.2   1 x 4: 4.2   1 x 8: 3.8   4 x 4: 3.4-3.8   8 x 8: 3.2-3.7   16 x 1: 3.6-3.9
+    16 x 4: 3.1-3.7   32 x 2: 3.0-3.4   64 x 1: 3.1-3.9   (4 calls of 16 x 1: 4.0-4.1)
 
 The audio is the same whatever the chunks: only where it is cut changes.
 """
@@ -77,7 +78,7 @@ class Engine:
     bytes = num_blocks x ``cache.stats()["bytes_per_block"]``). max_streams: at most this
     many requests generate at once. Other options as ``CALMGenerator``."""
 
-    DECODE_ROWS = 16  # stream-frames per decode call beyond which chunks stop growing
+    DECODE_ROWS = 64  # stream-frames per decode call: chunks stop growing, calls split
 
     def __init__(self, model: CALM, *, num_blocks: int, max_streams: int = 64,
                  block_size: int = 16, head_steps: int = 1, int8: bool = False,
@@ -290,7 +291,7 @@ class Engine:
         dev = next(self.decoder.vae.parameters()).device
         audio = {}
         for frames, rids in groups.items():
-            per_call = max(1, self.DECODE_ROWS // frames)  # calls of <= DECODE_ROWS rows
+            per_call = max(1, self.DECODE_ROWS // frames)  # <= DECODE_ROWS stream-frames
             for i in range(0, len(rids), per_call):
                 part = rids[i:i + per_call]
                 lat = torch.stack([torch.stack(self._undecoded[r]) for r in part]).to(dev)

@@ -227,3 +227,30 @@ def test_decode_chunks_shrink_when_many_streams_run(tts):
     sizes = [ev.audio.shape[-1] // vae.cfg.frame_size for ev in eng.run()
              if ev.audio is not None]
     assert max(sizes) == 2 and sum(sizes) == 4 * 6, sizes
+
+
+def test_a_steps_streams_are_decoded_in_calls_of_at_most_decode_rows(tts):
+    """4 streams with DECODE_ROWS = 2: chunks of one frame, two streams per VAE call; the
+    audio equals one-at-a-time decoding."""
+    from calm_fast.vae import VAE, vae_preset
+
+    torch.manual_seed(0)
+    vae = VAE(vae_preset("tiny")).eval()
+    reqs = [Request(tts.prefix(tokens=torch.tensor([i + 1])), 5, seed=i, eos_threshold=None)
+            for i in range(4)]
+    eng = Engine(tts, num_blocks=96, block_size=4, max_streams=4, vae=vae, decode_frames=4)
+    eng.DECODE_ROWS = 2
+    calls = []
+    real = eng.decoder.decode
+    eng.decoder.decode = lambda slots, lat: calls.append(lat.shape[:2]) or real(slots, lat)
+    ids = [eng.submit(r) for r in reqs]
+    chunks = {}
+    for ev in eng.run():
+        if ev.audio is not None:
+            chunks.setdefault(ev.request, []).append(ev.audio)
+    assert calls and all(n * f <= 2 for n, f in calls), calls
+    assert max(n for n, _ in calls) == 2
+    for i, r in zip(ids, reqs):
+        with torch.no_grad():
+            ref = vae.decode(tts.denormalize(alone(tts, r))[None])[0]
+        torch.testing.assert_close(torch.cat(chunks[i], -1), ref, rtol=1e-4, atol=1e-4)
