@@ -136,21 +136,24 @@ def native_decode_step_ok(x: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 
 def native_decode_step(layers, heads, kv_heads, eps, x, cos, sin, k_cache, v_cache, slots,
-                       table, queries: int = 1, window: int = 0) -> torch.Tensor:
+                       table, queries: int = 1, window: int = 0,
+                       last_kv_only: bool = False) -> torch.Tensor:
     """Every layer of one Transformer step in one C++ call (csrc/decode_step_cpu.cpp):
     ``layers`` as numpy tuples (fast_backbone.native_layers), x [B, d] (copied, then
     updated), cos/sin [B, Dh/2], the full [layers, blocks, ...] K/V pools, int64 ``slots``
     [B] and ``table`` = cache.page_table(...). Returns the new x. Each row is one stream's
     next position (the backbone), or with ``queries`` = T the rows are streams of T
-    consecutive rows attending causally over their stream's last ``window`` rows (0: all;
-    the VAE's windowed Transformer)."""
+    consecutive rows attending causally over their stream's last ``window`` rows (0: all:
+    a prefill; W: the VAE's windowed Transformer). ``last_kv_only``: the last layer stops
+    once its K/V are written (the returned rows are then not the output)."""
     out = x.detach().clone(memory_format=torch.contiguous_format)
     indptr, indices, last, start = table
     _C.decode_step(layers, heads, kv_heads, eps, out.numpy(), cos.contiguous().numpy(),
                    sin.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
                    slots.to(torch.int64).contiguous().numpy(), indptr.numpy(),
                    indices.numpy(), last.numpy(), None if start is None else start.numpy(),
-                   queries=queries, window=window, threads=torch.get_num_threads())
+                   queries=queries, window=window, last_kv_only=last_kv_only,
+                   threads=torch.get_num_threads())
     return out
 
 

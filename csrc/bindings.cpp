@@ -381,7 +381,8 @@ void conv_rows_to_one(py::array x, py::array w, double bias, int64_t taps, int64
 void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, py::array x,
                  py::array cos, py::array sin, py::array k_cache, py::array v_cache,
                  py::array slots, py::array indptr, py::array indices, py::array last_page_len,
-                 py::object start, int64_t queries, int64_t window, int threads) {
+                 py::object start, int64_t queries, int64_t window, bool last_kv_only,
+                 int threads) {
   float* xp = checked<float>(x, "x", 2, true);
   const int64_t B = x.shape(0), d = x.shape(1);
   if (B < 1) throw std::invalid_argument("decode_step needs at least one row");
@@ -474,7 +475,7 @@ void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, p
   const DecodeShape shape{d, heads, kv_heads, D, ff, BS, static_cast<float>(eps)};
   py::gil_scoped_release nogil;
   decode_step_f32(ws, shape, xp, B, cp, sp, kp, vp, NB, sl, t.ip, t.ix, t.lp, t.st, queries,
-                  window, threads);
+                  window, last_kv_only, threads);
 }
 
 }  // namespace
@@ -524,10 +525,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("eps"), py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("slots"), py::arg("indptr"), py::arg("indices"),
         py::arg("last_page_len"), py::arg("start"), py::arg("queries") = 1,
-        py::arg("window") = 0, py::arg("threads") = 0,
+        py::arg("window") = 0, py::arg("last_kv_only") = false, py::arg("threads") = 0,
         "Every layer of a pre-LN Transformer for a batch of fp32 rows (x updated in place); "
         "writes the rows' K/V at `slots` and attends over the page table (one query per "
-        "stream, or `queries` rows per stream over its last `window` rows)");
+        "stream, or `queries` rows per stream over its last `window` rows; last_kv_only: "
+        "the last layer stops after its K/V)");
 
 #ifdef CALM_FAST_OPENMP
   m.attr("has_openmp") = true;

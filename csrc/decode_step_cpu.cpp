@@ -70,7 +70,7 @@ void decode_step_f32(const std::vector<DecodeLayerWeights>& layers, const Decode
                      float* v_cache, int64_t num_blocks, const int64_t* slots,
                      const int32_t* indptr, const int32_t* indices,
                      const int32_t* last_page_len, const int32_t* start, int64_t queries,
-                     int64_t window, int threads) {
+                     int64_t window, bool last_kv_only, int threads) {
   const int nt = team(threads, B);
   const int64_t d = s.d_model, H = s.heads, Hk = s.kv_heads, D = s.head_dim, half = D / 2;
   const int64_t nqkv = (H + 2 * Hk) * D, row = Hk * D;
@@ -112,6 +112,7 @@ void decode_step_f32(const std::vector<DecodeLayerWeights>& layers, const Decode
       float* vdst = vc + slots[b] * row;
       for (int64_t i = 0; i < row; ++i) vdst[i] = vsrc[i];
     });
+    if (last_kv_only && li + 1 == layers.size()) break;  // a prefix: nobody reads its output
     if (queries == 1 && window == 0) {
       paged_decode_attention_cpu(q.data(), kc, vc, indptr, indices, last_page_len, start, B, H,
                                  Hk, D, s.block_size, scale, attn.data());

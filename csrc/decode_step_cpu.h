@@ -24,13 +24,14 @@ struct DecodeShape {
 // attends over its page table (see paged_attention_cpu.h), which must include that row.
 // queries > 1 or window > 0: the rows are B / queries streams of `queries` consecutive rows
 // each (the page table has B / queries entries) and attend causally over their stream's
-// last `window` rows (0: all of them; window_attention_cpu.h).
+// last `window` rows (0: all of them; window_attention_cpu.h: a prefill). last_kv_only: the
+// last layer stops once its K/V are written (x then holds the last layer's input).
 // Inputs must already be validated.
 void decode_step_f32(const std::vector<DecodeLayerWeights>& layers, const DecodeShape& s,
                      float* x, int64_t B, const float* cos, const float* sin, float* k_cache,
                      float* v_cache, int64_t num_blocks, const int64_t* slots,
                      const int32_t* indptr, const int32_t* indices,
                      const int32_t* last_page_len, const int32_t* start, int64_t queries,
-                     int64_t window, int threads);
+                     int64_t window, bool last_kv_only, int threads);
 
 }  // namespace calm_fast

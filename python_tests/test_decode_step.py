@@ -126,3 +126,39 @@ def test_bad_inputs_are_rejected_before_any_write():
     with pytest.raises(ValueError, match="dtype"):
         call(x=x.astype(np.float64))
     np.testing.assert_array_equal(k, before)
+
+
+@pytest.mark.parametrize("kv_heads,layer_scale", [(2, False), (1, True)])
+def test_native_prefill_equals_op_by_op(monkeypatch, kv_heads, layer_scale):
+    """Prefill through the native step (queries = T, no window): a fresh stream, then a fork
+    of it that prefills more rows over the shared prefix, then steps; outputs=False stops
+    the last layer after its K/V and leaves the same cache."""
+    sd = random_sd(layers=3, d=64, heads=4, kv_heads=kv_heads, ff=96, layer_scale=layer_scale,
+                   seed=kv_heads)
+    p = fb.pack_transformer(sd, heads=4, kv_heads=kv_heads)  # head_dim 16
+    g = torch.Generator().manual_seed(1)
+    prefix, more, nxt = (torch.randn(n, 64, generator=g) for n in (9, 5, 3))
+
+    def run(pk, outputs=True):
+        cache = pk.make_cache(32, 4)
+        root = cache.new_stream()
+        a = fb.prefill(pk, cache, root, prefix, outputs=outputs)
+        s = cache.fork(root)
+        b = fb.prefill(pk, cache, s, more)
+        steps = [fb.step(pk, cache, [s], nxt[i:i + 1]) for i in range(3)]
+        return a, torch.cat([b] + steps)
+
+    calls = []
+    real = ops.native_decode_step
+    monkeypatch.setattr(ops, "native_decode_step",
+                        lambda *a, **k: calls.append(k.get("queries", 1)) or real(*a, **k))
+    native = run(p.split())
+    assert 9 in calls and 5 in calls  # both prefills took the native step
+    with monkeypatch.context() as m:
+        op_by_op(m)
+        ref = run(p)
+    torch.testing.assert_close(native[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native[1], ref[1], rtol=1e-5, atol=1e-5)
+    a, rest = run(p.split(), outputs=False)
+    assert a is None
+    torch.testing.assert_close(rest, native[1], rtol=0, atol=0)
