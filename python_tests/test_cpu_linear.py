@@ -12,10 +12,10 @@ from calm_fast.kernels.fused_head import head_cpu, head_ref, pack_head
 @pytest.mark.parametrize("k,n,parts", [(16, 64, 2), (16, 96, 4), (24, 40, 2), (8, 64, 1),
                                        (64, 64, 2), (128, 32, 4), (131, 48, 2), (5, 7, 2)])
 def test_split_linear_matches_matmul(rows, k, n, parts, native, monkeypatch):
-    """Every path: the C++ panel kernel (any rows: 8-row blocks when 8 divides them, else 6-row
-    blocks and a remainder; full
-    panels and a partial last one when n is not a multiple of 32), and without the
-    extension the row-block and column-block batched matmuls."""
+    """Every path: the C++ panel kernel (any rows: 8-row blocks when 8 divides them, else
+    6-row blocks and a remainder; full panels and a partial last one when n is not a
+    multiple of 32), and without the extension the row-block and column-block batched
+    matmuls."""
     from calm_fast import cpu_linear
 
     if native and cpu_linear._native is None:
