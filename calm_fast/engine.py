@@ -23,13 +23,16 @@ nothing fails mid-generation, and ``queue_depth`` says how many wait.
 Audio (with ``vae=``): the frames made in a step are decoded as one VAE batch. With
 ``decode_frames=N`` a stream's frames are decoded in chunks of 1, 2, 4, ... up to N frames
 (and whatever is left when it finishes): the first audio comes after one frame, and later
-chunks amortise the decoder's per-call cost over several frames. Chunks shrink when many
-streams run, and a step's streams are decoded in calls of at most ``DECODE_ROWS``
-stream-frames: the `pocket` Mimi, ms per stream-frame (2 threads; streams x frames in one
-call; 2026-12-01, C++ SEANet and windowed Transformer; ranges over 4-5 interleaved runs):
+chunks amortise the decoder's per-call cost over several frames. A step's streams are
+decoded in calls of at most ``DECODE_ROWS`` stream-frames (whole chunks: 64 streams with
+8-frame chunks decode as 8 calls of 8 x 8). Chunks do not shrink when many streams run:
+text to audio through the drop-in, interleaved in one process, 16 streams 14.8-16.4x real
+time with 8-frame chunks against 14.3-15.3x when they shrank to 4, 64 streams 15.8-17.1x
+against 15.6-16.3x with 1-frame chunks. The `pocket` Mimi alone, ms per stream-frame
+(2 threads; streams x frames in one call; 2026-12-01, 4-5 interleaved runs):
 
-    1 x 1: 6.2   1 x 4: 4.2   1 x 8: 3.8   4 x 4: 3.4-3.8   8 x 8: 3.2-3.7   16 x 1: 3.6-3.9
-    16 x 4: 3.1-3.7   32 x 2: 3.0-3.4   64 x 1: 3.1-3.9   (4 calls of 16 x 1: 4.0-4.1)
+    1 x 1: 6.2   1 x 4: 4.2   1 x 8: 3.8   4 x 4: 3.4-3.8   8 x 8: 3.0-3.7   16 x 1: 3.6-3.9
+    16 x 4: 3.0-3.7   32 x 2: 3.0-3.4   64 x 1: 3.1-3.9   (4 calls of 16 x 1: 4.0-4.1)
 
 The audio is the same whatever the chunks: only where it is cut changes.
 """
@@ -78,7 +81,7 @@ class Engine:
     bytes = num_blocks x ``cache.stats()["bytes_per_block"]``). max_streams: at most this
     many requests generate at once. Other options as ``CALMGenerator``."""
 
-    DECODE_ROWS = 64  # stream-frames per decode call: chunks stop growing, calls split
+    DECODE_ROWS = 64  # stream-frames per decode call (calls split by stream)
 
     def __init__(self, model: CALM, *, num_blocks: int, max_streams: int = 64,
                  block_size: int = 16, head_steps: int = 1, int8: bool = False,
@@ -272,15 +275,15 @@ class Engine:
 
     def _decode(self, ids, latents, done) -> dict:
         """Queue this step's frames per stream; decode each stream whose next chunk is
-        complete (chunk c holds min(2^c, decode_frames, DECODE_ROWS // running) frames, at
-        least 1) or that finished, one VAE batch per chunk length. Returns request id ->
-        audio."""
+        complete (chunk c holds min(2^c, decode_frames, DECODE_ROWS) frames) or that
+        finished, in VAE calls of at most DECODE_ROWS stream-frames per chunk length.
+        Returns request id -> audio."""
         if ids:
             lat = self.model.denormalize(latents.float().cpu())
             for i, rid in enumerate(ids):
                 self._undecoded.setdefault(rid, []).append(lat[i])
         groups: dict[int, list[int]] = {}
-        cap = max(1, min(self.decode_frames, self.DECODE_ROWS // max(1, len(self.active))))
+        cap = max(1, min(self.decode_frames, self.DECODE_ROWS))
         for rid, frames in self._undecoded.items():
             want = min(2 ** self._chunks.get(rid, 0), cap)
             if frames and (len(frames) >= want or rid in done):

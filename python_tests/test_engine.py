@@ -213,7 +213,7 @@ def test_chunked_decode_ramps_and_equals_frame_by_frame(tts):
         Engine(tts, num_blocks=8, vae=vae, decode_frames=0)
 
 
-def test_decode_chunks_shrink_when_many_streams_run(tts):
+def test_decode_chunks_never_exceed_decode_rows(tts):
     from calm_fast.vae import VAE, vae_preset
 
     torch.manual_seed(0)
@@ -221,7 +221,7 @@ def test_decode_chunks_shrink_when_many_streams_run(tts):
     reqs = [Request(tts.prefix(tokens=torch.tensor([i + 1])), 6, seed=i, eos_threshold=None)
             for i in range(4)]
     eng = Engine(tts, num_blocks=96, block_size=4, max_streams=4, vae=vae, decode_frames=4)
-    eng.DECODE_ROWS = 8  # 4 streams running: chunks of at most 2 frames
+    eng.DECODE_ROWS = 2  # chunks of at most 2 frames, whatever decode_frames says
     for r in reqs:
         eng.submit(r)
     sizes = [ev.audio.shape[-1] // vae.cfg.frame_size for ev in eng.run()
@@ -230,16 +230,16 @@ def test_decode_chunks_shrink_when_many_streams_run(tts):
 
 
 def test_a_steps_streams_are_decoded_in_calls_of_at_most_decode_rows(tts):
-    """4 streams with DECODE_ROWS = 2: chunks of one frame, two streams per VAE call; the
-    audio equals one-at-a-time decoding."""
+    """4 streams with DECODE_ROWS = 4 and chunks of 1, 2, 4 frames: 4, 2, then 1 stream
+    per VAE call; the audio equals one-at-a-time decoding."""
     from calm_fast.vae import VAE, vae_preset
 
     torch.manual_seed(0)
     vae = VAE(vae_preset("tiny")).eval()
-    reqs = [Request(tts.prefix(tokens=torch.tensor([i + 1])), 5, seed=i, eos_threshold=None)
+    reqs = [Request(tts.prefix(tokens=torch.tensor([i + 1])), 7, seed=i, eos_threshold=None)
             for i in range(4)]
     eng = Engine(tts, num_blocks=96, block_size=4, max_streams=4, vae=vae, decode_frames=4)
-    eng.DECODE_ROWS = 2
+    eng.DECODE_ROWS = 4
     calls = []
     real = eng.decoder.decode
     eng.decoder.decode = lambda slots, lat: calls.append(lat.shape[:2]) or real(slots, lat)
@@ -248,8 +248,8 @@ def test_a_steps_streams_are_decoded_in_calls_of_at_most_decode_rows(tts):
     for ev in eng.run():
         if ev.audio is not None:
             chunks.setdefault(ev.request, []).append(ev.audio)
-    assert calls and all(n * f <= 2 for n, f in calls), calls
-    assert max(n for n, _ in calls) == 2
+    assert calls and all(n * f <= 4 for n, f in calls), calls
+    assert {(4, 1), (2, 2), (1, 4)} <= set(calls), calls
     for i, r in zip(ids, reqs):
         with torch.no_grad():
             ref = vae.decode(tts.denormalize(alone(tts, r))[None])[0]
