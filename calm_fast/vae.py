@@ -27,6 +27,7 @@ from . import fast_backbone as fb
 from . import ops
 from . import seanet_fast
 from .cache import PagedKVCache
+from .errors import CacheFullError
 from .config import TransformerConfig
 from .cpu_linear import cached_packed
 from .transformer import Transformer, causal_mask
@@ -307,7 +308,15 @@ class WindowedTransformer(nn.Module):
         pos = start[:, None] + torch.arange(T, device=h.device)[None]  # [B, T]
         cos, sin = fb.rope_tables(shape, pos.reshape(-1))
         cos, sin = cos.view(B, T, 1, -1), sin.view(B, T, 1, -1)
-        slots = cache.reserve(ids, T)  # [B, T]
+        try:
+            slots = cache.reserve(ids, T)  # [B, T]; all or nothing
+        except CacheFullError:
+            if T == 1:
+                raise
+            # the cache was sized by the first call: a longer chunk goes in two halves,
+            # which is the same computation (causal)
+            return torch.cat([self._stream(h[:, :T // 2], state),
+                              self._stream(h[:, T // 2:], state)], 1)
         table = cache.page_table(ids)  # one per call: every layer reads the same pages
         if (ops.native_decode_step_ok(h, cache.k) and ops.window_head_dim_ok(c.head_dim)
                 and (layers := self._native()) is not None):

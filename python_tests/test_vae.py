@@ -211,3 +211,14 @@ def test_short_conv_as_packed_gemm_equals_the_conv(kernel, stride, dilation):
     x.requires_grad_(True)
     conv._small_as_gemm(x[..., :40]).sum().backward()  # autograd: torch's conv
     assert x.grad is not None
+
+
+@torch.no_grad()
+def test_streamed_chunks_longer_than_the_first_one(tiny):
+    """The windowed Transformer's cache is sized by a state's first call; a later, longer
+    chunk is processed in pieces and decodes exactly as offline."""
+    z = torch.randn(2, 9, tiny.cfg.latent_dim)
+    want = tiny.decode(z)
+    st = tiny.init_state(2)
+    ys = [tiny.decode_step(z[:, :1], st), tiny.decode_step(z[:, 1:9], st)]
+    torch.testing.assert_close(torch.cat(ys, -1), want, rtol=1e-5, atol=1e-5)
