@@ -120,8 +120,10 @@ struct Table {
   py::array start_arr;  // keeps `start` referenced while st is in use
 };
 
+// min_rows: every stream must hold at least this many live rows (the queries' own rows of a
+// windowed step).
 Table checked_table(py::array indptr, py::array indices, py::array last_page_len,
-                    py::object start, int64_t B, int64_t BS, int64_t NB) {
+                    py::object start, int64_t B, int64_t BS, int64_t NB, int64_t min_rows = 0) {
   Table t;
   const int32_t* ip = t.ip = checked<int32_t>(indptr, "indptr", 1, false);
   const int32_t* ix = t.ix = checked<int32_t>(indices, "indices", 1, false);
@@ -155,6 +157,13 @@ Table checked_table(py::array indptr, py::array indices, py::array last_page_len
         throw std::invalid_argument("page index " + std::to_string(ix[p]) +
                                     " out of range [0, " + std::to_string(NB) + ")");
       }
+    }
+    int64_t row0;
+    const int64_t n = live_rows(ip, lp, st, BS, b, &row0);
+    if (n < min_rows) {
+      throw std::invalid_argument("stream " + std::to_string(b) + " has " + std::to_string(n) +
+                                  " live rows, fewer than its " + std::to_string(min_rows) +
+                                  " queries");
     }
   }
   return t;
@@ -215,17 +224,7 @@ void window_attention(py::array q, py::array k_cache, py::array v_cache, py::arr
     throw std::invalid_argument("window attention takes head_dim 16, 32, 64 or 128, got " +
                                 std::to_string(D));
   }
-  const Table t = checked_table(indptr, indices, last_page_len, start, B, BS, NB);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t np = t.ip[b + 1] - t.ip[b];
-    const int64_t first = (t.st != nullptr && np > 0) ? t.st[b] : 0;
-    const int64_t n = np > 0 ? (np - 1) * BS + t.lp[b] - first : 0;
-    if (n < T) {
-      throw std::invalid_argument("stream " + std::to_string(b) + " has " + std::to_string(n) +
-                                  " live rows, fewer than its " + std::to_string(T) +
-                                  " queries");
-    }
-  }
+  const Table t = checked_table(indptr, indices, last_page_len, start, B, BS, NB, T);
   py::gil_scoped_release nogil;
   paged_window_attention_cpu(qp, kp, vp, t.ip, t.ix, t.lp, t.st, B, T, H, HKV, D, BS, window,
                              static_cast<float>(scale), op, threads);
@@ -424,17 +423,10 @@ void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, p
                                 std::to_string(D));
   }
   const int64_t streams = B / queries;
-  const Table t = checked_table(indptr, indices, last_page_len, start, streams, BS, NB);
   // windowed: each stream's queries are its last rows (a one-query step may hold padding
   // streams without rows: they read nothing and get zeros, frame_step's buckets)
-  for (int64_t b = 0; (queries > 1 || window > 0) && b < streams; ++b) {
-    const int64_t np = t.ip[b + 1] - t.ip[b];
-    const int64_t first = (t.st != nullptr && np > 0) ? t.st[b] : 0;
-    if ((np > 0 ? (np - 1) * BS + t.lp[b] - first : 0) < queries) {
-      throw std::invalid_argument("stream " + std::to_string(b) + " holds fewer rows than its " +
-                                  std::to_string(queries) + " queries");
-    }
-  }
+  const Table t = checked_table(indptr, indices, last_page_len, start, streams, BS, NB,
+                                (queries > 1 || window > 0) ? queries : 0);
 
   const int64_t attn = heads * D, nqkv = (heads + 2 * kv_heads) * D;
   std::vector<py::array> keep;  // the arrays stay referenced until the call returns

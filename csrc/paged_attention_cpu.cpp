@@ -52,11 +52,7 @@ inline void for_each_row(const Args& a, int64_t b, int64_t first, int64_t t0, in
   }
 }
 
-int64_t live_rows(const Args& a, int64_t b, int64_t* first) {
-  const int32_t p0 = a.indptr[b], p1 = a.indptr[b + 1];
-  *first = (a.start != nullptr && p1 > p0) ? a.start[b] : 0;
-  return p1 > p0 ? (int64_t)(p1 - p0 - 1) * a.block_size + a.last_page_len[b] - *first : 0;
-}
+
 
 // Attention of stream b (its live rows starting ``first`` rows into its first page) over
 // rows [t0, t1), every head, unnormalised: o[h] = sum_t exp(s_t - m[h]) v_t and
@@ -129,7 +125,7 @@ void paged_decode_attention_cpu(const float* q, const float* k, const float* v,
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t c = 0; c < chunks; ++c) {
       int64_t first = 0;
-      const int64_t rows = live_rows(a, b, &first);
+      const int64_t rows = live_rows(a.indptr, a.last_page_len, a.start, a.block_size, b, &first);
       const int64_t i = (b * chunks + c) * heads;
       attend_part(a, b, first, rows * c / chunks, rows * (c + 1) / chunks,
                   po.data() + i * dim, pm.data() + i, pl.data() + i);

@@ -12,6 +12,7 @@
 #include <limits>
 #include <vector>
 
+#include "paged_attention_cpu.h"
 #include "simd.h"
 
 namespace calm_fast {
@@ -122,10 +123,9 @@ void paged_window_attention_cpu(const float* q, const float* k, const float* v,
   const int64_t row_stride = kv_heads * dim, tasks = batch * kv_heads;
   parallel_for(tasks, threads, [&](int64_t task) {
     const int64_t b = task / kv_heads, hk = task % kv_heads;
-    const int32_t p0 = indptr[b], p1 = indptr[b + 1];
-    const int64_t first = (start != nullptr && p1 > p0) ? start[b] : 0;
-    const int64_t n = p1 > p0 ? (int64_t)(p1 - p0 - 1) * block_size + last_page_len[b] - first
-                              : 0;
+    const int32_t p0 = indptr[b];
+    int64_t first;
+    const int64_t n = live_rows(indptr, last_page_len, start, block_size, b, &first);
     // only the rows some query sees: from the first query's window start
     const int64_t j0 = std::max<int64_t>(0, n - T - window + 1), L = n - j0;
     thread_local std::vector<int64_t> row;

@@ -124,7 +124,7 @@ def test_windowed_transformer_native_step_equals_layer_by_layer(monkeypatch, T):
         x = torch.randn(3, vae.cfg.dimension, T + step % 3)
         native = tr(x, states[0])
         with monkeypatch.context() as m:
-            m.setattr(ops, "native_decode_step_ok", lambda *a: False)
+            m.setattr(ops, "native_decode_step_ok", lambda *a, **k: False)
             layered = tr(x, states[1])
             m.setenv("CALM_FAST_FORCE_REF", "1")
             ref = tr(x, states[2])
@@ -148,7 +148,7 @@ def test_windowed_native_step_rejects_streams_shorter_than_their_queries():
         return cache
 
     p = fb.pack_transformer(random_sd(layers=1), heads=2).split()  # head_dim 16
-    with pytest.raises(ValueError, match="fewer rows than its 4 queries"):
+    with pytest.raises(ValueError, match="fewer than its 4 queries"):
         call(p, 4, 3, 2)
     with pytest.raises(ValueError, match="not streams of 3 queries"):
         call(p, 3, 0, 2)
