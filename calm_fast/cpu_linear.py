@@ -115,22 +115,30 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     return w(x)
 
 
+def cached_for(owner, name: str, tensors, make):
+    """``make()``, kept on ``owner`` under ``name`` and remade when one of ``tensors`` (the
+    weights it was made from; None entries allowed) is replaced or changed in place (an
+    optimizer step bumps a tensor's version): packed inference copies of trainable
+    weights."""
+    key = tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        cached = (key, make())
+        owner.__dict__[name] = cached
+    return cached[1]
+
+
 def cached_packed(owner: torch.nn.Module, w: torch.Tensor, make, bias: torch.Tensor | None,
                   x: torch.Tensor) -> SplitLinear | None:
     """A SplitLinear over ``make(w)`` (the weight as [in, out]) kept on ``owner`` and remade
-    when ``w`` or ``bias`` change (an optimizer step bumps their version), for the input
-    ``x``; None when gradients are wanted, w or x is not an fp32 CPU tensor or the extension
-    is missing (the caller then runs its torch op)."""
+    when ``w`` or ``bias`` change (``cached_for``), for the input ``x``; None when gradients
+    are wanted, w or x is not an fp32 CPU tensor or the extension is missing (the caller
+    then runs its torch op)."""
     if (_native is None or torch.is_grad_enabled()
             or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (w, x))):
         return None
-    key = (w.data_ptr(), w._version, None if bias is None else bias._version)
-    cached = owner.__dict__.get("_packed")
-    if cached is None or cached[0] != key:
-        cached = (key, SplitLinear(make(w.detach()),
-                                   None if bias is None else bias.detach().float()))
-        owner.__dict__["_packed"] = cached
-    return cached[1]
+    return cached_for(owner, "_packed", (w, bias), lambda: SplitLinear(
+        make(w.detach()), None if bias is None else bias.detach().float()))
 
 
 def inference_linear(mod: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

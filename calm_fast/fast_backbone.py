@@ -240,8 +240,8 @@ def prefill(p: PackedBackbone, cache: PagedKVCache, stream: int, x: torch.Tensor
     start = cache.position(stream)
     pos = start + torch.arange(T, device=x.device)
     slots = cache.reserve([stream], T)[0]
-    if (ops.native_decode_step_ok(x, cache.k) and ops.window_head_dim_ok(p.head_dim)
-            and (layers := native_layers(p)) is not None):
+    if ops.native_decode_step_ok(x, cache.k, windowed=True) and \
+            (layers := native_layers(p)) is not None:
         # every layer in one C++ call: the T rows attend causally over the whole stream
         cos, sin = rope_tables(p, pos)
         out = ops.native_decode_step(layers, p.heads, p.kv_heads, p.eps, x, cos[:, 0],

@@ -125,14 +125,17 @@ def window_attention_ref(q, k_cache, v_cache, table, window: int, scale=None) ->
 
 
 # -- every layer of a Transformer step in one call, fp32 CPU ------------------------------------
-def native_decode_step_ok(x: torch.Tensor, k_cache: torch.Tensor) -> bool:
+def native_decode_step_ok(x: torch.Tensor, k_cache: torch.Tensor,
+                          windowed: bool = False) -> bool:
     """Whether ``native_decode_step`` applies: the extension is built, the reference is not
-    forced, and x / the cache are fp32 CPU tensors without autograd. Any row count: at
-    `pocket` shapes it was 1.1-1.2x faster than op by op from 1 to 64 rows (ctx ~200,
-    2 threads, same run)."""
+    forced, and x / the cache are fp32 CPU tensors without autograd; ``windowed`` (several
+    queries per stream or a window) also needs a head_dim the window attention takes. Any
+    row count: at `pocket` shapes it was 1.1-1.2x faster than op by op from 1 to 64 rows
+    (ctx ~200, 2 threads, same run)."""
     return (_C is not None and hasattr(_C, "decode_step") and not force_reference()
             and x.device.type == "cpu" and x.dtype == torch.float32
-            and k_cache.dtype == torch.float32 and x.shape[0] >= 1 and not x.requires_grad)
+            and k_cache.dtype == torch.float32 and x.shape[0] >= 1 and not x.requires_grad
+            and (not windowed or window_head_dim_ok(k_cache.shape[-1])))
 
 
 def native_decode_step(layers, heads, kv_heads, eps, x, cos, sin, k_cache, v_cache, slots,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .cpu_linear import pack_panels
+from .cpu_linear import cached_for, pack_panels
 from .ops import force_reference
 
 try:
@@ -132,15 +132,6 @@ def _plan(decoder) -> list | None:
     return stages
 
 
-def _cached_plan(decoder):
-    key = tuple((p.data_ptr(), p._version) for p in decoder.parameters())
-    cached = decoder.__dict__.get("_fast_plan")
-    if cached is None or cached[0] != key:
-        cached = (key, _plan(decoder))
-        decoder.__dict__["_fast_plan"] = cached
-    return cached[1]
-
-
 class _Workspace:
     """The intermediate buffers, kept from call to call (per thread): a fresh 31 MB
     torch.empty is fresh pages from the OS, and faulting them in doubled the time of the
@@ -171,7 +162,8 @@ def decode(decoder, x: torch.Tensor, state=None) -> torch.Tensor | None:
     path does not apply (see the module docstring)."""
     if not applies(x):
         return None
-    stages = _cached_plan(decoder)
+    stages = cached_for(decoder, "_fast_plan", list(decoder.parameters()),
+                        lambda: _plan(decoder))
     if stages is None:
         return None
     ws = decoder.__dict__.setdefault("_fast_ws", _Workspace())

@@ -27,9 +27,9 @@ from . import fast_backbone as fb
 from . import ops
 from . import seanet_fast
 from .cache import PagedKVCache
-from .errors import CacheFullError
 from .config import TransformerConfig
-from .cpu_linear import cached_packed
+from .cpu_linear import cached_for, cached_packed
+from .errors import CacheFullError
 from .transformer import Transformer, causal_mask
 
 
@@ -318,8 +318,8 @@ class WindowedTransformer(nn.Module):
             return torch.cat([self._stream(h[:, :T // 2], state),
                               self._stream(h[:, T // 2:], state)], 1)
         table = cache.page_table(ids)  # one per call: every layer reads the same pages
-        if (ops.native_decode_step_ok(h, cache.k) and ops.window_head_dim_ok(c.head_dim)
-                and (layers := self._native()) is not None):
+        if ops.native_decode_step_ok(h, cache.k, windowed=True) and \
+                (layers := self._native()) is not None:
             # every layer in one C++ call (at batch 16: 24 ms against 31 ms layer by layer)
             h = ops.native_decode_step(
                 layers, shape.heads, shape.kv_heads, shape.eps, h.reshape(B * T, -1),
@@ -338,12 +338,8 @@ class WindowedTransformer(nn.Module):
     def _native(self):
         """The layers packed for ``ops.native_decode_step`` (fast_backbone.native_layers),
         remade when a weight changes; None when they do not fit it."""
-        key = tuple((p.data_ptr(), p._version) for p in self.transformer.parameters())
-        cached = self.__dict__.get("_native_layers")
-        if cached is None or cached[0] != key:
-            cached = (key, fb.native_layers(self.transformer.packed().split()))
-            self.__dict__["_native_layers"] = cached
-        return cached[1]
+        return cached_for(self, "_native_layers", list(self.transformer.parameters()),
+                          lambda: fb.native_layers(self.transformer.packed().split()))
 
 
 class _Wrap(nn.Module):

@@ -10,7 +10,7 @@ from test_fast_backbone import random_sd
 
 
 def op_by_op(monkeypatch):
-    monkeypatch.setattr(ops, "native_decode_step_ok", lambda *a: False)
+    monkeypatch.setattr(ops, "native_decode_step_ok", lambda *a, **k: False)
 
 
 def run_steps(p, cache_seed, rows, steps, monkeypatch=None, trim=None, fork=False):
