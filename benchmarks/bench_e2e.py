@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, timeit, write_rows  # noqa: E402
 
 import calm_fast  # noqa: E402
-from calm_fast.compat.pocket_tts import random_tts_model  # noqa: E402
-from calm_fast.sampling import lsd_sample  # noqa: E402
+from calm_fast.runtime.pocket_tts import random_tts_model  # noqa: E402
+from calm_fast.model.sampling import lsd_sample  # noqa: E402
 
 TEXT = ("Hello world. I am a small text to speech model, and I run on two CPU cores, "
         "faster than real time.")
@@ -97,7 +97,7 @@ def peer_breakdown(peer):
 @torch.no_grad()
 def ours_breakdown(fast, state):
     """ms per frame: engine frame step (batch 1), head alone, one VAE decode slot frame."""
-    from calm_fast.generate import Request
+    from calm_fast.runtime.generate import Request
 
     eng = fast.engine
     lm = fast.lm

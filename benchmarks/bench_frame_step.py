@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, timeit, write_rows  # noqa: E402
 from roofline import matmul_flops, read_bandwidth  # noqa: E402
 
-from calm_fast import fast_backbone as fb  # noqa: E402
-from calm_fast.kernels.fused_head import head_cpu, lsd_decode, pack_head  # noqa: E402
+from calm_fast.fast import backbone as fb  # noqa: E402
+from calm_fast.fast.head import head_cpu, lsd_decode, pack_head  # noqa: E402
 
 D, HEADS, LAYERS, FF, LATENT = 1024, 16, 6, 4096, 32
 

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, timeit, write_rows  # noqa: E402
 from roofline import read_bandwidth  # noqa: E402
 
-from calm_fast.config import preset  # noqa: E402
-from calm_fast.generate import CALMGenerator, Request  # noqa: E402
-from calm_fast.model import CALM  # noqa: E402
+from calm_fast.model.config import preset  # noqa: E402
+from calm_fast.runtime.generate import CALMGenerator, Request  # noqa: E402
+from calm_fast.model.calm import CALM  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -8,7 +8,7 @@ one single-threaded sgemm per matmul), and torch.compile of the reference with -
 
 On CUDA the fused paths are the torch one (cuBLAS, plain weights) and the Triton kernels
 (`triton_ms`); where the pocket-tts package is not installed, the eager module is our own
-calm_fast.head.AdaLNHead (the same math and key layout, tested equal to the peer's).
+calm_fast.model.head.AdaLNHead (the same math and key layout, tested equal to the peer's).
 Appends to benchmarks/results/fused_head[_gpu].csv.
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ from roofline import matmul_flops, read_bandwidth  # noqa: E402
 
 from common import synced  # noqa: E402
 
-from calm_fast.kernels.fused_head import head_cpu, head_ref, head_triton, pack_head  # noqa: E402
+from calm_fast.fast.head import head_cpu, head_ref, pack_head  # noqa: E402
+from calm_fast.kernels.fused_head import head_triton
 
 
 def build_peer(W=512, depth=6, latent=32, cond=1024):
@@ -33,8 +34,8 @@ def build_peer(W=512, depth=6, latent=32, cond=1024):
     try:
         from pocket_tts.modules.mlp import SimpleMLPAdaLN
     except ImportError:
-        from calm_fast.config import HeadConfig
-        from calm_fast.head import AdaLNHead
+        from calm_fast.model.config import HeadConfig
+        from calm_fast.model.head import AdaLNHead
 
         return AdaLNHead(HeadConfig(W, depth, "lsd"), latent, cond).eval()
     return SimpleMLPAdaLN(latent, W, latent, cond, depth, num_time_conds=2).eval()

@@ -1,5 +1,5 @@
 """10 s of latents (125 frames at 12.5 Hz) from the `pocket` preset with random weights,
-through calm_fast.generate.CALMGenerator: prefill of a voice + text prefix, then the
+through calm_fast.runtime.generate.CALMGenerator: prefill of a voice + text prefix, then the
 batched frame loop (paged backbone step + 1-step LSD head + EOS), on CPU.
 
     python benchmarks/bench_generate.py [--threads 2] [--frames 125] [--batches 1,8]
@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_rows  # noqa: E402
 
-from calm_fast.config import preset  # noqa: E402
-from calm_fast.generate import CALMGenerator, Request  # noqa: E402
-from calm_fast.model import CALM  # noqa: E402
+from calm_fast.model.config import preset  # noqa: E402
+from calm_fast.runtime.generate import CALMGenerator, Request  # noqa: E402
+from calm_fast.model.calm import CALM  # noqa: E402
 
 
 def main():

@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, timeit, write_rows  # noqa: E402
 from roofline import read_bandwidth  # noqa: E402
 
-from calm_fast import ops  # noqa: E402
+from calm_fast.fast import ops  # noqa: E402
 from calm_fast._C import KVManager  # noqa: E402
-from calm_fast.cache import PagedKVCache  # noqa: E402
-from calm_fast.kv_manager_py import PyKVManager  # noqa: E402
+from calm_fast.fast.cache import PagedKVCache  # noqa: E402
+from calm_fast.fast.kv_manager_py import PyKVManager  # noqa: E402
 
 
 def manager_workload(Manager, steps: int, streams: int = 64, batched: bool = False) -> float:

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import kernel_bench_args, print_table, synced, timeit, write_rows  # noqa: E402
 from roofline import read_bandwidth  # noqa: E402
 
-from calm_fast import ops  # noqa: E402
-from calm_fast.cache import PagedKVCache  # noqa: E402
+from calm_fast.fast import ops  # noqa: E402
+from calm_fast.fast.cache import PagedKVCache  # noqa: E402
 
 H, D, BS = 16, 64, 16
 

@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import kernel_bench_args, print_table, synced, timeit, write_rows  # noqa: E402
 from roofline import read_bandwidth  # noqa: E402
 
-from calm_fast import ops  # noqa: E402
-from calm_fast.config import preset  # noqa: E402
+from calm_fast.fast import ops  # noqa: E402
+from calm_fast.model.config import preset  # noqa: E402
 from calm_fast.kernels import short_context_step as sk  # noqa: E402
-from calm_fast.short_context import ShortContext  # noqa: E402
+from calm_fast.model.short_context import ShortContext  # noqa: E402
 
 
 def main() -> None:

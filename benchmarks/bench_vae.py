@@ -1,6 +1,6 @@
 """Streaming VAE decode, ms per 80 ms frame (one 32-dim latent -> 1920 samples at 24 kHz):
 the pocket-tts package's own Mimi (built from its english.yaml, random weights, its streaming
-state) vs calm_fast.vae.VAE with the same weights loaded (calm_fast.compat.mimi).
+state) vs calm_fast.codec.vae.VAE with the same weights loaded (calm_fast.compat.mimi).
 
     python benchmarks/bench_vae.py [--threads 2] [--batches 1,16] [--frames 40]
 
@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_rows  # noqa: E402
 
-from calm_fast.compat.mimi import load_pocket_mimi  # noqa: E402
+from calm_fast.codec.mimi import load_pocket_mimi  # noqa: E402
 
 
 def build_peer():

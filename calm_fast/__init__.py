@@ -6,6 +6,6 @@ from .errors import CacheFullError, CalmFastError, UnknownStreamError  # noqa: F
 
 def accelerate(tts_model, **kw):
     """A pocket-tts ``TTSModel`` running on calm_fast's engine (``calm_fast.accelerate``)."""
-    from .dropin import accelerate as _accelerate
+    from calm_fast.runtime.dropin import accelerate as _accelerate
 
     return _accelerate(tts_model, **kw)

@@ -31,7 +31,7 @@ def _data_music(a):
 
 def _data_latents(a):
     from .data.latents import build_latent_cache
-    from .export import load_model
+    from calm_fast.runtime.export import load_model
 
     vae = load_model(a.vae, expect="vae")
     c = vae.cfg
@@ -44,7 +44,7 @@ def _data_latents(a):
 def _train(a):
     import torch
 
-    from .recipes import run_recipe
+    from calm_fast.train.recipes import run_recipe
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -56,12 +56,9 @@ def _info(a):
 
     import calm_fast
 
-    try:
-        from . import _C
+    from calm_fast.fast import ops
 
-        native = f"yes (openmp={_C.has_openmp})"
-    except ImportError as e:
-        native = f"no ({e})"
+    native = ops.native_info()
     try:
         import triton
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .resample import resample
+from calm_fast.codec.resample import resample
 
 WHISPER_TINY_EN_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
 ASR_RATE = 16_000

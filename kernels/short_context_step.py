@@ -11,62 +11,23 @@ rotate q and k in registers, store the new k, v in the ring, attend over the K e
 (the new one from registers, so the programs of a GQA group never read a row that another
 program is writing), write the output. The matmuls stay cuBLAS / the CPU fast path.
 
-``ring_attention_ref`` is the torch oracle and the CPU path.
+The torch oracle and CPU path is ``calm_fast.model.short_context.ring_attention``
+(re-exported here as ``ring_attention_ref``), the model's own streaming step.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
+
+from calm_fast.model.short_context import check_ring as _check
+from calm_fast.model.short_context import ring_attention as ring_attention_ref  # noqa: F401
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # optional: the torch path always works
     triton = None
-
-
-def _rope(x, pos, max_period):
-    """The backbone's RoPE (fast_backbone.rope_tables / apply_rope) at per-row positions,
-    in fp32: x [B, heads, D], pos [B]."""
-    from calm_fast import fast_backbone as fb  # lazy: fast_backbone -> cache -> ops -> here
-
-    shape = fb.PackedBackbone([], 0, 1, 1, x.shape[-1], max_period)
-    cos, sin = fb.rope_tables(shape, pos)
-    return fb.apply_rope(x.float(), cos, sin).to(x.dtype)
-
-
-def _check(q, k, v, ring_k, ring_v, slots, pos):
-    B, H, D = q.shape
-    if k.shape != v.shape or k.dim() != 3 or k.shape[0] != B or k.shape[2] != D:
-        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
-    if H % k.shape[1]:
-        raise ValueError(f"{H} query heads are not a multiple of {k.shape[1]} kv heads")
-    if ring_k.shape != ring_v.shape or ring_k.dim() != 4 or ring_k.shape[2:] != k.shape[1:]:
-        raise ValueError(f"ring {tuple(ring_k.shape)} does not fit k {tuple(k.shape)}")
-    if slots.shape != (B,) or pos.shape != (B,):
-        raise ValueError(f"slots {tuple(slots.shape)} and pos {tuple(pos.shape)} must be [{B}]")
-    if D % 2:
-        raise ValueError(f"RoPE needs an even head dim, got {D}")
-
-
-def ring_attention_ref(q, k, v, ring_k, ring_v, slots, pos, max_period=10_000.0):
-    """q [B, H, D], k, v [B, Hkv, D] of the new rows (RoPE NOT applied); ring_k, ring_v
-    [slots, K, Hkv, D] one layer's rings (views are fine: written in place); slots, pos [B]
-    long: each row's ring and its position. Returns attention [B, H, D]."""
-    _check(q, k, v, ring_k, ring_v, slots, pos)
-    K = ring_k.shape[1]
-    q, k = _rope(q, pos, max_period), _rope(k, pos, max_period)
-    ring = pos % K
-    ring_k[slots, ring] = k.to(ring_k.dtype)
-    ring_v[slots, ring] = v.to(ring_v.dtype)
-    valid = torch.arange(K, device=q.device)[None] <= pos[:, None]  # [B, K]
-    rep = q.shape[1] // k.shape[1]
-    Kr = ring_k[slots].repeat_interleave(rep, 2).transpose(1, 2)  # [B, H, K, D]
-    Vr = ring_v[slots].repeat_interleave(rep, 2).transpose(1, 2)
-    return F.scaled_dot_product_attention(q[:, :, None], Kr.to(q.dtype), Vr.to(q.dtype),
-                                          attn_mask=valid[:, None, None])[:, :, 0]
 
 
 if triton is not None:

@@ -21,8 +21,8 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tts():
     """The tiny TTS model with random non-zero weights (generation tests)."""
-    from calm_fast.config import preset
-    from calm_fast.model import CALM
+    from calm_fast.model.config import preset
+    from calm_fast.model.calm import CALM
     from golden import perturbed
 
     torch.manual_seed(0)
@@ -32,8 +32,8 @@ def tts():
 @pytest.fixture(scope="session")
 def music():
     """The tiny music model (consistency head, short context, tags), random weights."""
-    from calm_fast.config import preset
-    from calm_fast.model import CALM
+    from calm_fast.model.config import preset
+    from calm_fast.model.calm import CALM
     from golden import perturbed
 
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 batched, fused generator (same per-request noise stream)."""
 import torch
 
-from calm_fast.sampling import consistency_sample, gaussian_noise, lsd_sample, module_head
+from calm_fast.model.sampling import (consistency_sample, gaussian_noise, lsd_sample, module_head)
 
 
 def perturbed(model, scale=0.05, seed=0):
@@ -44,7 +44,7 @@ def dense_generate(model, req, head_steps=1):
 def ragged_tts_requests(m):
     """Three tiny-TTS requests: no CFG; CFG with a voice; CFG with a prompt (5 backbone
     rows in all, so a bucketed batch pads them to 8)."""
-    from calm_fast.generate import Request
+    from calm_fast.runtime.generate import Request
 
     g = torch.Generator().manual_seed(5)
     return [

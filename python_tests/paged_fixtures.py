@@ -3,7 +3,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calm_fast.cache import PagedKVCache
+from calm_fast.fast.cache import PagedKVCache
 
 
 def sdpa_one(q, k, v):
@@ -41,3 +41,20 @@ def build(seed, batch, heads, kv_heads, dim, block_size, backend="cpp"):
         hist.append((k, v))
     q = torch.randn(batch, heads, dim, generator=g)
     return cache, streams, hist, q
+
+
+def random_sd(layers=2, d=32, heads=4, kv_heads=4, ff=64, layer_scale=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hd = d // heads
+    r = lambda *s: torch.randn(*s, generator=g) / s[-1] ** 0.5  # noqa: E731
+    sd = {}
+    for i in range(layers):
+        p = f"layers.{i}."
+        sd |= {p + "norm1.weight": 1 + 0.1 * r(d), p + "norm1.bias": 0.1 * r(d),
+               p + "norm2.weight": 1 + 0.1 * r(d), p + "norm2.bias": 0.1 * r(d),
+               p + "self_attn.in_proj.weight": r((heads + 2 * kv_heads) * hd, d),
+               p + "self_attn.out_proj.weight": r(d, heads * hd),
+               p + "linear1.weight": r(ff, d), p + "linear2.weight": r(d, ff)}
+        if layer_scale:
+            sd |= {p + "layer_scale_1.scale": 0.5 + r(d), p + "layer_scale_2.scale": 0.5 + r(d)}
+    return sd

@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from calm_fast.train import Trainer, TrainConfig, shutdown_distributed
+from calm_fast.train.trainer import Trainer, TrainConfig, shutdown_distributed
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 300):

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from calm_fast.audio import load_audio
+from calm_fast.codec.audio import load_audio
 from calm_fast.evaluate import WhisperASR, wer
-from calm_fast.export import load_model
-from calm_fast.tts import TTS
+from calm_fast.runtime.export import load_model
+from calm_fast.runtime.tts import TTS
 
 
 def main(argv=None):
@@ -79,7 +79,7 @@ def main(argv=None):
                          "examples": [{"ref": r, "hyp": h} for r, h in zip(refs[:4], hyps[:4])],
                          **timing.get(name, {})}
         if a.save_audio:
-            from calm_fast.audio import write_audio
+            from calm_fast.codec.audio import write_audio
             d = Path(a.save_audio) / name.replace(" ", "_")
             for i, w in enumerate(wavs[:8]):
                 write_audio(d / f"{i:02d}.flac", w.reshape(1, -1), sr)

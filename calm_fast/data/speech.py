@@ -105,7 +105,7 @@ def postprocess(wav: np.ndarray, sr: int) -> np.ndarray:
     """Mono float at 24 kHz, trimmed, peak at -1 dBFS."""
     import torch
 
-    from ..resample import resample
+    from calm_fast.codec.resample import resample
 
     if wav.ndim == 2:
         wav = wav.mean(axis=1)

@@ -1,1 +1,0 @@
-"""Checkpoint mappings from peer implementations (Pocket TTS) onto calm_fast modules."""

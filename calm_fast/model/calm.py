@@ -1,0 +1,150 @@
+"""The CALM model: backbone + short-context Transformer + head + EOS + latent normalisation.
+
+    sequence = [prefix rows, input_linear(BOS), input_linear(x~^0), ..., input_linear(x~^{S-2})]
+    Z^s      = out_norm(backbone(sequence))[prefix + s] + short([BOS, x^0, ..., x^{s-1}])
+    x^s      ~ head(Z^s, noise)            eos^s = out_eos(Z^s)
+
+x~ is the VP-noised latent in training (``cfg.vp_noise``), the clean one at inference. All
+latents here are normalised per channel by the stored ``emb_mean`` / ``emb_std``; the VAE
+decoder wants ``denormalize(x)``. Names and layout of every tensor equal Pocket TTS's
+``FlowLMModel`` (plus ``short.*`` and ``tags.*``, which Pocket TTS does not have), so its
+checkpoints load as they are (``calm_fast.compat.pocket_tts``).
+
+This module is the training model and the dense oracle; generation runs the same weights
+through the paged fast path (``calm_fast.generate``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from calm_fast.model.conditioning import TagConditioner, TextConditioner
+from calm_fast.model.config import CALMConfig
+from calm_fast.model.head import AdaLNHead
+from calm_fast.model.short_context import ShortContext
+from calm_fast.model.transformer import Transformer, causal_mask
+
+
+def vp_noise_injection(x: torch.Tensor, generator=None) -> torch.Tensor:
+    """x~ = sqrt(k) eps + sqrt(1 - k) x with k ~ U(0, 1) drawn per frame (training only).
+
+    x: [B, T, C]; one k per (b, t), shared by the C channels of a frame.
+    """
+    k = torch.rand(*x.shape[:-1], 1, generator=generator, device=x.device, dtype=x.dtype)
+    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return k.sqrt() * eps + (1 - k).sqrt() * x
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or Inf")
+
+
+class CALM(nn.Module):
+    def __init__(self, cfg: CALMConfig, tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        d, C = cfg.backbone.d_model, cfg.latent_dim
+        if cfg.text_bins:
+            self.conditioner = TextConditioner(cfg.text_bins, d, tokenizer)
+        if cfg.music_tags:
+            self.tags = TagConditioner(cfg.music_tags, d)
+        self.flow_net = AdaLNHead(cfg.head, C, d)
+        self.register_buffer("emb_std", torch.ones(C))
+        self.register_buffer("emb_mean", torch.zeros(C))
+        self.bos_emb = nn.Parameter(torch.randn(C))
+        self.bos_before_voice = nn.Parameter(torch.randn(1, 1, d))
+        self.input_linear = nn.Linear(C, d, bias=False)
+        self.transformer = Transformer(cfg.backbone)
+        self.out_norm = nn.LayerNorm(d, eps=1e-5)
+        self.out_eos = nn.Linear(d, 1)
+        if cfg.voice:
+            self.speaker_proj_weight = nn.Parameter(0.02 * torch.randn(d, C))
+        if cfg.short_context is not None:
+            self.short = ShortContext(cfg.short_context, C, d)
+
+    # -- latent space ------------------------------------------------------------------------
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.emb_mean) / self.emb_std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.emb_std + self.emb_mean
+
+    def check_latents(self, name: str, x: torch.Tensor, allow_empty: bool = False) -> None:
+        C = self.cfg.latent_dim
+        if x.dim() < 2 or x.shape[-1] != C:
+            raise ValueError(f"{name} must be [..., frames, {C}] latents, got {tuple(x.shape)}")
+        if x.shape[-2] == 0 and not allow_empty:
+            raise ValueError(f"{name} is empty (0 frames)")
+        check_finite(name, x)
+
+    # -- conditioning --------------------------------------------------------------------------
+    def prefix(self, text: str | None = None, voice: torch.Tensor | None = None,
+               tags=None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The conditioning rows [P, d]: [bos_before_voice, voice, tags, text].
+
+        voice: raw (un-normalised) VAE latents [T, latent_dim], as Pocket TTS projects them;
+        text: a string (needs a tokenizer) or ``tokens`` (ids); tags: music tag names."""
+        rows = [self.bos_before_voice[0]]
+        if voice is not None:
+            if not self.cfg.voice:
+                raise ValueError(f"preset {self.cfg.name!r} has no voice conditioning")
+            self.check_latents("voice prompt", voice)
+            if voice.dim() != 2:
+                raise ValueError(f"voice prompt must be [frames, {self.cfg.latent_dim}]")
+            rows.append(voice @ self.speaker_proj_weight.t())
+        if tags is not None:
+            if not self.cfg.music_tags:
+                raise ValueError(f"preset {self.cfg.name!r} has no music tags")
+            rows.append(self.tags(self.tags.encode(tags)))
+        if text is not None or tokens is not None:
+            if not self.cfg.text_bins:
+                raise ValueError(f"preset {self.cfg.name!r} has no text conditioning")
+            ids = self.conditioner.tokenize(text) if tokens is None else tokens
+            if ids.numel() == 0:
+                raise ValueError("empty text: nothing to say")
+            rows.append(self.conditioner(ids))
+        out = torch.cat(rows)
+        if out.shape[0] >= self.cfg.max_context:
+            raise ValueError(f"prefix of {out.shape[0]} rows does not fit the context of "
+                             f"{self.cfg.max_context} rows")
+        return out
+
+    def null_prefix(self) -> torch.Tensor:
+        """The unconditioned prefix of latent CFG: [1, d]."""
+        return self.bos_before_voice[0]
+
+    # -- training / dense forward ----------------------------------------------------------
+    def forward(self, latents: torch.Tensor, prefix: torch.Tensor,
+                prefix_mask: torch.Tensor | None = None, generator=None):
+        """latents [B, S, C] (normalised, clean), prefix [B, P, d] (left-padded when ragged,
+        ``prefix_mask`` [B, P] True on real rows). Returns Z [B, S, d] and EOS logits [B, S];
+        Z^s predicts latents[:, s]."""
+        self.check_latents("latents", latents)
+        if latents.dim() != 3 or prefix.dim() != 3 or prefix.shape[0] != latents.shape[0]:
+            raise ValueError(f"latents [B, S, C] and prefix [B, P, d] must share B, got "
+                             f"{tuple(latents.shape)} and {tuple(prefix.shape)}")
+        check_finite("prefix", prefix)
+        B, S, _ = latents.shape
+        P = prefix.shape[1]
+        if P + S > self.cfg.max_context:
+            raise ValueError(f"{P} prefix rows + {S} frames exceed the context of "
+                             f"{self.cfg.max_context} rows")
+        inputs = torch.cat([self.bos_emb.expand(B, 1, -1), latents[:, :-1]], 1)
+        noisy = inputs
+        if self.training and self.cfg.vp_noise:
+            noised = vp_noise_injection(latents[:, :-1], generator)
+            noisy = torch.cat([inputs[:, :1], noised], 1)  # BOS stays clean
+        seq = torch.cat([prefix, self.input_linear(noisy)], 1)
+        mask = None
+        if prefix_mask is not None:
+            T = P + S
+            keys = torch.cat([prefix_mask.bool(), prefix_mask.new_ones(B, S, dtype=torch.bool)], 1)
+            mask = causal_mask(T, seq.device)[None] & keys[:, None, :]
+            mask |= torch.eye(T, dtype=torch.bool, device=seq.device)  # pad rows see themselves
+            mask = mask[:, None]
+        z = self.out_norm(self.transformer(seq, mask))[:, P:]
+        if hasattr(self, "short"):
+            z = z + self.short(inputs)
+        return z, self.out_eos(z)[..., 0]
+

@@ -1,0 +1,177 @@
+"""Training checkpoints in safetensors, written atomically, restored exactly.
+
+One file holds everything a resume needs: model weights (``model/...``), EMA weights
+(``ema/...``), optimizer tensors (``optim/<param index>/<name>``), RNG states
+(``rng/...`` as uint8) and, in the safetensors metadata, the step, the optimizer's
+non-tensor state (param groups, JSON) and any user metadata. Files are written to a
+temporary name and renamed, so a kill at any moment leaves either the old or the new
+checkpoint, never a torn one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from calm_fast.errors import CalmFastError
+
+
+class CheckpointError(CalmFastError, ValueError):
+    """A checkpoint that cannot be used: missing, corrupt, or not matching the model."""
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    np_state = np.random.get_state()
+    py = json.dumps(random.getstate()).encode()
+    return {
+        "rng/torch": torch.get_rng_state(),
+        "rng/numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "rng/numpy_meta": torch.tensor([np_state[2], np_state[3], np_state[4]],
+                                       dtype=torch.float64),
+        "rng/python": torch.frombuffer(bytearray(py), dtype=torch.uint8).clone(),
+        **({"rng/cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
+    }
+
+
+def set_rng_state(t: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(t["rng/torch"])
+    meta = t["rng/numpy_meta"].tolist()
+    np.random.set_state(("MT19937", t["rng/numpy_keys"].numpy().astype(np.uint32),
+                         int(meta[0]), int(meta[1]), float(meta[2])))
+    st = json.loads(bytes(t["rng/python"].tolist()).decode())
+    random.setstate((st[0], tuple(st[1]), st[2]))
+    if "rng/cuda" in t and torch.cuda.is_available():
+        torch.cuda.set_rng_state(t["rng/cuda"])
+
+
+def save_checkpoint(path, *, model: torch.nn.Module, step: int, ema: torch.nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, meta: dict | None = None):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors |= {f"ema/{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
+    header = {"step": str(step), "meta": json.dumps(meta or {})}
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        for idx, state in sd["state"].items():
+            for name, val in state.items():
+                if not torch.is_tensor(val):
+                    val = torch.tensor(val)
+                tensors[f"optim/{idx}/{name}"] = val.detach().cpu().contiguous()
+        header["optim_groups"] = json.dumps(sd["param_groups"])
+    tensors |= rng_state()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=header)
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
+    return path
+
+
+def read_safetensors(path, what: str = "file") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file; CheckpointError when missing or unreadable."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no {what} at {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+        return header, load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors {what}: {e}") from e
+
+
+def load_checkpoint(path, *, model: torch.nn.Module, ema: torch.nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True,
+                    strict: bool = True) -> dict:
+    """Restore what was saved; returns {"step": int, "meta": dict}. Raises CheckpointError
+    naming the missing/unexpected keys when the checkpoint does not fit the model."""
+    path = Path(path)
+    header, tensors = read_safetensors(path, "checkpoint")
+    if "step" not in header:
+        raise CheckpointError(f"{path} has no 'step' in its metadata: not a calm_fast checkpoint")
+
+    def sub(prefix):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    _load_module(model, sub("model/"), "model", path, strict)
+    if ema is not None:
+        ema_sd = sub("ema/")
+        if not ema_sd:
+            raise CheckpointError(f"{path} holds no EMA weights")
+        _load_module(ema, ema_sd, "ema", path, strict)
+    if optimizer is not None:
+        if "optim_groups" not in header:
+            raise CheckpointError(f"{path} holds no optimizer state")
+        state: dict = {}
+        for k, v in sub("optim/").items():
+            idx, name = k.split("/", 1)
+            state.setdefault(int(idx), {})[name] = v
+        optimizer.load_state_dict({"state": state,
+                                   "param_groups": json.loads(header["optim_groups"])})
+    if restore_rng:
+        set_rng_state(tensors)
+    return {"step": int(header["step"]), "meta": json.loads(header.get("meta", "{}"))}
+
+
+def state_dict_mismatch(own: dict, sd: dict):
+    """(missing, unexpected, wrong-shape) keys of ``sd`` against a module's ``own``, sorted."""
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    bad_shape = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    return missing, unexpected, bad_shape
+
+
+def _load_module(module, sd, what, path, strict):
+    missing, unexpected, bad_shape = state_dict_mismatch(module.state_dict(), sd)
+    if (strict and (missing or unexpected)) or bad_shape:
+        raise CheckpointError(
+            f"{path}: {what} weights do not match: missing {missing[:20]}"
+            f"{' ...' if len(missing) > 20 else ''}, unexpected {unexpected[:20]}"
+            f"{' ...' if len(unexpected) > 20 else ''}, wrong shape {bad_shape[:20]}")
+    module.load_state_dict(sd, strict=strict)
+
+
+def load_weights(model: torch.nn.Module, sd: dict, what: str = "checkpoint") -> None:
+    """Strict load of a bare state dict (a peer's checkpoint) that names every missing,
+    unexpected and wrong-shape key, and refuses NaN/Inf tensors."""
+    own = model.state_dict()
+    missing, unexpected, bad_shape = state_dict_mismatch(own, sd)
+    if missing or unexpected or bad_shape:
+        shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in bad_shape]
+        parts = [f"missing keys {missing}" if missing else "",
+                 f"unexpected keys {unexpected}" if unexpected else "",
+                 f"wrong shapes [{'; '.join(shapes)}]" if shapes else ""]
+        raise CheckpointError(f"{what} does not match the model: "
+                              + "; ".join(p for p in parts if p))
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{what} holds NaN/Inf in {bad}")
+    model.load_state_dict(sd, strict=True)
+
+
+def read_tensors(src, bundle_prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """A non-empty dict of tensors, from a dict or a safetensors file (CheckpointError if
+    missing, unreadable or empty). When keys carry ``bundle_prefix`` (a file bundling several
+    models, e.g. ``mimi.``), only those are kept, with the prefix removed."""
+    if isinstance(src, (str, Path)):
+        path = Path(src)
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint at {path}")
+        try:
+            src = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    if not isinstance(src, dict) or not src:
+        raise CheckpointError("empty checkpoint")
+    if bundle_prefix and any(k.startswith(bundle_prefix) for k in src):
+        n = len(bundle_prefix)
+        return {k[n:]: v for k, v in src.items() if k.startswith(bundle_prefix)}
+    return dict(src)

@@ -1,0 +1,236 @@
+"""Recipe ``lm``: train a CALM (backbone + short context + head + EOS) on a latent cache.
+
+    [data]      latents = "runs/latents" (``calm-fast data latents``), splits, batch,
+                max_frames, voice_frames, tokenizer, vae (optional, for audio samples)
+    [model]     preset = "tiny" (+ any CALMConfig field, nested tables for backbone/head)
+    [objective] kind, head_mult, p_text, p_voice, eos_weight, adaptive_weight, tangent_warmup
+
+One training example is one whole utterance (text and audio must match, so nothing is
+cropped; longer ones than ``max_frames`` are skipped) with its text, and a voice prompt of
+``voice_frames`` frames cut from another utterance of the same speaker. Text and voice are
+dropped independently for CFG. Per frame: the head loss (LSD, consistency or flow
+matching, ``head_mult`` noise/time draws per backbone output) on the real frames and the EOS
+loss up to the end frame. The model's latent normalisation (emb_mean/emb_std) is measured on
+the training latents. At the end the EMA model is exported to ``out_dir/model.safetensors``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from calm_fast.train import objectives as obj
+from calm_fast.model.conditioning import ByteTokenizer, SentencePieceTokenizer
+from calm_fast.model.config import CALMConfig, preset
+from calm_fast.data.latents import LatentCache
+from calm_fast.model.calm import CALM
+from calm_fast.train.trainer import TrainConfig
+from calm_fast.train.recipes.common import batch_generator, train_and_export
+from calm_fast.train.recipes.config import RecipeError, build, build_preset
+
+
+@dataclass(frozen=True)
+class LMData:
+    latents: str
+    splits: tuple[str, ...] = ("train",)
+    batch: int = 16
+    max_frames: int = 150
+    voice_frames: int = 0  # 0: no voice prompt
+    tokenizer: str = "bytes"  # "bytes" | "spm:<pieces>" (trained on the text) | a .model path
+    vae: str = ""  # a VAE export: periodic samples are decoded to audio
+
+
+@dataclass(frozen=True)
+class LMObjective:
+    kind: str = "auto"  # lsd | consistency | flow; auto: the head's kind
+    head_mult: int = 4  # noise/time draws per backbone output (paper: head batch multiplier)
+    p_text: float = 0.1
+    p_voice: float = 0.1
+    eos_weight: float = 1.0
+    adaptive_weight: bool = True
+    tangent_warmup: int = 0  # consistency: steps over which the tangent weight r goes 0 -> 1
+
+    def check(self, head_kind: str) -> str:
+        kind = head_kind if self.kind == "auto" else self.kind
+        if kind not in ("lsd", "consistency", "flow"):
+            raise RecipeError(f"objective.kind must be auto, lsd, consistency or flow, got "
+                              f"{self.kind!r}")
+        if (kind == "lsd") != (head_kind == "lsd"):
+            raise RecipeError(f"objective {kind!r} does not fit a {head_kind!r} head "
+                              f"(lsd takes two times, consistency and flow one)")
+        if self.head_mult < 1:
+            raise RecipeError(f"objective.head_mult must be >= 1, got {self.head_mult}")
+        return kind
+
+
+def make_tokenizer(spec: str, texts: list[str]):
+    if spec == "bytes":
+        return ByteTokenizer()
+    if spec.startswith("spm:"):
+        return SentencePieceTokenizer.train(texts, vocab_size=int(spec[4:]))
+    if Path(spec).is_file():
+        return SentencePieceTokenizer(spec)
+    raise RecipeError(f"data.tokenizer must be 'bytes', 'spm:<pieces>' or a SentencePiece "
+                      f"model file, got {spec!r}")
+
+
+class Utterances:
+    """The whole utterances of a latent cache that fit ``max_frames``, with text ids and
+    same-speaker voice prompts."""
+
+    def __init__(self, data: LMData, latent_dim: int):
+        self.cache = LatentCache(data.latents)
+        if self.cache.meta["latent_dim"] != latent_dim:
+            raise RecipeError(f"{data.latents} holds {self.cache.meta['latent_dim']}-dim "
+                              f"latents, the model takes {latent_dim}")
+        self.data = data
+        self.items = [i for i, r in enumerate(self.cache.index)
+                      if r.get("split") in data.splits and 2 <= r["frames"] <= data.max_frames]
+        if not self.items:
+            raise RecipeError(f"{data.latents}: no utterance in splits {list(data.splits)} has "
+                              f"2..{data.max_frames} frames")
+        by_spk: dict = {}
+        for i in self.items:
+            by_spk.setdefault(self.cache.index[i].get("speaker_id"), []).append(i)
+        self.by_speaker = by_spk
+
+    def text(self, i: int) -> str:
+        return self.cache.index[i].get("text", "")
+
+    def stats(self):
+        """Per-channel mean and std over every frame of the chosen utterances."""
+        x = np.concatenate([self.cache.latents(i) for i in self.items]).astype(np.float64)
+        return torch.from_numpy(x.mean(0)).float(), torch.from_numpy(x.std(0) + 1e-5).float()
+
+    def voice(self, i: int, g: torch.Generator):
+        """Raw latents [<= voice_frames, C] of another utterance by the same speaker, or
+        None (no voice frames asked, or the speaker has one utterance)."""
+        n = self.data.voice_frames
+        others = [j for j in self.by_speaker[self.cache.index[i].get("speaker_id")] if j != i]
+        if n <= 0 or not others:
+            return None
+        j = others[int(torch.randint(len(others), (1,), generator=g))]
+        frames = self.cache.index[j]["frames"]
+        start = int(torch.randint(0, max(1, frames - n + 1), (1,), generator=g))
+        return torch.from_numpy(np.array(self.cache.latents(j)[start:start + n]))
+
+    def batch(self, n: int, tokenizer, obj_cfg: LMObjective, g: torch.Generator) -> dict:
+        pick = [self.items[k] for k in torch.randint(len(self.items), (n,), generator=g)]
+        lats = [torch.from_numpy(np.array(self.cache.latents(i))) for i in pick]
+        lengths = torch.tensor([len(x) for x in lats])
+        S = int(lengths.max()) + 1  # one frame past the longest end: its EOS frame
+        latents = torch.zeros(n, S, lats[0].shape[1])
+        for b, x in enumerate(lats):
+            latents[b, :len(x)] = x
+        drop_text, drop_voice = obj.condition_dropout(n, obj_cfg.p_text, obj_cfg.p_voice, g)
+        tokens = [None if dt or not self.text(i) else torch.tensor(tokenizer.encode(self.text(i)))
+                  for i, dt in zip(pick, drop_text.tolist())]
+        voices = [None if dv else self.voice(i, g) for i, dv in zip(pick, drop_voice.tolist())]
+        return {"latents": latents, "lengths": lengths, "tokens": tokens, "voices": voices}
+
+
+def prefix_batch(model: CALM, tokens, voices):
+    """Left-padded conditioning rows [B, P, d] and their mask [B, P] (True = real row)."""
+    rows = [model.prefix(voice=v, tokens=t) for t, v in zip(tokens, voices)]
+    P = max(r.shape[0] for r in rows)
+    out = rows[0].new_zeros(len(rows), P, rows[0].shape[1])
+    mask = torch.zeros(len(rows), P, dtype=torch.bool, device=out.device)
+    for b, r in enumerate(rows):
+        out[b, P - r.shape[0]:] = r
+        mask[b, P - r.shape[0]:] = True
+    return out, mask
+
+
+def frame_mask(lengths: torch.Tensor, S: int, include_end: bool) -> torch.Tensor:
+    idx = torch.arange(S, device=lengths.device)[None]
+    return idx <= lengths[:, None] if include_end else idx < lengths[:, None]
+
+
+class LMTraining(nn.Module):
+    """CALM + the adaptive loss weight; ``forward(batch)`` returns (loss, logs)."""
+
+    def __init__(self, calm: CALM, objective: LMObjective):
+        super().__init__()
+        self.calm, self.objective = calm, objective
+        self.kind = objective.check(calm.cfg.head.kind)
+        n_times = 2 if self.kind == "lsd" else 1
+        self.weight = (obj.AdaptiveWeight(n_times)
+                       if objective.adaptive_weight and self.kind != "flow" else None)
+
+    def forward(self, batch):
+        m, o = self.calm, self.objective
+        latents = m.normalize(batch["latents"])
+        prefix, mask = prefix_batch(m, batch["tokens"], batch["voices"])
+        z, eos_logits = m(latents, prefix, mask)
+        valid = frame_mask(batch["lengths"], latents.shape[1], include_end=False)
+        c, x = obj.head_batch_multiplier(z[valid], latents[valid], o.head_mult)
+        if self.kind == "lsd":
+            head = obj.lsd_loss(m.flow_net, c, x, weight=self.weight)
+        elif self.kind == "consistency":
+            r = min(1.0, batch["step"] / o.tangent_warmup) if o.tangent_warmup else 1.0
+            head = obj.consistency_loss(m.flow_net, c, x, weight=self.weight, warmup=r)
+        else:
+            head = obj.flow_matching_loss(m.flow_net, c, x)
+        eos = obj.eos_loss(eos_logits, batch["lengths"])
+        loss = head + o.eos_weight * eos
+        return loss, {"head": head.detach(), "eos": eos.detach()}
+
+
+def run(recipe: dict) -> Path:
+    data = build(LMData, recipe["data"], "data")
+    cfg = build_preset(CALMConfig, recipe["model"], "model", preset)
+    objective = build(LMObjective, recipe["objective"], "objective")
+    train_cfg = build(TrainConfig, recipe["train"], "train", out_dir=recipe["out_dir"])
+    utts = Utterances(data, cfg.latent_dim)
+    if data.voice_frames and not cfg.voice:
+        raise RecipeError(f"data.voice_frames > 0 but model {cfg.name!r} has no voice input")
+    tokenizer = None
+    if cfg.text_bins:
+        tokenizer = make_tokenizer(data.tokenizer, [utts.text(i) for i in utts.items])
+        if tokenizer.vocab_size > cfg.text_bins:
+            cfg = replace(cfg, text_bins=tokenizer.vocab_size)
+    torch.manual_seed(train_cfg.seed)
+    calm = CALM(cfg, tokenizer)
+    calm.emb_mean, calm.emb_std = utts.stats()
+    module = LMTraining(calm, objective)
+
+    def batch_fn(step, micro, rank, world):
+        g = batch_generator(train_cfg.seed, step, micro, rank)
+        return {**utts.batch(data.batch, tokenizer, objective, g), "step": step}
+
+    return train_and_export(module, lambda m, b: m(b), batch_fn, train_cfg,
+                            Path(recipe["out_dir"]) / "model.safetensors", lambda m: m.calm,
+                            {"recipe": "lm"}, sample_fn=_sampler(utts, data, tokenizer),
+                            find_unused=True)
+
+
+def _sampler(utts: Utterances, data: LMData, tokenizer):
+    """Periodic samples: the first utterance's text (and voice), as latents and, with a VAE,
+    as audio."""
+    def sample(module, step, out):
+        from calm_fast.runtime.export import load_model
+        from calm_fast.runtime.generate import CALMGenerator, Request
+
+        m = module.calm
+        i = utts.items[0]
+        g = torch.Generator().manual_seed(0)
+        text = utts.text(i) if m.cfg.text_bins else None
+        with torch.no_grad():
+            prefix = m.prefix(text=text, voice=utts.voice(i, g))
+            lat = CALMGenerator(m).generate([Request(
+                prefix, max_frames=data.max_frames, seed=0,
+                min_frames=round(m.cfg.frame_rate))])[0]  # an untrained EOS fires at once
+        d = Path(out) / "samples"
+        d.mkdir(parents=True, exist_ok=True)
+        np.save(d / f"latents_{step:07d}.npy", m.denormalize(lat).numpy())
+        if data.vae and len(lat):
+            from calm_fast.codec.audio import write_audio
+
+            vae = load_model(data.vae, expect="vae")
+            with torch.no_grad():
+                wav = vae.decode(m.denormalize(lat)[None])[0]
+            write_audio(d / f"sample_{step:07d}.flac", wav, vae.cfg.sample_rate)
+    return sample

@@ -1,0 +1,113 @@
+"""calm_fast.accelerate: the pocket-tts TTSModel drop-in. The package's own model is built
+offline with random weights (english.yaml shapes, a locally trained tokenizer); the same
+seed must give the package's audio, and the global RNG must end where the package leaves it."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TEXTS = ["Hello world.", "The quick brown fox jumps over the lazy dog"]
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory):
+    pytest.importorskip("pocket_tts")
+    from calm_fast.runtime.pocket_tts import random_tts_model
+
+    words = ("hello world the quick brown fox jumps over a lazy dog and then some more text "
+             "to say out loud in a sentence with numbers one two three").split()
+    lines = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+    model = random_tts_model(tmp_path_factory.mktemp("pocket"), vocab_size=60, texts=lines)
+    with torch.no_grad():
+        model.flow_lm.out_eos.bias.fill_(-3.0)  # EOS after a few frames, not at once
+    return model
+
+
+@pytest.fixture(scope="module")
+def fast(peer):
+    import calm_fast
+
+    return calm_fast.accelerate(peer, max_streams=4, cache_mb=64)
+
+
+@pytest.fixture(scope="module")
+def voice():
+    g = torch.Generator().manual_seed(3)
+    t = torch.arange(24_000 * 2) / 24_000
+    wav = 0.3 * torch.sin(2 * torch.pi * 180 * t) * (1 + 0.5 * torch.sin(5 * t))
+    return (wav + 0.01 * torch.randn(wav.shape, generator=g))[None]
+
+
+def test_same_seed_same_audio_and_rng(peer, fast, voice):
+    for text in TEXTS:
+        torch.manual_seed(11)
+        want = peer.generate_audio(peer.get_state_for_audio_prompt(voice), text)
+        after_peer = torch.rand(3)
+        torch.manual_seed(11)
+        got = fast.generate_audio(fast.get_state_for_audio_prompt(voice), text)
+        after_ours = torch.rand(3)
+        assert got.shape == want.shape and want.shape[0] > 6 * 1920
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-4)
+        torch.testing.assert_close(after_ours, after_peer, rtol=0, atol=0)
+
+
+def test_stream_chunks_and_batch_call(fast, voice):
+    state = fast.get_state_for_audio_prompt(voice)
+    torch.manual_seed(5)
+    chunks = list(fast.generate_audio_stream(state, TEXTS[1]))
+    assert all(c.dim() == 1 for c in chunks) and len(chunks) > 1
+    # decode_frames=8 (the default): chunks of 1, 2, 4, then 8 frames of 1920 samples (the
+    # last one: what is left)
+    frames = [len(c) // 1920 for c in chunks]
+    assert all(len(c) % 1920 == 0 for c in chunks), frames
+    assert frames[:-1] == [min(2 ** i, 8) for i in range(len(frames) - 1)], frames
+    assert 1 <= frames[-1] <= min(2 ** (len(frames) - 1), 8), frames
+    torch.manual_seed(5)
+    whole = fast.generate_audio(state, TEXTS[1])
+    torch.testing.assert_close(torch.cat(chunks), whole, rtol=0, atol=0)
+    # a caller that stops reading after the first chunk: the request leaves the engine (it
+    # would otherwise run on under the next call), and the next call is unaffected
+    it = fast.generate_audio_stream(state, TEXTS[1])
+    next(it)
+    it.close()
+    assert fast.engine.running == 0 and fast.engine.queue_depth == 0
+    torch.manual_seed(5)
+    torch.testing.assert_close(fast.generate_audio(state, TEXTS[1]), whole, rtol=0, atol=0)
+    batch = fast.generate_audio_batch(state, TEXTS, seed=7)
+    assert len(batch) == 2 and all(len(b) > 0 and torch.isfinite(b).all() for b in batch)
+    # request i of a batch draws from seed + i: alone, with that seed, it is the same audio
+    again = fast.generate_audio_batch(state, TEXTS[1:], seed=8)
+    torch.testing.assert_close(batch[1], again[0], rtol=1e-4, atol=1e-5)
+    assert fast.engine.running == 0 and fast.engine.queue_depth == 0
+    with pytest.raises(ValueError, match="chunks"):  # the second text is too long: nothing
+        fast.generate_audio_batch(state, [TEXTS[0], " ".join([TEXTS[1]] * 9)])  # stays queued
+    assert fast.engine.running == 0 and fast.engine.queue_depth == 0
+    # the voice state keeps its prefilled rows in the engine (as the package's state keeps
+    # its KV cache) until it is dropped
+    import gc
+
+    free = fast.engine.cache.manager.num_free_blocks
+    del state
+    gc.collect()
+    assert fast.engine.cache.manager.num_free_blocks > free
+
+
+def test_errors(fast, peer):
+    import calm_fast
+
+    with pytest.raises(TypeError, match="TTSModel"):
+        calm_fast.accelerate(object())
+    with pytest.raises(TypeError, match="get_state_for_audio_prompt"):
+        fast.generate_audio({"not": "ours"}, "Hi.")
+    with pytest.raises(ValueError):
+        fast.generate_audio(VoiceStateLike(fast), "   ")
+    with pytest.raises(ValueError, match="non-empty"):
+        fast.get_state_for_audio_prompt(torch.zeros(1, 0))
+
+
+def VoiceStateLike(fast):
+    from calm_fast.runtime.dropin import VoiceState
+
+    return VoiceState(fast.lm.prefix())
