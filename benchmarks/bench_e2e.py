@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python_tests"))  # peer support
 from common import print_table, timeit, write_rows  # noqa: E402
+from pocket_fixtures import random_tts_model  # noqa: E402
 
 import calm_fast  # noqa: E402
-from calm_fast.runtime.pocket_tts import random_tts_model  # noqa: E402
 from calm_fast.model.sampling import lsd_sample  # noqa: E402
 
 TEXT = ("Hello world. I am a small text to speech model, and I run on two CPU cores, "
@@ -109,8 +110,8 @@ def ours_breakdown(fast, state):
     step = timeit(eng.step, warmup=2, min_time=1.0)
     eng.cancel(rid)
     eng.decoder = dec
-    head_fn = eng.gen.frame._head_fn
-    packed = eng.gen.head
+    head_fn = eng.sched.frame._head_fn
+    packed = eng.sched.head
     Z, noise = torch.randn(1, lm.cfg.backbone.d_model), torch.randn(1, lm.cfg.latent_dim)
     head = timeit(lambda: lsd_sample(lambda c, x, ts: head_fn(packed, c, x, ts), Z, noise, 1),
                   warmup=3, min_time=0.5)

@@ -18,3 +18,7 @@ class UnknownStreamError(CalmFastError, KeyError):
 
 class AudioError(CalmFastError, ValueError):
     """Audio that cannot be used: empty, silent, corrupt, too long, not audio, bad layout."""
+
+
+class CheckpointError(CalmFastError, ValueError):
+    """A checkpoint that cannot be used: missing, corrupt, or not matching the model."""

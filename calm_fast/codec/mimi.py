@@ -7,7 +7,7 @@ if the VAE is trained further. Accepts the package's ``MimiModel.state_dict()`` 
 """
 from __future__ import annotations
 
-from calm_fast.train.checkpoint import load_weights, read_tensors
+from calm_fast.model.weights import load_weights, read_tensors
 from calm_fast.codec.vae import VAE, VAEConfig, vae_preset
 
 OURS_ONLY = ("logvar.conv.conv.weight",)

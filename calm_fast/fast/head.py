@@ -191,35 +191,44 @@ def _check(p: PackedHead, c: torch.Tensor, x: torch.Tensor) -> None:
 
 
 # -- reference --------------------------------------------------------------------------------
+def _mm(x, w, b):
+    """x @ w + b for a plain weight; a packed one (SplitLinear, Int8Linear) holds its bias."""
+    if not isinstance(w, torch.Tensor):
+        return w(x)
+    return x @ w if b is None else x @ w + b
+
+
+def _block_bias(b, i):
+    return None if b is None else b[i]
+
+
 def head_ref(p: PackedHead, c: torch.Tensor, x: torch.Tensor, ts=()) -> torch.Tensor:
-    """Op-for-op reference. c [B, cond_dim], x [B, in_dim], ts: list of [B, 1] times."""
+    """Op-for-op reference. c [B, cond_dim], x [B, in_dim], ts: list of [B, 1] times. Packed
+    (split / int8) weights run as their callables, which carry their bias."""
     _check(p, c, x)
     W = p.width
-    y = c @ p.w_cond + p.b_cond
+    y = _mm(c, p.w_cond, p.b_cond)
     temb = time_embedding(p, list(ts))
     if temb is not None:
         y = y + temb
-    h = x @ p.w_in + p.b_in
-    mods = F.silu(y) @ p.w_ada + p.b_ada
+    h = _mm(x, p.w_in, p.b_in)
+    mods = _mm(F.silu(y), p.w_ada, p.b_ada)
     for i in range(p.n_blocks):
         shift, scale, gate = mods[:, 3 * W * i:3 * W * (i + 1)].chunk(3, dim=-1)
         mean = h.mean(-1, keepdim=True)
         var = h.var(-1, unbiased=False, keepdim=True)
         n = (h - mean) / torch.sqrt(var + p.ln_eps) * p.ln_w[i] + p.ln_b[i]
         n = n * (1 + scale) + shift
-        h = h + gate * (F.silu(n @ p.w1[i] + p.b1[i]) @ p.w2[i] + p.b2[i])
+        h = h + gate * _mm(F.silu(_mm(n, p.w1[i], _block_bias(p.b1, i))), p.w2[i],
+                           _block_bias(p.b2, i))
     shift, scale = mods[:, 3 * W * p.n_blocks:].chunk(2, dim=-1)
     mean = h.mean(-1, keepdim=True)
     var = h.var(-1, unbiased=False, keepdim=True)
     n = (h - mean) / torch.sqrt(var + p.ln_eps) * (1 + scale) + shift
-    return n @ p.w_out + p.b_out
+    return _mm(n, p.w_out, p.b_out)
 
 
 # -- CPU fast path ------------------------------------------------------------------------------
-def _block_bias(b, i):
-    return None if b is None else b[i]
-
-
 def head_cpu(p: PackedHead, c: torch.Tensor, x: torch.Tensor, times: tuple = ()) -> torch.Tensor:
     """Same math as ``head_ref`` for scalar times shared by the batch, fewer and fused ops.
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from calm_fast.codec.vae import CausalConv, CausalConvTranspose, ResBlock
 from calm_fast.fast import ops
 from calm_fast.fast.cpu_linear import cached_for, pack_panels
 
@@ -92,8 +93,6 @@ def _up(m) -> _Conv | None:
 
 def _plan(decoder) -> list | None:
     """The decoder's layers as stages, or None if they are not the SEANet pattern."""
-    from calm_fast.codec.vae import CausalConv, CausalConvTranspose, ResBlock
-
     layers = list(decoder.model)
     if len(layers) < 3 or not isinstance(layers[0], CausalConv):
         return None

@@ -44,7 +44,9 @@ from dataclasses import dataclass
 import torch
 
 from calm_fast.errors import CacheFullError
-from calm_fast.runtime.generate import CALMGenerator, Request, _Stream
+from calm_fast.runtime.decode_slots import DecodeSlots
+from calm_fast.fast import backbone as fb
+from calm_fast.runtime.scheduler import Request, Scheduler, Stream
 from calm_fast.model.calm import CALM
 
 
@@ -93,25 +95,20 @@ class Engine:
             raise ValueError(f"need max_streams >= 1 and num_blocks >= 2, got {max_streams}, "
                              f"{num_blocks}")
         # cache streams: a cond and a null stream per request, templates, the scratch row
-        self.gen = CALMGenerator(model, head_steps=head_steps, block_size=block_size,
-                                 num_blocks=num_blocks, int8=int8, device=device, dtype=dtype,
-                                 graphs=graphs, max_streams=2 * max_streams + 16)
-        self.gen._setup(0, 0, 0)
-        self.model, self.cache = model, self.gen.cache
+        self.sched = Scheduler(model, head_steps=head_steps, block_size=block_size,
+                               num_blocks=num_blocks, int8=int8, device=device, dtype=dtype,
+                               graphs=graphs, max_streams=2 * max_streams + 16)
+        self.sched.setup(0, 0, 0)
+        self.model, self.cache = model, self.sched.cache
         self.block_size = block_size
         self.waiting: deque[_Pending] = deque()
-        self.active: list[_Stream] = []
-        self.need_of: dict[int, int] = {}  # request id -> blocks it may allocate in all
-        self.held_of: dict[int, int] = {}  # request id -> blocks it has allocated so far
+        self.active: list[Stream] = []
         self.free_rings = list(range(max_streams))
-        self.reserved = 0  # blocks the active requests may still allocate, in total
         self._next_id = 0
         self._null: Shared | None = None
         self._templates = 0  # blocks held by templates
         self.decoder = None
         if vae is not None:  # every frame made in a step is decoded in one VAE batch
-            from calm_fast.runtime.decode_slots import DecodeSlots
-
             if vae.cfg.latent_dim != model.cfg.latent_dim:
                 raise ValueError(f"the VAE takes {vae.cfg.latent_dim}-dim latents, the model "
                                  f"makes {model.cfg.latent_dim}")
@@ -128,15 +125,13 @@ class Engine:
         if rows.dim() != 2 or rows.shape[1] != d or rows.shape[0] == 0:
             raise ValueError(f"a shared prefix must be [P >= 1, {d}], got {tuple(rows.shape)}")
         need = -(-rows.shape[0] // self.block_size)
-        if need > self._free() - self.reserved:
+        if need > self.sched.available:
             raise CacheFullError(f"a shared prefix of {rows.shape[0]} rows needs {need} blocks;"
-                                 f" {self._free() - self.reserved} "
+                                 f" {self.sched.available} "
                                  "are not promised to admitted requests")
-        from calm_fast.fast import backbone as fb
-
         sid = self.cache.new_stream()
-        fb.prefill(self.gen.backbone, self.cache, sid,
-                   rows.detach().to(self.gen.device, self.gen.dtype), outputs=False)
+        fb.prefill(self.sched.backbone, self.cache, sid,
+                   rows.detach().to(self.sched.device, self.sched.dtype), outputs=False)
         self._templates += need
         return Shared(sid, rows.detach().clone())
 
@@ -151,26 +146,18 @@ class Engine:
         return self._null
 
     # -- requests ---------------------------------------------------------------------------
-    def _blocks(self, r: Request, shared_rows: int) -> int:
-        """Blocks one request may ever allocate: per stream, its rows (prefix, BOS, prompt,
-        max_frames) less the full blocks it shares (a shared partial block is copied)."""
-        bs, tail = self.block_size, 1 + self.gen._prompt(r) + r.max_frames
-        need = -(-(r.prefix.shape[0] + tail) // bs) - shared_rows // bs
-        if r.cfg_scale != 1:
-            pn = 1 if r.null_prefix is None else r.null_prefix.shape[0]
-            need += -(-(pn + tail) // bs) - (pn // bs if r.null_prefix is None else 0)
-        return need
-
     def submit(self, r: Request, shared: Shared | None = None) -> int:
         """Queue a request; returns its id. Invalid requests raise here (nothing queued)."""
         rid = self._next_id
-        self.gen._check(rid, r)
+        self.sched.check(rid, r)
         if shared is not None:
             P = shared.rows.shape[0]
             if r.prefix.shape[0] < P or not torch.equal(r.prefix[:P].to(shared.rows.dtype),
                                                           shared.rows):
                 raise ValueError("the request's prefix does not start with the shared rows")
-        need = self._blocks(r, 0 if shared is None else shared.rows.shape[0])
+        # the default null prefix of CFG is always shared (one template per engine)
+        need = self.sched.blocks_for(r, 0 if shared is None else shared.rows.shape[0],
+                                     null_shared=True)
         capacity = self.cache.manager.num_blocks - 1 - self._templates
         if need > capacity:
             raise ValueError(f"request needs {need} cache blocks, more than the "
@@ -200,52 +187,46 @@ class Engine:
     def running(self) -> int:
         return len(self.active)
 
-    def _free(self) -> int:
-        """Free cache blocks, less the one kept for FrameStep's scratch row."""
-        return self.cache.manager.num_free_blocks - 1
+    @property
+    def reserved(self) -> int:
+        """Cache blocks promised to running requests and not allocated yet."""
+        return self.sched.reserved
 
     def _admit(self) -> None:
-        free = self._free()
         while self.waiting and self.free_rings:
             p = self.waiting[0]
             null_t = None
             if p.req.cfg_scale != 1 and p.req.null_prefix is None:
-                if self._null is None and free - self.reserved < 1 + p.need:
+                if self._null is None and self.sched.available < 1 + p.need:
                     return
                 null_t = self._null_template()
-                free = self._free()
-            if p.need > free - self.reserved:
+            if p.need > self.sched.available:
                 return  # FIFO: later requests wait behind the first that does not fit
             self.waiting.popleft()
             ring = self.free_rings.pop()
             tmpl = None if p.shared is None else (p.shared.stream, p.shared.rows.shape[0])
             ntmpl = None if null_t is None else (null_t.stream, null_t.rows.shape[0])
-            before = self.cache.manager.num_free_blocks
             try:
-                s = self.gen._start(p.rid, p.req, ring, shared=tmpl, shared_null=ntmpl)
+                s = self.sched.admit(p.rid, p.req, ring, shared=tmpl, shared_null=ntmpl,
+                                     need=p.need)
             except BaseException:
                 self.free_rings.append(ring)
                 raise
-            used = before - self.cache.manager.num_free_blocks
-            self.need_of[p.rid], self.held_of[p.rid] = p.need, used
-            self.reserved += p.need - used
             self.active.append(s)
             if self.decoder is not None:
                 self.decoder.open(ring)
-            free = self._free()
 
-    def _forget(self, s: _Stream) -> None:
-        """Return a request's ring slot and what it still had reserved (its cache streams
-        are released by the caller)."""
-        self.reserved -= self.need_of.pop(s.idx) - self.held_of.pop(s.idx)
+    def _forget(self, s: Stream) -> None:
+        """Return a request's ring slot and decoder slot (its cache streams and promised
+        blocks are released by the scheduler)."""
         self.free_rings.append(s.ring)
         if self.decoder is not None:
             self.decoder.close(s.ring)
             self._undecoded.pop(s.idx, None)
             self._chunks.pop(s.idx, None)
 
-    def _finish(self, s: _Stream) -> None:
-        self.gen._release(s)
+    def _finish(self, s: Stream) -> None:
+        self.sched.release(s)
         self._forget(s)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -256,12 +237,8 @@ class Engine:
         self._admit()
         if not self.active:
             return []
-        for s in self.active:  # the blocks this frame's row allocates, per request
-            grew = self.cache.blocks_needed([s.cond] if s.null is None else [s.cond, s.null], 1)
-            self.held_of[s.idx] += grew
-            self.reserved -= grew
         streams = list(self.active)
-        out = self.gen._step(0, streams)  # releases the finished streams' cache rows
+        out = self.sched.step(streams)  # releases the finished streams (rows and promise)
         made = dict(zip(out.ids, out.latents))
         done = set(out.finished)
         audio = self._decode(out.ids, out.latents, done) if self.decoder is not None else {}
@@ -313,7 +290,7 @@ class Engine:
                     p = self.waiting[0]
                     raise CacheFullError(
                         f"request {p.rid} needs {p.need} blocks; only "
-                        f"{self._free()} are free with nothing "
+                        f"{self.sched.free_blocks} are free with nothing "
                         "running (shared prefixes hold the rest: unshare some)")
             yield from self.step()
 
@@ -329,4 +306,4 @@ class Engine:
 
     def stats(self) -> dict:
         return {**self.cache.stats(), "queue_depth": self.queue_depth, "running": self.running,
-                "reserved_blocks": self.reserved, "template_blocks": self._templates}
+                "reserved_blocks": self.sched.reserved, "template_blocks": self._templates}

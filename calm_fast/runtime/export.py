@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from calm_fast.train.checkpoint import CheckpointError, load_weights, read_safetensors
+from calm_fast.errors import CheckpointError
+from calm_fast.model.config_dict import ConfigError, from_dict
+from calm_fast.model.weights import load_weights, read_safetensors
 from calm_fast.model.conditioning import ByteTokenizer, SentencePieceTokenizer
 from calm_fast.model.config import CALMConfig
 from calm_fast.model.calm import CALM
@@ -70,8 +72,6 @@ def export_model(path, model: torch.nn.Module, extra: dict | None = None) -> Pat
 def load_model(path, expect: str | None = None, device="cpu"):
     """The model of an export file, in eval mode. ``expect``: "calm" or "vae" (a clear
     error when the file holds the other kind)."""
-    from calm_fast.train.recipes.config import RecipeError, from_dict
-
     path = Path(path)
     meta, tensors = read_safetensors(path, "model file")
     kind = meta.get("calm_fast_kind")
@@ -83,7 +83,7 @@ def load_model(path, expect: str | None = None, device="cpu"):
     cls, cfg_cls = _CLASSES[kind]
     try:
         cfg = from_dict(cfg_cls, json.loads(meta["config"]))
-    except (KeyError, json.JSONDecodeError, RecipeError) as e:
+    except (KeyError, json.JSONDecodeError, ConfigError) as e:
         raise CheckpointError(f"{path}: unreadable config: {e}") from e
     model = cls(cfg, tokenizer_from_meta(meta.get("tokenizer", ""))) if kind == "calm" else cls(cfg)
     load_weights(model, tensors, str(path))

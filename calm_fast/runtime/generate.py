@@ -1,153 +1,29 @@
-"""Batched, streaming generation of latents from a CALM model.
+"""Batched, streaming generation of latents from a CALM model: one batch per call.
 
-One call takes a batch of requests, each with its own prefix, prompt latents, length,
-temperature, CFG scale, seed and stop rule, and runs them as one batch of frame steps:
-
-    rows  = [cond streams..., null streams of the CFG requests...]
-    z     = out_norm(paged backbone step(input_linear(previous latents)))    (fast_backbone)
-    Z     = z_null + a (z_cond - z_null)  (+ short-context ring step)        (latent CFG)
-    x     = LSD / consistency sampling of the head on Z, noise N(0, tau I) per stream
-    eos   = out_eos(Z) > threshold
-
-Streams keep their own positions in the paged cache, so prefixes of any length batch
-together; a finished stream leaves the batch at once and its cache blocks are freed.
-Each request draws its noise from its own generator (``seed``), so its frames do not
-depend on what else is in the batch. ``stream()`` yields every step's frames as they are
-made; ``generate()`` collects them.
+``stream()`` runs a list of requests as one batch of frame steps on the generation core
+(``runtime.scheduler.Scheduler``) and yields every step's frames as they are made;
+``generate()`` collects them. Each request draws its noise from its own generator
+(``seed``), so its frames do not depend on what else is in the batch.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
-from calm_fast.fast import backbone as fb
-from calm_fast.fast import ops
-from calm_fast.fast.head import pack_head
-from calm_fast.fast.frame_step import BUCKETS, FrameInputs, FrameStep
-from calm_fast.model.calm import CALM, check_finite
-from calm_fast.model.sampling import EOSRule, gaussian_noise
+from calm_fast.runtime.scheduler import Request, Scheduler, StepOutput, Stream  # noqa: F401
 
 
-@dataclass
-class Request:
-    prefix: torch.Tensor  # [P, d] conditioning rows (CALM.prefix), P >= 1
-    max_frames: int
-    temperature: float = 0.7
-    cfg_scale: float = 1.0  # 1 = no CFG (no null branch is run)
-    seed: int | None = None  # None: drawn from the global RNG (so torch.manual_seed fixes it)
-    prompt_latents: torch.Tensor | None = None  # [L, C] normalised latents to continue
-    null_prefix: torch.Tensor | None = None  # default: CALM.null_prefix()
-    eos_threshold: float | None = -4.0
-    frames_after_eos: int = 0
-    min_frames: int = 0
-    noise_clamp: float | None = None
-    # The request's own noise generator (used as is, so the caller can read its state after
-    # generation); None: a new one seeded with ``seed``.
-    generator: torch.Generator | None = None
-
-
-@dataclass
-class StepOutput:
-    step: int
-    ids: list  # indices (into the request list) of the streams that made a frame
-    latents: torch.Tensor  # [len(ids), C]
-    finished: list = field(default_factory=list)  # requests that ended at this step
-
-
-@dataclass
-class _Stream:
-    idx: int
-    req: Request
-    cond: int
-    null: int | None
-    gen: torch.Generator
-    eos: EOSRule
-    prev: torch.Tensor  # [C]; NaN = BOS
-    made: int = 0  # frames emitted
-    steps: int = 0  # frames computed (the EOS rule counts these)
-    ring: int = 0  # short-context ring slot
-
-
-class CALMGenerator:
-    """Generation over the fast paths, with the weights of a CALM module.
+class CALMGenerator(Scheduler):
+    """Generation over the fast paths, with the weights of a CALM module, one batch of
+    requests per call (a Scheduler sized to the call on CPU unless ``num_blocks`` is
+    given).
 
     head_steps: LSD / consistency steps per frame. int8: int8 weights for the backbone and
     head (CPU). device: where the cache and the frame compute live; on CUDA each frame is a
     CUDA-graph replay (frame_step.FrameStep) and ``dtype`` may be bf16/fp16; there the
     cache (``num_blocks``, required) and the captured graphs are kept across calls. The
     weights are packed once here: build a new generator after training."""
-
-    def __init__(self, model: CALM, *, head_steps: int = 1, block_size: int = 16,
-                 num_blocks: int | None = None, int8: bool = False, device="cpu",
-                 dtype=torch.float32, graphs: bool | None = None, max_streams: int = 512,
-                 buckets=BUCKETS):
-        if head_steps < 1:
-            raise ValueError(f"head_steps must be >= 1, got {head_steps}")
-        self.model, self.cfg = model, model.cfg
-        self.head_steps, self.block_size, self.num_blocks = head_steps, block_size, num_blocks
-        self.device, self.dtype, self.graphs = torch.device(device), dtype, graphs
-        cpu = self.device.type == "cpu"
-        if int8 and not cpu:
-            raise ValueError("int8 weights are a CPU path (fbgemm); use dtype on GPU")
-        if not cpu and num_blocks is None:
-            raise ValueError("a GPU generator needs num_blocks (its cache is kept across calls)")
-        if cpu and dtype != torch.float32:
-            raise ValueError("the CPU path is fp32 (or int8): bf16 matmuls are ~7x slower here")
-        self.backbone = fb.pack(model.transformer)
-        self.head = pack_head(model.flow_net.state_dict())
-        if int8:
-            self.backbone, self.head = self.backbone.quantized(), self.head.quantized()
-        elif cpu:  # every thread at decode batch sizes (cpu_linear; parts = threads set now)
-            self.backbone, self.head = self.backbone.split(), self.head.split()
-        else:
-            self.backbone = self.backbone.to(self.device, dtype)
-            self.head = self.head.to(self.device, dtype)
-        self.w_in = model.input_linear.weight.detach().t().contiguous().to(self.device, dtype)
-        self.max_streams, self.buckets = max_streams, buckets
-        self.cache = self.frame = None
-
-    # -- validation ---------------------------------------------------------------------------
-    def _check(self, i: int, r: Request) -> None:
-        m, d, C = self.model, self.cfg.backbone.d_model, self.cfg.latent_dim
-        where = f"request {i}"
-        for name, t in (("prefix", r.prefix), ("null_prefix", r.null_prefix)):
-            if t is None:
-                continue
-            if t.dim() != 2 or t.shape[1] != d or t.shape[0] == 0:
-                raise ValueError(f"{where}: {name} must be [P >= 1, {d}], got {tuple(t.shape)}")
-            check_finite(f"{where}: {name}", t)
-        if r.prompt_latents is not None:
-            m.check_latents(f"{where}: prompt_latents", r.prompt_latents)
-            if r.prompt_latents.dim() != 2:
-                raise ValueError(f"{where}: prompt_latents must be [L, {C}]")
-        if r.max_frames < 1:
-            raise ValueError(f"{where}: max_frames must be >= 1, got {r.max_frames}")
-        if not (math.isfinite(r.temperature) and r.temperature >= 0):
-            raise ValueError(f"{where}: temperature must be finite and >= 0, got {r.temperature}")
-        if not math.isfinite(r.cfg_scale):
-            raise ValueError(f"{where}: cfg_scale must be finite, got {r.cfg_scale}")
-        P, L = self._prefix(r), self._prompt(r)
-        need = self._rows(r)
-        if need > self.cfg.max_context:
-            raise ValueError(f"{where}: prefix ({P}) + BOS + prompt ({L}) + max_frames "
-                             f"({r.max_frames}) = {need} rows exceed the context of "
-                             f"{self.cfg.max_context} rows")
-
-    @staticmethod
-    def _prefix(r: Request) -> int:
-        """Rows of the longer prefix (the cond one, or the null one of CFG)."""
-        return max(r.prefix.shape[0], 0 if r.null_prefix is None else r.null_prefix.shape[0])
-
-    @staticmethod
-    def _prompt(r: Request) -> int:
-        return 0 if r.prompt_latents is None else r.prompt_latents.shape[0]
-
-    def _rows(self, r: Request) -> int:
-        """An upper bound on the rows either stream of a request holds."""
-        return self._prefix(r) + 1 + self._prompt(r) + r.max_frames
 
     # -- the loop -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -156,157 +32,26 @@ class CALMGenerator:
         if not requests:
             raise ValueError("no requests")
         for i, r in enumerate(requests):
-            self._check(i, r)
-        bs = self.block_size
-        need = sum(-(-self._rows(r) // bs) * (2 if r.cfg_scale != 1 else 1) for r in requests)
+            self.check(i, r)
+        need = sum(self.blocks_for(r) for r in requests)
         nstreams = sum(2 if r.cfg_scale != 1 else 1 for r in requests)
-        self._setup(need, nstreams, len(requests))
+        self.setup(need, nstreams, len(requests))
         streams = []
         try:
             for i, r in enumerate(requests):
-                streams.append(self._start(i, r, i))
+                streams.append(self.admit(i, r, i))
         except BaseException:  # a kept (GPU) cache must not keep the ones already started
             for s in streams:
-                self._release(s)
+                self.release(s)
             raise
         try:
             step = 0
             while streams:
-                yield self._step(step, streams)
+                yield self.step(streams, step)
                 step += 1
         finally:
             for s in streams:  # the caller stopped early: release what is still held
-                self._release(s)
-
-    def _start(self, i: int, r: Request, ring_slot: int, shared=None, shared_null=None):
-        """Prefill request ``i`` into new cache streams (its cond stream and, with CFG, its
-        null stream) and its short-context ring slot. ``shared`` / ``shared_null``: a
-        prefilled template (stream id, rows) whose rows are this request's first prefix
-        rows: the stream forks it (blocks shared by refcount) and prefills only the rest."""
-        m, C, cache = self.model, self.cfg.latent_dim, self.cache
-        bos = m.bos_emb.detach().to(self.device, self.dtype)
-        dev = lambda t: t.to(self.device, self.dtype)  # noqa: E731
-        prompt = None if r.prompt_latents is None else dev(r.prompt_latents)
-        feed = bos[None] if prompt is None else torch.cat([bos[None], prompt])
-        lat_rows = feed[:-1] @ self.w_in  # rows before the first step's input
-
-        def open_stream(prefix, template):
-            if template is None:
-                sid = cache.new_stream()
-                rows = prefix
-            else:
-                sid = cache.fork(template[0])
-                rows = prefix[template[1]:]
-            try:
-                rows = torch.cat([dev(rows), lat_rows])
-                if len(rows):
-                    fb.prefill(self.backbone, cache, sid, rows, outputs=False)
-            except BaseException:
-                cache.free(sid)
-                raise
-            return sid
-
-        cond = open_stream(r.prefix, shared)
-        null = None
-        if r.cfg_scale != 1:
-            npre = m.null_prefix().detach() if r.null_prefix is None else r.null_prefix
-            try:
-                null = open_stream(npre, shared_null)
-            except BaseException:
-                cache.free(cond)
-                raise
-        if self.frame.short is not None:
-            self.frame.ring.reset([ring_slot])
-            for row in feed[:-1]:
-                self.frame.short.step(self.frame.ring, [ring_slot], row[None],
-                                      attend=ops.ring_attention)
-        prev = (torch.full((C,), float("nan"), device=self.device, dtype=self.dtype)
-                if prompt is None else prompt[-1].clone())
-        gen = r.generator
-        if gen is None:
-            seed = r.seed if r.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            gen = torch.Generator().manual_seed(seed)
-        return _Stream(i, r, cond, null, gen,
-                       EOSRule(r.eos_threshold, r.frames_after_eos, r.min_frames), prev,
-                       ring=ring_slot)
-
-    def _setup(self, need: int, nstreams: int, nrequests: int):
-        """The cache, the short-context ring and the frame compute. Made once and kept across
-        calls when ``num_blocks`` is given (always on GPU: fixed buffers, captured graphs;
-        the engine's way on CPU), else sized to the call. Either way they hold one more
-        block and stream (and ring slot) than asked: FrameStep's scratch row."""
-        per_call = self.device.type == "cpu" and self.num_blocks is None
-        if not per_call and max(nstreams, nrequests) > self.max_streams:
-            raise ValueError(f"{nstreams} streams exceed max_streams={self.max_streams}")
-        if per_call or self.cache is None:
-            blocks, slots, rings = ((need + 1, nstreams + 1, nrequests + 1) if per_call else
-                                    (self.num_blocks, self.max_streams + 1,
-                                     self.max_streams + 1))
-            self.cache = self.backbone.make_cache(blocks, self.block_size, max_streams=slots,
-                                                  dtype=self.dtype, device=self.device)
-            short = getattr(self.model, "short", None)
-            ring = (short.init_state(rings, dtype=self.dtype, device=self.device)
-                    if short is not None else None)
-            self.frame = FrameStep(self.model, self.cache, self.backbone, self.head,
-                                   head_steps=self.head_steps, ring=ring, graphs=self.graphs,
-                                   buckets=self.buckets)
-        return self.cache, self.frame.ring, self.frame.short
-
-    def _step(self, step, streams) -> StepOutput:
-        m, cache, C = self.model, self.cache, self.cfg.latent_dim
-        dev = self.device
-        n = len(streams)
-        prev = torch.stack([s.prev for s in streams])
-        prev = torch.where(torch.isnan(prev), m.bos_emb.detach().to(dev, prev.dtype), prev)
-        pick = [k for k, s in enumerate(streams) if s.null is not None]  # the CFG requests
-        ids = [s.cond for s in streams] + [streams[k].null for k in pick]
-        pos = torch.tensor([cache.position(s) for s in ids], device=dev)
-        slots = cache.reserve(ids, 1)[:, 0]
-        null = list(range(n))
-        alpha = [1.0] * n
-        for j, k in enumerate(pick):
-            null[k], alpha[k] = n + j, streams[k].req.cfg_scale
-        temps = [s.req.temperature for s in streams]
-        gens = [s.gen for s in streams]
-        clamps = [s.req.noise_clamp for s in streams]
-        draws = self.head_steps if self.cfg.head.kind != "lsd" else 1
-        noise = torch.stack([gaussian_noise(temps, C, generators=gens, clamp=clamps)
-                             for _ in range(draws)])
-        lng = dict(dtype=torch.long, device=dev)
-        f = FrameInputs(prev, torch.tensor(list(range(n)) + pick, **lng), pos, slots,
-                        cache.page_table(ids), torch.arange(n, **lng), torch.tensor(null, **lng),
-                        torch.tensor(alpha, device=dev)[:, None], noise.to(dev),
-                        None if self.frame.ring is None else
-                        torch.tensor([s.ring for s in streams], **lng))
-        out, logits = self.frame(f)
-        logits = logits.float().cpu()
-        emitted, keep_ix, finished = [], [], []
-        for k, s in enumerate(streams):
-            here = s.steps
-            s.steps += 1
-            keep = s.eos.keep(here, float(logits[k]))
-            if keep:
-                s.prev = out[k]
-                s.made += 1
-                emitted.append(k)
-            last = s.eos.eos_at is not None and here + 1 >= s.eos.eos_at + s.eos.frames_after_eos
-            if not keep or last or s.made >= s.req.max_frames:
-                finished.append(s)
-            else:
-                keep_ix.append(k)
-        result = StepOutput(step, [streams[k].idx for k in emitted], out[emitted],
-                            [s.idx for s in finished])
-        for s in finished:
-            self._release(s)
-        streams[:] = [streams[k] for k in keep_ix]
-        return result
-
-    def _release(self, s: _Stream) -> None:
-        """Free a stream's cache rows (each stream is released once: finished streams
-        leave the batch in the same step)."""
-        for sid in (s.cond, s.null):
-            if sid is not None:
-                self.cache.free(sid)
+                self.release(s)
 
     def generate(self, requests: list[Request]) -> list[torch.Tensor]:
         """All frames of every request: a list of [T_i, C] normalised latents."""

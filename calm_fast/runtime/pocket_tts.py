@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from calm_fast.train.checkpoint import CheckpointError, load_weights, read_tensors
+from calm_fast.errors import CheckpointError
+from calm_fast.model.weights import load_weights, read_tensors
 from calm_fast.model.config import CALMConfig, HeadConfig, TransformerConfig
 from calm_fast.model.calm import CALM
 
@@ -86,55 +87,4 @@ def load_pocket_flow_lm(src, config: CALMConfig | None = None, num_heads: int | 
         raise CheckpointError("checkpoint has no bos_before_voice: this model was trained "
                               "without insert_bos_before_voice, which calm_fast requires")
     load_weights(model, sd, "Pocket TTS flow-LM checkpoint")
-    return model.eval()
-
-
-def to_pocket_state_dict(model: CALM) -> dict[str, torch.Tensor]:
-    """The tensors Pocket TTS's FlowLMModel loads (short-context and tag tables dropped)."""
-    if hasattr(model, "short") or hasattr(model, "tags"):
-        raise ValueError("Pocket TTS has no short-context Transformer or music tags")
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def random_tts_model(workdir, config: str = "english", seed: int = 0, vocab_size: int = 4000,
-                     texts=None, **load_kw):
-    """The pocket-tts package's own ``TTSModel`` for a packaged config, with random weights
-    and no download (weights live on the hub): a SentencePiece model is trained on our own
-    text (``texts``, default: the dataset builders' sentences) in ``workdir``, the config is pointed at it and stripped of weight paths, and every
-    flow-LM weight is perturbed (the published init zeroes the head's modulations and the
-    speaker projection). For parity tests and same-run benchmarks against the peer.
-    ``load_kw`` goes to ``TTSModel.load_model`` (eos_threshold, quantize, temp...)."""
-    import os
-    from pathlib import Path
-
-    import yaml
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from pocket_tts import TTSModel
-    from pocket_tts.utils.config import CONFIGS_DIR
-
-    from calm_fast.model.conditioning import SentencePieceTokenizer
-    from calm_fast.data.text import collect
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    spm = workdir / f"spm{vocab_size}.model"
-    if not spm.exists():
-        SentencePieceTokenizer.train(texts if texts is not None else collect(),
-                                     vocab_size=vocab_size).save(spm)
-    n = SentencePieceTokenizer(spm).vocab_size
-    cfg = yaml.safe_load((CONFIGS_DIR / f"{config}.yaml").read_text())
-    cfg["weights_path"] = cfg["weights_path_without_voice_cloning"] = None
-    cfg["flow_lm"].pop("weights_path", None)
-    cfg["mimi"].pop("weights_path", None)
-    # the package wants the table exactly as large as the vocabulary
-    cfg["flow_lm"]["lookup_table"].update(tokenizer="sentencepiece", n_bins=n,
-                                          tokenizer_path=str(spm))
-    path = workdir / f"{config}_random.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    torch.manual_seed(seed)
-    model = TTSModel.load_model(config=str(path), **load_kw)
-    with torch.no_grad():
-        for p in model.flow_lm.parameters():
-            p.add_(0.02 * torch.randn_like(p))
     return model.eval()

@@ -16,14 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from calm_fast.errors import CalmFastError
-
-
-class CheckpointError(CalmFastError, ValueError):
-    """A checkpoint that cannot be used: missing, corrupt, or not matching the model."""
+from calm_fast.errors import CheckpointError
+from calm_fast.model.weights import read_safetensors, state_dict_mismatch
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -73,21 +69,6 @@ def save_checkpoint(path, *, model: torch.nn.Module, step: int, ema: torch.nn.Mo
     return path
 
 
-def read_safetensors(path, what: str = "file") -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a safetensors file; CheckpointError when missing or unreadable."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no {what} at {path}")
-    try:
-        with safe_open(str(path), "pt") as f:
-            header = f.metadata() or {}
-        return header, load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors {what}: {e}") from e
-
-
 def load_checkpoint(path, *, model: torch.nn.Module, ema: torch.nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True,
                     strict: bool = True) -> dict:
@@ -121,14 +102,6 @@ def load_checkpoint(path, *, model: torch.nn.Module, ema: torch.nn.Module | None
     return {"step": int(header["step"]), "meta": json.loads(header.get("meta", "{}"))}
 
 
-def state_dict_mismatch(own: dict, sd: dict):
-    """(missing, unexpected, wrong-shape) keys of ``sd`` against a module's ``own``, sorted."""
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    bad_shape = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
-    return missing, unexpected, bad_shape
-
-
 def _load_module(module, sd, what, path, strict):
     missing, unexpected, bad_shape = state_dict_mismatch(module.state_dict(), sd)
     if (strict and (missing or unexpected)) or bad_shape:
@@ -137,41 +110,3 @@ def _load_module(module, sd, what, path, strict):
             f"{' ...' if len(missing) > 20 else ''}, unexpected {unexpected[:20]}"
             f"{' ...' if len(unexpected) > 20 else ''}, wrong shape {bad_shape[:20]}")
     module.load_state_dict(sd, strict=strict)
-
-
-def load_weights(model: torch.nn.Module, sd: dict, what: str = "checkpoint") -> None:
-    """Strict load of a bare state dict (a peer's checkpoint) that names every missing,
-    unexpected and wrong-shape key, and refuses NaN/Inf tensors."""
-    own = model.state_dict()
-    missing, unexpected, bad_shape = state_dict_mismatch(own, sd)
-    if missing or unexpected or bad_shape:
-        shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in bad_shape]
-        parts = [f"missing keys {missing}" if missing else "",
-                 f"unexpected keys {unexpected}" if unexpected else "",
-                 f"wrong shapes [{'; '.join(shapes)}]" if shapes else ""]
-        raise CheckpointError(f"{what} does not match the model: "
-                              + "; ".join(p for p in parts if p))
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{what} holds NaN/Inf in {bad}")
-    model.load_state_dict(sd, strict=True)
-
-
-def read_tensors(src, bundle_prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """A non-empty dict of tensors, from a dict or a safetensors file (CheckpointError if
-    missing, unreadable or empty). When keys carry ``bundle_prefix`` (a file bundling several
-    models, e.g. ``mimi.``), only those are kept, with the prefix removed."""
-    if isinstance(src, (str, Path)):
-        path = Path(src)
-        if not path.is_file():
-            raise CheckpointError(f"no checkpoint at {path}")
-        try:
-            src = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    if not isinstance(src, dict) or not src:
-        raise CheckpointError("empty checkpoint")
-    if bundle_prefix and any(k.startswith(bundle_prefix) for k in src):
-        n = len(bundle_prefix)
-        return {k[n:]: v for k, v in src.items() if k.startswith(bundle_prefix)}
-    return dict(src)

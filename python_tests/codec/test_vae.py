@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from calm_fast.train.checkpoint import CheckpointError
+from calm_fast.errors import CheckpointError
 from calm_fast.codec.vae import VAE, vae_preset
 
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from calm_fast.train.checkpoint import CheckpointError, load_weights
+from calm_fast.errors import CheckpointError
+from calm_fast.model.weights import load_weights
 from calm_fast.model.config import preset
 from calm_fast.model.calm import CALM
 from golden import perturbed

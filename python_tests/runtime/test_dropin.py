@@ -14,7 +14,7 @@ TEXTS = ["Hello world.", "The quick brown fox jumps over the lazy dog"]
 @pytest.fixture(scope="module")
 def peer(tmp_path_factory):
     pytest.importorskip("pocket_tts")
-    from calm_fast.runtime.pocket_tts import random_tts_model
+    from pocket_fixtures import random_tts_model
 
     words = ("hello world the quick brown fox jumps over a lazy dog and then some more text "
              "to say out loud in a sentence with numbers one two three").split()

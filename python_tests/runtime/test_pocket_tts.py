@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from calm_fast.train.checkpoint import CheckpointError
+from calm_fast.errors import CheckpointError
 from calm_fast.runtime.pocket_tts import (config_from_state_dict, load_pocket_flow_lm, read_state_dict)
 from calm_fast.model.config import preset
 from calm_fast.runtime.generate import CALMGenerator, Request

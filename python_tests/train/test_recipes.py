@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from calm_fast.train.checkpoint import CheckpointError
+from calm_fast.errors import CheckpointError
 from calm_fast.cli import main
 from calm_fast.runtime.export import export_model, load_model
 from calm_fast.model.calm import CALM

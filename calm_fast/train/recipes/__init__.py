@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import tomllib
 
+from calm_fast.train.recipes import distill, lm, vae
 from calm_fast.train.recipes.config import RecipeError, check_sections, load_recipe
 
 
@@ -36,10 +37,4 @@ def run_recipe(path, kind: str | None = None, sets: list[str] = ()):
     if kind is not None and recipe["kind"] != kind:
         raise RecipeError(f"{path} is a {recipe['kind']!r} recipe, not {kind!r}")
     check_sections(recipe)
-    if recipe["kind"] == "vae":
-        from calm_fast.train.recipes.vae import run
-    elif recipe["kind"] == "lm":
-        from calm_fast.train.recipes.lm import run
-    else:
-        from calm_fast.train.recipes.distill import run
-    return run(recipe)
+    return {"vae": vae.run, "lm": lm.run, "distill": distill.run}[recipe["kind"]](recipe)

@@ -14,12 +14,11 @@ default. Relative paths are taken from the directory the command runs in.
 """
 from __future__ import annotations
 
-import dataclasses
 import tomllib
-import typing
 from pathlib import Path
 
 from calm_fast.errors import CalmFastError
+from calm_fast.model import config_dict
 
 KINDS = ("vae", "lm", "distill")
 SECTIONS = ("data", "model", "objective", "loss", "train", "student")
@@ -74,53 +73,6 @@ def build_preset(cls, table: dict, where: str, presets):
     return build(cls, table, where, base=presets(table.pop("preset", "tiny")))
 
 
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(value, hint):
-    """TOML gives lists where the dataclasses hold tuples (hashable, frozen configs)."""
-    origin = typing.get_origin(hint)
-    if isinstance(value, list) and (origin is tuple or hint is tuple):
-        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
-    return value
-
-
 def build(cls, table: dict, where: str, base=None, **fixed):
-    """Instantiate dataclass ``cls`` from a TOML table (or override ``base`` with it).
-    Nested dataclass fields take nested tables."""
-    names = {f.name for f in dataclasses.fields(cls)} - set(fixed)
-    unknown = set(table) - names
-    if unknown:
-        raise RecipeError(f"[{where}]: unknown keys {sorted(unknown)}; known: {sorted(names)}")
-    hints = _hints(cls)
-    kw = {}
-    for k, v in table.items():
-        hint = hints[k]
-        sub = _dataclass_in(hint)
-        if sub is not None and isinstance(v, dict):
-            cur = getattr(base, k, None) if base is not None else None
-            kw[k] = build(sub, v, f"{where}.{k}", base=cur)
-        else:
-            kw[k] = _coerce(v, hint)
-    try:
-        if base is not None:
-            return dataclasses.replace(base, **kw, **fixed)
-        return cls(**kw, **fixed)
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"[{where}]: {e}") from e
-
-
-def _dataclass_in(hint):
-    """The dataclass inside ``X`` or ``X | None``, else None."""
-    if dataclasses.is_dataclass(hint):
-        return hint
-    for a in typing.get_args(hint):
-        if dataclasses.is_dataclass(a):
-            return a
-    return None
-
-
-def from_dict(cls, d: dict):
-    """Rebuild a (nested) config dataclass from ``dataclasses.asdict`` output (export files)."""
-    return build(cls, d, cls.__name__)
+    """``config_dict.build`` raising RecipeError (a recipe's own words for a bad key)."""
+    return config_dict.build(cls, table, where, base=base, error=RecipeError, **fixed)

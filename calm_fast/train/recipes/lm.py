@@ -30,6 +30,9 @@ from calm_fast.model.calm import CALM
 from calm_fast.train.trainer import TrainConfig
 from calm_fast.train.recipes.common import batch_generator, train_and_export
 from calm_fast.train.recipes.config import RecipeError, build, build_preset
+from calm_fast.runtime.export import load_model
+from calm_fast.runtime.generate import CALMGenerator, Request
+from calm_fast.codec.audio import write_audio
 
 
 @dataclass(frozen=True)
@@ -211,9 +214,6 @@ def _sampler(utts: Utterances, data: LMData, tokenizer):
     """Periodic samples: the first utterance's text (and voice), as latents and, with a VAE,
     as audio."""
     def sample(module, step, out):
-        from calm_fast.runtime.export import load_model
-        from calm_fast.runtime.generate import CALMGenerator, Request
-
         m = module.calm
         i = utts.items[0]
         g = torch.Generator().manual_seed(0)
@@ -227,8 +227,6 @@ def _sampler(utts: Utterances, data: LMData, tokenizer):
         d.mkdir(parents=True, exist_ok=True)
         np.save(d / f"latents_{step:07d}.npy", m.denormalize(lat).numpy())
         if data.vae and len(lat):
-            from calm_fast.codec.audio import write_audio
-
             vae = load_model(data.vae, expect="vae")
             with torch.no_grad():
                 wav = vae.decode(m.denormalize(lat)[None])[0]
