@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import subprocess
 import datetime as _dt
 import os
 import platform
@@ -69,8 +70,22 @@ def synced(fn, device):
     return run
 
 
+def commit() -> str:
+    """The checkout's commit, ``+dirty`` when tracked files differ from it (the code that
+    was measured), or "unknown" outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=root,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "calm_fast", "csrc",
+                                "kernels", "benchmarks/common.py"], cwd=root).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def write_rows(name: str, rows: list[dict]) -> Path:
-    """Append rows to benchmarks/results/<name>.csv with date/machine/version columns."""
+    """Append rows to benchmarks/results/<name>.csv with date/machine/version/commit columns."""
     import calm_fast
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -80,6 +95,7 @@ def write_rows(name: str, rows: list[dict]) -> Path:
         "machine": machine(),
         "torch": torch.__version__,
         "calm_fast": calm_fast.__version__,
+        "commit": commit(),
         "threads": torch.get_num_threads(),
     }
     rows = [{**stamp, **r} for r in rows]

@@ -11,10 +11,9 @@ into their paged slots (no concatenation, no masks over a dense buffer); decode 
 is the C++ kernel over the page table; and each stream keeps its own position, so streams
 of different lengths share one batched step (the published cache needs equal offsets).
 
-With fp32 CPU weights the whole step is one C++ call (``ops.native_decode_step``): at
-`pocket` shapes, batch 1, ctx ~270, 11.9 ms against 13.7 ms op by op (2 threads, same run);
-so is a prefill (T rows attending causally over the stream: 34 text rows over a 62-row
-voice prefix, 31.5 ms against 41 ms op by op, same process).
+With fp32 CPU weights the whole step is one C++ call (``ops.native_decode_step``), and so
+is a prefill (T rows attending causally over the stream): the per-op dispatch that
+dominates a small-width step is gone (benchmarks/results/design_notes.md).
 """
 from __future__ import annotations
 
@@ -153,8 +152,8 @@ def rope_rotation(p: PackedBackbone, positions: torch.Tensor) -> torch.Tensor:
 
 def _qkv(p: PackedBackbone, L: PackedLayer, x: torch.Tensor, rot: torch.Tensor):
     """q, k (RoPE applied) and v of one layer. q and k are rotated in one complex multiply
-    over their shared slice of the projection: 3 ops instead of 2 x 10 (the step is
-    dispatch bound at small widths: ~0.3 ms of 1.45 ms per step at batch 1, 6 layers)."""
+    over their shared slice of the projection: 3 ops instead of 2 x 10 (the op-by-op step is
+    dispatch bound at small widths)."""
     h = F.layer_norm(x, (p.d_model,), L.ln1_w, L.ln1_b, p.eps)
     qkv = linear(h, L.w_qkv)
     H, Hk, D = p.heads, p.kv_heads, p.head_dim
@@ -204,7 +203,7 @@ def step_rows(p: PackedBackbone, cache: PagedKVCache, x: torch.Tensor, pos: torc
 
 def native_layers(p: PackedBackbone):
     """The layers as the numpy tuples ``ops.native_decode_step`` reads, made once and kept
-    on ``p`` (a tensor's ``.numpy()`` costs ~1 us, 60 of them per step); None unless every
+    on ``p`` (a tensor's ``.numpy()`` call, 60 of them per step, is not free); None unless every
     projection is a panel-packed fp32 CPU ``SplitLinear`` (``split()``; plain, int8 or GPU
     weights run op by op)."""
     cached = p.__dict__.get("_native")

@@ -1,18 +1,12 @@
 """fp32 linears on CPU that use every thread at decode and prefill sizes.
 
 torch's CPU ``x @ W`` with a handful of rows runs on ONE thread (sgemm with m = 1..8 is not
-split), and on this AMD host its sgemm reaches 55-130 GFLOP/s for 8-64 rows where a 1024^3
-product measures 193. ``SplitLinear`` holds the weight once, packed as panels
+split), and on AVX2-class hosts its small-row sgemm is far from the machine's peak.
+``SplitLinear`` holds the weight once, packed as panels
 [ceil(out / 32), in, 32] (zero past ``out``), and calls the C++ kernel
 (``calm_fast._C.linear``, csrc/gemm_cpu.cpp): each thread streams whole panels (at 1 row,
 one sequential read per thread, as a plain sum does), through a 6-row x 32-column register
-block. Same host, 2 threads, one `pocket` projection (1024 x 4096) in cache:
-
-    rows   packed C++ kernel   previous path (gemv / bmm over views of [in, out])
-      1        106 us              148 us
-      8        331 us              962 us
-     35       1542 us             3094 us
-    256      10063 us            12816 us
+block (8 rows when 8 divides them). Timings: benchmarks/results/design_notes.md.
 
 Without the extension it keeps the plain [in, out] weight and runs one batched matmul over
 views of it: row blocks for 1-2 rows (the partial products summed), column blocks

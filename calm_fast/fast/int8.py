@@ -2,13 +2,11 @@
 
 Weights are quantized once, per output channel (symmetric int8), and prepacked for fbgemm;
 activations are quantized per call. At decode batch sizes the matmuls are weight-read
-bound, so a 4x smaller weight is most of the gain: on the 2-core dev box a 1024 x 3072
-projection takes 98 us instead of 283 us at batch 1, and 191 us instead of 1267 us at
-batch 8 (fbgemm's int8 kernel also handles small batches far better than fp32 sgemm).
-Accuracy (measured on random Gaussian inputs): 1-4% relative error per projection, mostly
-from the per-call activation quantization (fbgemm keeps 7 bits of range per tensor); a
-2-layer random model ends 2-3% away from fp32 at width 1024, 4-6% at width 256. Use it where that is acceptable, as the
-published package's own quantized mode does.
+bound, so a 4x smaller weight is most of the gain (fbgemm's int8 kernel also handles small
+batches far better than fp32 sgemm). The error comes mostly from the per-call activation
+quantization (fbgemm keeps 7 bits of range per tensor); use it where a few percent is
+acceptable, as the published package's own quantized mode does. Timings and errors:
+benchmarks/results/design_notes.md.
 """
 from __future__ import annotations
 

@@ -173,8 +173,7 @@ def native_decode_step_ok(x: torch.Tensor, k_cache: torch.Tensor,
     """Whether ``native_decode_step`` applies: the extension is built, the reference is not
     forced, and x / the cache are fp32 CPU tensors without autograd; ``windowed`` (several
     queries per stream or a window) also needs a head_dim the window attention takes. Any
-    row count: at `pocket` shapes it was 1.1-1.2x faster than op by op from 1 to 64 rows
-    (ctx ~200, 2 threads, same run)."""
+    row count (it beat op by op from 1 to 64 rows: benchmarks/results/design_notes.md)."""
     return (native_ok(x, k_cache, name="decode_step", grad_mode=False) and x.shape[0] >= 1
             and (not windowed or window_head_dim_ok(k_cache.shape[-1])))
 

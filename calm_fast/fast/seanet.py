@@ -1,9 +1,9 @@
 """The SEANet decoder on CPU without torch's conv ops: channels-last rows, one C++ kernel.
 
 ``vae.SEANetDecoder`` runs [conv, (ELU, transposed conv, residual blocks) x n, ELU, conv].
-Through torch that is ~25 separate passes over activations of up to 31 MB at batch 64
-(1920 rows x 64 channels per frame and stream), on oneDNN convs that reach 6-190 GFLOP/s
-by shape. Here every conv is one call of ``ops.native().conv_rows`` (csrc/conv_cpu.cpp): an implicit
+Through torch that is ~25 separate passes over large activations (1920 rows x 64
+channels per frame and stream), on oneDNN convs whose speed varies widely by shape
+(benchmarks/results/design_notes.md). Here every conv is one call of ``ops.native().conv_rows`` (csrc/conv_cpu.cpp): an implicit
 GEMM over the rows in place, whose store adds the bias and the residual and writes what the
 next layer reads, raw (a residual block's skip) and / or through the ELU. A consumer with a
 causal context gets its input in a buffer with that many rows reserved in front, which it
@@ -127,9 +127,9 @@ def _plan(decoder) -> list | None:
 
 
 class _Workspace:
-    """The intermediate buffers, kept from call to call (per thread): a fresh 31 MB
+    """The intermediate buffers, kept from call to call (per thread): a fresh large
     torch.empty is fresh pages from the OS, and faulting them in doubled the time of the
-    cheap convs (the 1x1 32 -> 64 conv at batch 64: 8.3 ms on warm buffers, 15.5 fresh)."""
+    cheap convs (benchmarks/results/design_notes.md)."""
 
     def __init__(self):
         self.local = threading.local()
@@ -209,9 +209,8 @@ def _fill_context(c: _Conv, buf: torch.Tensor, tensors) -> None:
 
 def _call(c: _Conv, buf, T, y=None, e=None, res=None, add0=None) -> None:
     """y / e [B, T, cout] (or [B, T * up, cout]) from the input buffer. Over an even T, a
-    transposed conv goes two rows at a time with 3/4 of the multiplies (Winograd F(2, 2):
-    the three `pocket` upsamplers at batch 16, ~2.3 ms of a ~42 ms SEANet call, A/B in one
-    process), and a 3-tap conv at dilation 1 with 2/3 (F(2, 3))."""
+    transposed conv goes two rows at a time with 3/4 of the multiplies (Winograd F(2, 2)),
+    and a 3-tap conv at dilation 1 with 2/3 (F(2, 3))."""
     B = buf.shape[0]
     rows = lambda t: None if t is None else t.view(B, T, c.up * c.cout).numpy()  # noqa: E731
     pairs = c.pairs is not None and T % 2 == 0

@@ -138,9 +138,9 @@ class AcceleratedTTS:
                               max_tokens: int = 50, frames_after_eos: int | None = None,
                               copy_state: bool = True, stop=None):
         """Audio chunks [samples] as they are decoded: the first is one frame (80 ms),
-        then 2, 4, ... up to ``decode_frames`` (default 8) frames: the `pocket` Mimi
-        decodes a frame in ~9.5 ms alone, ~4.8 ms eight at a time, and the chunks still
-        arrive well before the audio already out has played (``accelerate(...,
+        then 2, 4, ... up to ``decode_frames`` (default 8) frames: the decoder's per-call
+        cost is shared by a chunk's frames (benchmarks/results/design_notes.md), and the
+        chunks still arrive well before the audio already out has played (``accelerate(...,
         decode_frames=1)`` gives the package's one chunk per frame). The audio is the same
         either way."""
         if not isinstance(model_state, VoiceState):

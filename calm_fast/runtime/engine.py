@@ -26,13 +26,8 @@ Audio (with ``vae=``): the frames made in a step are decoded as one VAE batch. W
 chunks amortise the decoder's per-call cost over several frames. A step's streams are
 decoded in calls of at most ``DECODE_ROWS`` stream-frames (whole chunks: 64 streams with
 8-frame chunks decode as 8 calls of 8 x 8). Chunks do not shrink when many streams run:
-text to audio through the drop-in, interleaved in one process, 16 streams 14.8-16.4x real
-time with 8-frame chunks against 14.3-15.3x when they shrank to 4, 64 streams 15.8-17.1x
-against 15.6-16.3x with 1-frame chunks. The `pocket` Mimi alone, ms per stream-frame
-(2 threads; streams x frames in one call; 2026-12-01, 4-5 interleaved runs):
-
-    1 x 1: 6.2   1 x 4: 4.2   1 x 8: 3.8   4 x 4: 3.4-3.8   8 x 8: 3.0-3.7   16 x 1: 3.6-3.9
-    16 x 4: 3.0-3.7   32 x 2: 3.0-3.4   64 x 1: 3.1-3.9   (4 calls of 16 x 1: 4.0-4.1)
+that measured faster at 16 and 64 streams (per-call costs and the A/B:
+benchmarks/results/design_notes.md).
 
 The audio is the same whatever the chunks: only where it is cut changes.
 """
