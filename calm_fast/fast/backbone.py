@@ -214,8 +214,7 @@ def native_layers(p: PackedBackbone):
         projs = [getattr(L, k) for k in ("w_qkv", "w_o", "w1", "w2")]
         vecs = [getattr(L, k) for k in ("ln1_w", "ln1_b", "ln2_w", "ln2_b", "ls1", "ls2")]
         if not all(isinstance(w, SplitLinear) and w.native and w.b is None for w in projs) \
-                or not all(v is None or (v.device.type == "cpu" and v.dtype == torch.float32)
-                           for v in vecs):
+                or not ops.native_ok(*[v for v in vecs if v is not None], grad_mode=False):
             out = []
             break
         arr = lambda t: None if t is None else t.detach().contiguous().numpy()  # noqa: E731

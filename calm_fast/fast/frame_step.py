@@ -81,7 +81,7 @@ class FrameStep:
         self.w_in = mv(model.input_linear.weight).t().contiguous()
         self.norm = (mv(model.out_norm.weight), mv(model.out_norm.bias), model.out_norm.eps)
         self.eos_w, self.eos_b = mv(model.out_eos.weight), mv(model.out_eos.bias)
-        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.graphs = ops.cuda_graphs(self.device) if graphs is None else graphs
         self.buckets = tuple(sorted(buckets))
         self._captured = {}
         self._static = None
@@ -120,7 +120,7 @@ class FrameStep:
             raise ValueError(f"{R} rows exceed the largest CUDA-graph bucket "
                              f"{self.buckets[-1]}; pass larger buckets")
         self._fill(f, bucket)
-        if self.device.type != "cuda":
+        if not ops.cuda_graphs(self.device):
             out, logits = self.compute(self._inputs(bucket))
         else:
             if bucket not in self._captured:

@@ -64,6 +64,11 @@ def triton_ok(t: torch.Tensor) -> bool:
     return t.is_cuda and _fh.triton is not None and not force_reference()
 
 
+def cuda_graphs(device) -> bool:
+    """Whether frames on ``device`` run as captured CUDA graphs (else eagerly)."""
+    return torch.device(device).type == "cuda"
+
+
 def kv_manager(num_blocks: int, block_size: int, backend: str = "auto"):
     """The block manager: the C++ one (``backend`` "cpp", or "auto" when built and not
     forced to the reference), else the pure-Python twin."""

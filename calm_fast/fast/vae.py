@@ -28,9 +28,9 @@ BLOCK = 16  # rows per cache block of a windowed Transformer's stream
 def applies(vae: VAE, x: torch.Tensor | None = None) -> bool:
     """Whether ``decode`` takes the fast path for this VAE (and input ``x``)."""
     w = vae.decoder_transformer.transformer
-    p = next(vae.parameters())
-    return (ops.has_native("decode_step") and p.device.type == "cpu"
-            and p.dtype == torch.float32 and ops.window_head_dim_ok(w.cfg.head_dim)
+    p = next(vae.parameters()).detach()  # weights: their autograd flag does not matter
+    return (ops.native_ok(p, name="decode_step", grad_mode=False)
+            and ops.window_head_dim_ok(w.cfg.head_dim)
             and (x is None or ops.native_ok(x, name="decode_step")))
 
 
