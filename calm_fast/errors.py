@@ -22,3 +22,16 @@ class AudioError(CalmFastError, ValueError):
 
 class CheckpointError(CalmFastError, ValueError):
     """A checkpoint that cannot be used: missing, corrupt, or not matching the model."""
+
+
+class ArgumentError(CalmFastError, ValueError):
+    """A value outside what an argument allows (the message names the argument, the value
+    and the allowed range)."""
+
+
+class ArgumentTypeError(CalmFastError, TypeError):
+    """A value of the wrong type for an argument (the message names both)."""
+
+
+class NonFiniteError(CalmFastError, ArithmeticError):
+    """A request's computation produced NaN or Inf; the request was ended."""

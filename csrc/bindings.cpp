@@ -551,6 +551,7 @@ PYBIND11_MODULE(_C, m) {
           "n rows for every stream, all or nothing; slots shaped [len(streams), n]")
       .def("blocks_needed", &KVManager::blocks_needed, py::arg("stream"), py::arg("n"))
       .def("trim_front", &KVManager::trim_front, py::arg("stream"), py::arg("keep_last"))
+      .def("truncate", &KVManager::truncate, py::arg("stream"), py::arg("n"))
       .def("free", &KVManager::free, py::arg("stream"))
       .def("page_table", &page_table, py::arg("streams"), py::arg("indptr"),
            py::arg("indices"), py::arg("last_page_len"), py::arg("start") = py::none())

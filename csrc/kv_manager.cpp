@@ -166,6 +166,20 @@ void KVManager::trim_front(int64_t id, int64_t keep_last) {
   s.length = keep_last;
 }
 
+void KVManager::truncate(int64_t id, int64_t n) {
+  Stream& s = get(id);
+  if (n < 0 || n > s.length) {
+    throw std::invalid_argument("truncate: n must be in [0, " + std::to_string(s.length) +
+                                "] (the stream's rows), got " + std::to_string(n));
+  }
+  const int64_t used = s.start + s.length - n;
+  const int64_t keep = s.length - n == 0 && s.start == 0 ? 0 : (used + block_size_ - 1) / block_size_;
+  for (size_t i = static_cast<size_t>(keep); i < s.blocks.size(); ++i) release(s.blocks[i]);
+  s.blocks.resize(static_cast<size_t>(keep));
+  s.length -= n;
+  s.position -= n;
+}
+
 void KVManager::free(int64_t id) {
   Stream& s = get(id);
   for (int32_t b : s.blocks) release(b);

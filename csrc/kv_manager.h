@@ -53,6 +53,8 @@ class KVManager {
   AppendResult append_batch(const int64_t* streams, int64_t n_streams, int64_t n);
   // Keeps only the last `keep_last` rows; whole blocks that fall out are released.
   void trim_front(int64_t stream, int64_t keep_last);
+  // Drop the last n rows (a failed step's rows): blocks past the new end are released.
+  void truncate(int64_t stream, int64_t n);
   void free(int64_t stream);
 
   // How many blocks `append(stream, n)` would take from the free list right now.

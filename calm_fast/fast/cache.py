@@ -68,6 +68,10 @@ class PagedKVCache:
     def free(self, stream: int) -> None:
         self.manager.free(stream)
 
+    def truncate(self, stream: int, n: int) -> None:
+        """Forget the last ``n`` rows of ``stream`` (rolling back a failed step)."""
+        self.manager.truncate(stream, n)
+
     def trim_front(self, stream: int, keep_last: int) -> None:
         """Sliding window: keep only the last ``keep_last`` rows of ``stream``."""
         self.manager.trim_front(stream, keep_last)

@@ -146,6 +146,20 @@ class PyKVManager:
         s.start = first % self._block_size
         s.length = keep_last
 
+    def truncate(self, stream: int, n: int) -> None:
+        """Drop the last ``n`` rows (a failed step's rows); blocks past the new end are
+        released (a shared one only loses this stream's reference)."""
+        s = self._get(stream)
+        if n < 0 or n > s.length:
+            raise ValueError(f"truncate: n must be in [0, {s.length}] (the stream's rows), got {n}")
+        used = s.start + s.length - n
+        keep = 0 if (s.length - n == 0 and s.start == 0) else -(-used // self._block_size)
+        for b in s.blocks[keep:]:
+            self._release(b)
+        del s.blocks[keep:]
+        s.length -= n
+        s.position -= n
+
     def free(self, stream: int) -> None:
         s = self._get(stream)
         for b in s.blocks:

@@ -34,11 +34,13 @@ The audio is the same whatever the chunks: only where it is cut changes.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from calm_fast.errors import CacheFullError
+from calm_fast import checks
+from calm_fast.codec.vae import VAE
+from calm_fast.errors import ArgumentError, CacheFullError
 from calm_fast.runtime.decode_slots import DecodeSlots
 from calm_fast.fast import backbone as fb
 from calm_fast.runtime.scheduler import Request, Scheduler, Stream
@@ -47,10 +49,13 @@ from calm_fast.model.calm import CALM
 
 @dataclass
 class Shared:
-    """A prefilled prefix template: cache stream ``stream`` holding ``rows`` rows."""
+    """A prefilled prefix template: cache stream ``stream`` holding ``rows`` rows, valid only
+    in the engine that made it and until ``unshare``."""
 
     stream: int
     rows: torch.Tensor  # [P, d] the prefix rows (requests must start with them)
+    engine: object = field(default=None, repr=False, compare=False)
+    alive: bool = True
 
 
 @dataclass
@@ -61,6 +66,8 @@ class Event:
     # with a vae: [channels, k * frame_size], the stream's frames decoded this step (k = 1
     # per step by default; see decode_frames), or None when none were
     audio: torch.Tensor | None = None
+    # the error that ended the request (its fault alone: the others' frames are unchanged)
+    error: Exception | None = None
 
 
 @dataclass
@@ -84,16 +91,16 @@ class Engine:
                  block_size: int = 16, head_steps: int = 1, int8: bool = False,
                  device="cpu", dtype=torch.float32, graphs: bool | None = None,
                  vae=None, decode_frames: int = 1):
-        if decode_frames < 1:
-            raise ValueError(f"decode_frames must be >= 1, got {decode_frames}")
-        if max_streams < 1 or num_blocks < 2:
-            raise ValueError(f"need max_streams >= 1 and num_blocks >= 2, got {max_streams}, "
-                             f"{num_blocks}")
+        checks.integer("decode_frames", decode_frames, 1, 1024)
+        checks.integer("max_streams", max_streams, 1, 1 << 16)
+        checks.integer("num_blocks", num_blocks, 2)
+        if vae is not None:
+            checks.instance("vae", vae, VAE, "a calm_fast VAE")
         # cache streams: a cond and a null stream per request, templates, the scratch row
         self.sched = Scheduler(model, head_steps=head_steps, block_size=block_size,
                                num_blocks=num_blocks, int8=int8, device=device, dtype=dtype,
                                graphs=graphs, max_streams=2 * max_streams + 16)
-        self.sched.setup(0, 0, 0)
+        self.sched.setup(0, 2 * max_streams, 0)  # (checks the CUDA-graph buckets)
         self.model, self.cache = model, self.sched.cache
         self.block_size = block_size
         self.waiting: deque[_Pending] = deque()
@@ -105,7 +112,7 @@ class Engine:
         self.decoder = None
         if vae is not None:  # every frame made in a step is decoded in one VAE batch
             if vae.cfg.latent_dim != model.cfg.latent_dim:
-                raise ValueError(f"the VAE takes {vae.cfg.latent_dim}-dim latents, the model "
+                raise ArgumentError(f"the VAE takes {vae.cfg.latent_dim}-dim latents, the model "
                                  f"makes {model.cfg.latent_dim}")
             self.decoder = DecodeSlots(vae, max_streams, max_frames_per_call=decode_frames)
         self.decode_frames = decode_frames
@@ -117,8 +124,13 @@ class Engine:
         """Prefill ``rows`` [P, d] once as a template for ``submit(..., shared=)``. Raises
         CacheFullError (nothing changed) when the cache cannot hold it now."""
         d = self.model.cfg.backbone.d_model
-        if rows.dim() != 2 or rows.shape[1] != d or rows.shape[0] == 0:
-            raise ValueError(f"a shared prefix must be [P >= 1, {d}], got {tuple(rows.shape)}")
+        checks.instance("rows", rows, torch.Tensor, "a torch.Tensor")
+        if rows.dim() != 2 or rows.shape[1] != d or rows.shape[0] == 0 \
+                or not rows.is_floating_point():
+            raise ArgumentError(f"a shared prefix must be float [P >= 1, {d}], got "
+                                f"{rows.dtype} {tuple(rows.shape)}")
+        if not torch.isfinite(rows).all():
+            raise ArgumentError("a shared prefix holds NaN or Inf")
         need = -(-rows.shape[0] // self.block_size)
         if need > self.sched.available:
             raise CacheFullError(f"a shared prefix of {rows.shape[0]} rows needs {need} blocks;"
@@ -128,10 +140,25 @@ class Engine:
         fb.prefill(self.sched.backbone, self.cache, sid,
                    rows.detach().to(self.sched.device, self.sched.dtype), outputs=False)
         self._templates += need
-        return Shared(sid, rows.detach().clone())
+        return Shared(sid, rows.detach().clone(), engine=self)
+
+    def _own(self, s, what: str) -> None:
+        checks.instance(what, s, Shared, "a Shared template from Engine.share")
+        if s.engine is not self:
+            raise ArgumentError(f"{what} was made by another Engine: share the prefix with "
+                                "this engine (its cache holds its own templates)")
+        if not s.alive:
+            raise ArgumentError(f"{what} was unshared: share the prefix again")
 
     def unshare(self, s: Shared) -> None:
-        """Drop a template: requests already forked from it keep their blocks."""
+        """Drop a template: requests already forked from it keep their blocks; waiting
+        requests that named it prefill their whole prefix instead."""
+        self._own(s, "the template")
+        s.alive = False
+        for p in self.waiting:
+            if p.shared is s:
+                p.shared = None
+                p.need = self.sched.blocks_for(p.req, 0, null_shared=True)
         self.cache.free(s.stream)
         self._templates -= -(-s.rows.shape[0] // self.block_size)
 
@@ -146,16 +173,17 @@ class Engine:
         rid = self._next_id
         self.sched.check(rid, r)
         if shared is not None:
+            self._own(shared, "shared")
             P = shared.rows.shape[0]
             if r.prefix.shape[0] < P or not torch.equal(r.prefix[:P].to(shared.rows.dtype),
                                                           shared.rows):
-                raise ValueError("the request's prefix does not start with the shared rows")
+                raise ArgumentError("the request's prefix does not start with the shared rows")
         # the default null prefix of CFG is always shared (one template per engine)
         need = self.sched.blocks_for(r, 0 if shared is None else shared.rows.shape[0],
                                      null_shared=True)
         capacity = self.cache.manager.num_blocks - 1 - self._templates
         if need > capacity:
-            raise ValueError(f"request needs {need} cache blocks, more than the "
+            raise ArgumentError(f"request needs {need} cache blocks, more than the "
                              f"{capacity} the engine has: raise num_blocks or lower max_frames")
         self._next_id += 1
         self.waiting.append(_Pending(rid, r, shared, need))
@@ -237,7 +265,8 @@ class Engine:
         made = dict(zip(out.ids, out.latents))
         done = set(out.finished)
         audio = self._decode(out.ids, out.latents, done) if self.decoder is not None else {}
-        events = [Event(s.idx, made.get(s.idx), s.idx in done, audio.get(s.idx))
+        events = [Event(s.idx, made.get(s.idx), s.idx in done, audio.get(s.idx),
+                        out.errors.get(s.idx))
                   for s in self.active if s.idx in made or s.idx in done]
         for s in self.active:
             if s.idx in done:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
+from calm_fast.errors import ArgumentError
 from calm_fast.runtime.scheduler import Request, Scheduler, StepOutput, Stream  # noqa: F401
 
 
@@ -30,7 +31,7 @@ class CALMGenerator(Scheduler):
     def stream(self, requests: list[Request]) -> Iterator[StepOutput]:
         requests = list(requests)
         if not requests:
-            raise ValueError("no requests")
+            raise ArgumentError("no requests")
         for i, r in enumerate(requests):
             self.check(i, r)
         need = sum(self.blocks_for(r) for r in requests)
@@ -54,10 +55,16 @@ class CALMGenerator(Scheduler):
                 self.release(s)
 
     def generate(self, requests: list[Request]) -> list[torch.Tensor]:
-        """All frames of every request: a list of [T_i, C] normalised latents."""
+        """All frames of every request: a list of [T_i, C] normalised latents. A request
+        that ended with an error (``StepOutput.errors``) raises it once every other request
+        has finished (use ``stream()`` to keep the others' frames)."""
         frames = [[] for _ in requests]
+        errors = {}
         for out in self.stream(requests):
             for i, lat in zip(out.ids, out.latents):
                 frames[i].append(lat)
+            errors.update(out.errors)
+        if errors:
+            raise errors[min(errors)]
         C = self.cfg.latent_dim
         return [torch.stack(f).float().cpu() if f else torch.empty(0, C) for f in frames]

@@ -28,32 +28,38 @@ the text-to-audio pipeline all run on this class.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
+from calm_fast import checks
+from calm_fast.errors import ArgumentError, NonFiniteError
 from calm_fast.fast import backbone as fb
 from calm_fast.fast import ops
 from calm_fast.fast.frame_step import BUCKETS, FrameInputs, FrameStep
 from calm_fast.fast.head import pack_head
-from calm_fast.model.calm import CALM, check_finite
+from calm_fast.model.calm import CALM
 from calm_fast.model.sampling import EOSRule, gaussian_noise
 
 
 @dataclass
 class Request:
-    prefix: torch.Tensor  # [P, d] conditioning rows (CALM.prefix), P >= 1
-    max_frames: int
-    temperature: float = 0.7
-    cfg_scale: float = 1.0  # 1 = no CFG (no null branch is run)
-    seed: int | None = None  # None: drawn from the global RNG (so torch.manual_seed fixes it)
-    prompt_latents: torch.Tensor | None = None  # [L, C] normalised latents to continue
-    null_prefix: torch.Tensor | None = None  # default: CALM.null_prefix()
-    eos_threshold: float | None = -4.0
-    frames_after_eos: int = 0
-    min_frames: int = 0
-    noise_clamp: float | None = None
+    """One generation request. Ranges are checked by ``Scheduler.check`` (every entry point
+    calls it before anything is reserved); a value outside them raises ArgumentError /
+    ArgumentTypeError naming the field."""
+
+    prefix: torch.Tensor  # [P >= 1, d] finite float rows (CALM.prefix)
+    max_frames: int  # int in [1, the model's context less the prefix and prompt]
+    temperature: float = 0.7  # Gaussian temperature, in [0, 10]
+    cfg_scale: float = 1.0  # latent CFG scale in [0, 50]; 1 = no CFG (no null branch runs)
+    # int in [0, 2**63 - 1]; None: drawn from the global RNG (so torch.manual_seed fixes it)
+    seed: int | None = None
+    prompt_latents: torch.Tensor | None = None  # [L, C] finite normalised latents to continue
+    null_prefix: torch.Tensor | None = None  # [P, d] finite; default: CALM.null_prefix()
+    eos_threshold: float | None = -4.0  # finite EOS logit threshold; None: no EOS
+    frames_after_eos: int = 0  # int in [0, 10000]
+    min_frames: int = 0  # int in [0, max_frames]: EOS is ignored before it
+    noise_clamp: float | None = None  # None, or the noise clamped to [-c, c], c in (0, 100]
     # The request's own noise generator (used as is, so the caller can read its state after
     # generation); None: a new one seeded with ``seed``.
     generator: torch.Generator | None = None
@@ -65,6 +71,8 @@ class StepOutput:
     ids: list  # indices (into the request list) of the streams that made a frame
     latents: torch.Tensor  # [len(ids), C]
     finished: list = field(default_factory=list)  # requests that ended at this step
+    # requests that ended with an error at this step (also in ``finished``): idx -> error
+    errors: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -96,18 +104,31 @@ class Scheduler:
                  num_blocks: int | None = None, int8: bool = False, device="cpu",
                  dtype=torch.float32, graphs: bool | None = None, max_streams: int = 512,
                  buckets=BUCKETS):
-        if head_steps < 1:
-            raise ValueError(f"head_steps must be >= 1, got {head_steps}")
+        checks.instance("model", model, CALM, "a calm_fast CALM model")
+        checks.integer("head_steps", head_steps, 1, 64)
+        checks.integer("block_size", block_size, 1, 4096)
+        checks.integer("num_blocks", num_blocks, 2, none=True)
+        checks.integer("max_streams", max_streams, 1, 1 << 20)
+        checks.instance("dtype", dtype, torch.dtype, "a torch.dtype")
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ArgumentError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ArgumentError(f"device={device!r}, but CUDA is not available here "
+                                "(torch.cuda.is_available() is False): use device='cpu'")
+        if dev.type not in ("cpu", "cuda"):
+            raise ArgumentError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
         self.model, self.cfg = model, model.cfg
         self.head_steps, self.block_size, self.num_blocks = head_steps, block_size, num_blocks
         self.device, self.dtype, self.graphs = torch.device(device), dtype, graphs
         cpu = self.device.type == "cpu"
         if int8 and not cpu:
-            raise ValueError("int8 weights are a CPU path (fbgemm); use dtype on GPU")
+            raise ArgumentError("int8 weights are a CPU path (fbgemm); use dtype on GPU")
         if not cpu and num_blocks is None:
-            raise ValueError("a GPU generator needs num_blocks (its cache is kept across calls)")
+            raise ArgumentError("a GPU generator needs num_blocks (its cache is kept across calls)")
         if cpu and dtype != torch.float32:
-            raise ValueError("the CPU path is fp32 (or int8): bf16 matmuls are ~7x slower here")
+            raise ArgumentError("the CPU path is fp32 (or int8): bf16 matmuls are ~7x slower here")
         self.backbone = fb.pack(model.transformer)
         self.head = pack_head(model.flow_net.state_dict())
         if int8:
@@ -124,29 +145,44 @@ class Scheduler:
 
     # -- validation ---------------------------------------------------------------------------
     def check(self, i: int, r: Request) -> None:
-        """Validate request ``i`` (raises ValueError naming the field; nothing reserved)."""
+        """Validate request ``i``: every field's type, range and finiteness (ArgumentError /
+        ArgumentTypeError naming the field and the value; nothing is reserved)."""
         m, d, C = self.model, self.cfg.backbone.d_model, self.cfg.latent_dim
         where = f"request {i}"
+        checks.instance(where, r, Request, "a calm_fast Request")
         for name, t in (("prefix", r.prefix), ("null_prefix", r.null_prefix)):
-            if t is None:
+            if t is None and name == "null_prefix":
                 continue
-            if t.dim() != 2 or t.shape[1] != d or t.shape[0] == 0:
-                raise ValueError(f"{where}: {name} must be [P >= 1, {d}], got {tuple(t.shape)}")
-            check_finite(f"{where}: {name}", t)
+            checks.instance(f"{where}: {name}", t, torch.Tensor, "a torch.Tensor")
+            if t.dim() != 2 or t.shape[1] != d or t.shape[0] == 0 or not t.is_floating_point():
+                raise ArgumentError(f"{where}: {name} must be float [P >= 1, {d}], got "
+                                    f"{t.dtype} {tuple(t.shape)}")
+            if not torch.isfinite(t).all():
+                raise ArgumentError(f"{where}: {name} holds NaN or Inf")
         if r.prompt_latents is not None:
-            m.check_latents(f"{where}: prompt_latents", r.prompt_latents)
-            if r.prompt_latents.dim() != 2:
-                raise ValueError(f"{where}: prompt_latents must be [L, {C}]")
-        if r.max_frames < 1:
-            raise ValueError(f"{where}: max_frames must be >= 1, got {r.max_frames}")
-        if not (math.isfinite(r.temperature) and r.temperature >= 0):
-            raise ValueError(f"{where}: temperature must be finite and >= 0, got {r.temperature}")
-        if not math.isfinite(r.cfg_scale):
-            raise ValueError(f"{where}: cfg_scale must be finite, got {r.cfg_scale}")
+            checks.instance(f"{where}: prompt_latents", r.prompt_latents, torch.Tensor,
+                            "a torch.Tensor")
+            if r.prompt_latents.dim() != 2 or not r.prompt_latents.is_floating_point():
+                raise ArgumentError(f"{where}: prompt_latents must be float [L, {C}], got "
+                                    f"{r.prompt_latents.dtype} {tuple(r.prompt_latents.shape)}")
+            try:
+                m.check_latents(f"{where}: prompt_latents", r.prompt_latents)
+            except ValueError as e:
+                raise ArgumentError(str(e)) from e
+        checks.integer(f"{where}: max_frames", r.max_frames, 1)
+        checks.real(f"{where}: temperature", r.temperature, 0.0, 10.0)
+        checks.real(f"{where}: cfg_scale", r.cfg_scale, 0.0, 50.0)
+        checks.integer(f"{where}: seed", r.seed, 0, 2**63 - 1, none=True)
+        checks.real(f"{where}: eos_threshold", r.eos_threshold, none=True)
+        checks.integer(f"{where}: frames_after_eos", r.frames_after_eos, 0, 10_000)
+        checks.integer(f"{where}: min_frames", r.min_frames, 0, r.max_frames)
+        checks.real(f"{where}: noise_clamp", r.noise_clamp, 0.0, 100.0, none=True, lo_open=True)
+        checks.instance(f"{where}: generator", r.generator, torch.Generator, "a torch.Generator",
+                        none=True)
         P, L = self.prefix_rows(r), self.prompt_rows(r)
         need = self._rows(r)
         if need > self.cfg.max_context:
-            raise ValueError(f"{where}: prefix ({P}) + BOS + prompt ({L}) + max_frames "
+            raise ArgumentError(f"{where}: prefix ({P}) + BOS + prompt ({L}) + max_frames "
                              f"({r.max_frames}) = {need} rows exceed the context of "
                              f"{self.cfg.max_context} rows")
 
@@ -244,7 +280,7 @@ class Scheduler:
         block and stream (and ring slot) than asked: FrameStep's scratch row."""
         per_call = self.device.type == "cpu" and self.num_blocks is None
         if not per_call and max(nstreams, nrequests) > self.max_streams:
-            raise ValueError(f"{nstreams} streams exceed max_streams={self.max_streams}")
+            raise ArgumentError(f"{nstreams} streams exceed max_streams={self.max_streams}")
         if per_call or self.cache is None:
             blocks, slots, rings = ((need + 1, nstreams + 1, nrequests + 1) if per_call else
                                     (self.num_blocks, self.max_streams + 1,
@@ -258,11 +294,89 @@ class Scheduler:
             self.frame = FrameStep(self.model, self.cache, self.backbone, self.head,
                                    head_steps=self.head_steps, ring=ring, graphs=self.graphs,
                                    buckets=self.buckets)
+        if self.frame.graphs and nstreams > self.frame.buckets[-1]:
+            raise ArgumentError(f"{nstreams} backbone rows exceed the largest CUDA-graph bucket "
+                                f"{self.frame.buckets[-1]}; pass larger buckets")
         return self.cache, self.frame.ring, self.frame.short
 
     def step(self, streams: list[Stream], step: int = 0) -> StepOutput:
         """One frame for every stream; finished streams are released and removed from
-        ``streams`` (in place)."""
+        ``streams`` (in place).
+
+        Isolation: if the batched frame raises, whatever it changed is rolled back (cache
+        rows, the streams' noise generators, the short-context rings, the block promises);
+        each stream then tries the frame alone (rolled back too) to find which fail, those
+        end with their error (``StepOutput.errors``), and the others run the frame as one
+        batch: exactly the frames they would have had had the failing ones never been there.
+        A stream whose frame is NaN / Inf ends with a NonFiniteError (its frame is not
+        emitted); the other rows of the batch are independent of it."""
+        saved = self._save(streams)
+        try:
+            return self._frame(streams, step)
+        except Exception as e:  # noqa: BLE001 (any fault of one request must stay its own)
+            self._restore(streams, saved)
+            failed = {streams[0].idx: e} if len(streams) == 1 else {}
+            if len(streams) > 1:
+                for s in streams:  # a dry run each, to find the ones at fault
+                    one = self._save([s])
+                    try:
+                        self._frame([s], step, dry=True)
+                    except Exception as e1:  # noqa: BLE001
+                        failed[s.idx] = e1
+                    self._restore([s], one)
+                if not failed:  # only the batch fails: run them one by one
+                    failed = None
+            if failed is None:
+                parts, keep = [], []
+                for s in list(streams):
+                    one = [s]
+                    parts.append(self.step(one, step))
+                    keep += one
+                streams[:] = keep
+            else:
+                bad = [s for s in streams if s.idx in failed]
+                for s in bad:
+                    self.release(s)
+                rest = [s for s in streams if s.idx not in failed]
+                parts = [StepOutput(step, [], torch.empty(0, self.cfg.latent_dim),
+                                    [s.idx for s in bad], failed)]
+                if rest:
+                    parts.append(self.step(rest, step))
+                streams[:] = rest
+            return StepOutput(step, [i for p in parts for i in p.ids],
+                              torch.cat([p.latents for p in parts]),
+                              [i for p in parts for i in p.finished],
+                              {k: v for p in parts for k, v in p.errors.items()})
+
+    def _save(self, streams: list[Stream]) -> dict:
+        """What a frame changes, to undo a failed one."""
+        ids = [i for s in streams for i in (s.cond, s.null) if i is not None]
+        saved = {"reserved": self.reserved, "pos": {i: self.cache.position(i) for i in ids},
+                 "streams": [(s.gen.get_state(), s.held, s.steps, s.made, s.prev,
+                              s.eos.eos_at) for s in streams]}
+        ring = self.frame.ring if self.frame is not None else None
+        if ring is not None:
+            slots = torch.tensor([s.ring for s in streams], dtype=torch.long,
+                                 device=ring.count.device)
+            saved["ring"] = (slots, ring.k[slots].clone(), ring.v[slots].clone(),
+                             ring.count[slots].clone())
+        return saved
+
+    def _restore(self, streams: list[Stream], saved: dict) -> None:
+        for i, p in saved["pos"].items():
+            if self.cache.position(i) > p:
+                self.cache.truncate(i, self.cache.position(i) - p)
+        for s, (g, held, steps, made, prev, eos_at) in zip(streams, saved["streams"]):
+            s.gen.set_state(g)
+            s.held, s.steps, s.made, s.prev, s.eos.eos_at = held, steps, made, prev, eos_at
+        self.reserved = saved["reserved"]
+        if "ring" in saved:
+            slots, k, v, count = saved["ring"]
+            ring = self.frame.ring
+            ring.k[slots], ring.v[slots], ring.count[slots] = k, v, count
+
+    def _frame(self, streams: list[Stream], step: int, dry: bool = False) -> StepOutput:
+        """The batched frame (``dry``: the caller rolls it back, so nothing is released)."""
         m, cache, C = self.model, self.cache, self.cfg.latent_dim
         dev = self.device
         for s in streams:  # the blocks this frame's row allocates come out of the promise
@@ -294,8 +408,15 @@ class Scheduler:
                         torch.tensor([s.ring for s in streams], **lng))
         out, logits = self.frame(f)
         logits = logits.float().cpu()
-        emitted, keep_ix, finished = [], [], []
+        bad = (~torch.isfinite(out.float()).all(1)).cpu() | ~torch.isfinite(logits)
+        emitted, keep_ix, finished, errors = [], [], [], {}
         for k, s in enumerate(streams):
+            if bad[k]:
+                errors[s.idx] = NonFiniteError(
+                    f"request {s.idx}: its frame {s.steps} holds NaN or Inf (temperature "
+                    f"{s.req.temperature}, cfg_scale {s.req.cfg_scale}); the request was ended")
+                finished.append(s)
+                continue
             here = s.steps
             s.steps += 1
             keep = s.eos.keep(here, float(logits[k]))
@@ -309,10 +430,11 @@ class Scheduler:
             else:
                 keep_ix.append(k)
         result = StepOutput(step, [streams[k].idx for k in emitted], out[emitted],
-                            [s.idx for s in finished])
-        for s in finished:
-            self.release(s)
-        streams[:] = [streams[k] for k in keep_ix]
+                            [s.idx for s in finished], errors)
+        if not dry:
+            for s in finished:
+                self.release(s)
+            streams[:] = [streams[k] for k in keep_ix]
         return result
 
     def release(self, s: Stream) -> None:

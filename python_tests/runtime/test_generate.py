@@ -73,7 +73,7 @@ def test_bad_requests_are_refused_before_anything_runs(tts):
     gen = CALMGenerator(tts)
     ok = tts.null_prefix()
     cases = [
-        (Request(torch.randn(2, 5), 3), r"prefix must be \[P >= 1, 64\]"),
+        (Request(torch.randn(2, 5), 3), r"prefix must be float \[P >= 1, 64\]"),
         (Request(ok[:0], 3), "prefix must be"),
         (Request(torch.full((2, 64), float("nan")), 3), "NaN"),
         (Request(ok, 3, prompt_latents=torch.randn(4, 5)), "latents"),

@@ -1,0 +1,62 @@
+"""Checks for values where they enter calm_fast (a leaf: every layer may use them).
+
+Each raises ArgumentTypeError or ArgumentError (both CalmFastError, and TypeError /
+ValueError) with a message that names the argument, the value it got and what is allowed,
+so a caller (a CLI flag, an HTTP field, a Python argument) can pass it on as is.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+from calm_fast.errors import ArgumentError, ArgumentTypeError
+
+
+def _show(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def integer(name: str, v, lo: int | None = None, hi: int | None = None,
+            none: bool = False) -> int | None:
+    """An int (not a bool, not a float such as 2.5 or 2.0) in [lo, hi]."""
+    if v is None and none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ArgumentTypeError(f"{name} must be an integer{' or None' if none else ''}, "
+                                f"got {_show(v)} ({type(v).__name__})")
+    v = int(v)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ArgumentError(f"{name} must be in [{lo if lo is not None else '-inf'}, "
+                            f"{hi if hi is not None else 'inf'}], got {v}")
+    return v
+
+
+def real(name: str, v, lo: float | None = None, hi: float | None = None,
+         none: bool = False, lo_open: bool = False) -> float | None:
+    """A finite real number (int or float, not a bool or a string) in [lo, hi] (or (lo, hi]
+    with ``lo_open``)."""
+    if v is None and none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be a number{' or None' if none else ''}, "
+                                f"got {_show(v)} ({type(v).__name__})")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ArgumentError(f"{name} must be finite, got {v}")
+    below = lo is not None and (v <= lo if lo_open else v < lo)
+    if below or (hi is not None and v > hi):
+        left = "(" if lo_open else "["
+        raise ArgumentError(f"{name} must be in {left}{lo if lo is not None else '-inf'}, "
+                            f"{hi if hi is not None else 'inf'}], got {v:g}")
+    return v
+
+
+def instance(name: str, v, cls, what: str | None = None, none: bool = False):
+    """``v`` is a ``cls`` (or None when allowed)."""
+    if v is None and none:
+        return None
+    if not isinstance(v, cls):
+        raise ArgumentTypeError(f"{name} must be {what or cls.__name__}"
+                                f"{' or None' if none else ''}, got {type(v).__name__}")
+    return v

@@ -1,0 +1,128 @@
+"""Voices: a prompt's VAE latents, kept in files and looked up by name.
+
+    lat = encode_prompt(vae, "me.wav")            # raw VAE latents [T, C] (first 10 s)
+    save_voice("me.safetensors", lat, vae)        # what `calm-fast export-voice` writes
+    lat = resolve_voice("me.safetensors", vae)    # a file, a prompt audio file, or a name
+
+A voice file is a safetensors file with one tensor ``latents`` [T, C] (raw, un-normalised
+VAE latents, as ``CALM.prefix(voice=)`` takes them) and metadata naming the VAE it came
+from. The pocket-tts package's exported voices (``pocket-tts export-voice``) are a
+snapshot of its flow LM's KV cache instead; they load when the snapshot holds the
+prompt latents, and otherwise raise a CheckpointError saying to pass the audio.
+
+Built-in voices are the voice files in ``calm_fast/assets/voices/`` (none ship yet: the
+trained default model will bring its own); ``builtin_voices()`` lists them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from calm_fast.codec.audio import load_audio
+from calm_fast.errors import CheckpointError
+from calm_fast.model.weights import read_safetensors
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUILTIN_DIR = ASSETS / "voices"
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac"}
+PROMPT_SECONDS = 10.0
+
+
+def builtin_voices() -> dict[str, Path]:
+    """Name -> voice file of the voices shipped in calm_fast/assets/voices/."""
+    if not BUILTIN_DIR.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.safetensors"))}
+
+
+@torch.no_grad()
+def encode_prompt(vae, audio, max_seconds: float = PROMPT_SECONDS) -> torch.Tensor:
+    """Raw VAE latents [T, C] of a prompt (an audio file path, or [1, samples] at the VAE's
+    rate), cut to ``max_seconds``."""
+    sr = vae.cfg.sample_rate
+    wav = load_audio(audio, sr) if isinstance(audio, (str, Path)) else audio
+    if not isinstance(wav, torch.Tensor) or wav.dim() != 2 or wav.shape[0] != 1:
+        raise ValueError("a voice prompt must be an audio file or a [1, samples] tensor")
+    wav = wav[:, :round(max_seconds * sr)].float()
+    if wav.shape[1] < vae.cfg.frame_size:
+        raise ValueError(f"the voice prompt is shorter than one frame ({vae.cfg.frame_size} "
+                         f"samples at {sr} Hz)")
+    return vae.encode(vae.pad(wav[None]))[0].detach()
+
+
+def save_voice(path, latents: torch.Tensor, vae=None, name: str | None = None) -> Path:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"a voice file ends in .safetensors, got {path.name!r}")
+    meta = {"calm_fast_voice": "1", "latent_dim": str(latents.shape[-1]),
+            "name": name or path.stem}
+    if vae is not None:
+        meta.update(vae=vae.cfg.name, sample_rate=str(vae.cfg.sample_rate))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": latents.detach().float().cpu().contiguous()}, str(path), metadata=meta)
+    return path
+
+
+def load_voice(path, latent_dim: int | None = None) -> torch.Tensor:
+    """The latents [T, C] of a voice file (ours, or the pocket-tts package's export)."""
+    meta, tensors = read_safetensors(Path(path), "voice file")
+    if "latents" in tensors and meta.get("calm_fast_voice"):
+        lat = tensors["latents"].float()
+    elif any("/" in k for k in tensors):  # the package's "{module}/{key}" state snapshot
+        lat = _pocket_state_latents(tensors)
+        if lat is None:
+            raise CheckpointError(
+                f"{path} is a pocket-tts voice state (a KV-cache snapshot of its flow LM), "
+                "which cannot be turned back into a prompt: pass the voice's audio file "
+                "instead (calm-fast export-voice AUDIO OUT.safetensors)")
+    else:
+        raise CheckpointError(f"{path} is not a voice file (no 'latents' tensor)")
+    if lat.dim() != 2 or lat.shape[0] == 0:
+        raise CheckpointError(f"{path}: voice latents must be [frames, dim], got "
+                              f"{tuple(lat.shape)}")
+    if latent_dim is not None and lat.shape[1] != latent_dim:
+        raise CheckpointError(f"{path} holds {lat.shape[1]}-dim latents; this model takes "
+                              f"{latent_dim}-dim ones (a voice from another VAE)")
+    return lat
+
+
+def _pocket_state_latents(tensors: dict) -> torch.Tensor | None:
+    for k, v in tensors.items():  # some exports keep the prompt latents beside the cache
+        if k.endswith("/audio_latents") or k.endswith("/prompt_latents"):
+            return v.reshape(-1, v.shape[-1]).float()
+    return None
+
+
+def resolve_voice(voice, vae, latent_dim: int | None = None) -> torch.Tensor | None:
+    """Latents of ``voice``: None, a built-in name, a voice file, or a prompt audio file."""
+    if voice is None or voice == "":
+        return None
+    if isinstance(voice, torch.Tensor):
+        return voice
+    s = str(voice)
+    builtin = builtin_voices()
+    if s in builtin:
+        return load_voice(builtin[s], latent_dim)
+    p = Path(s)
+    if p.suffix.lower() == ".safetensors":
+        if not p.is_file():
+            raise FileNotFoundError(f"no voice file at {p}")
+        return load_voice(p, latent_dim)
+    if p.suffix.lower() in AUDIO_SUFFIXES or p.is_file():
+        if not p.is_file():
+            raise FileNotFoundError(f"no audio file at {p}")
+        return encode_prompt(vae, p)
+    names = ", ".join(sorted(builtin)) or "none ship yet"
+    raise ValueError(f"unknown voice {s!r}: give a voice file (.safetensors), a prompt audio "
+                     f"file (.wav/.flac/.mp3) or a built-in name ({names})")
+
+
+def voice_info(path) -> dict:
+    meta, tensors = read_safetensors(Path(path), "voice file")
+    lat = tensors.get("latents")
+    return {"name": meta.get("name", Path(path).stem), "path": str(path),
+            "frames": 0 if lat is None else int(lat.shape[0]), "vae": meta.get("vae", "?"),
+            "extra": json.loads(meta.get("extra", "{}"))}
