@@ -5,6 +5,15 @@ before test modules import calm_fast.kernels. On a CUDA machine set CALM_FAST_TR
 to run the same kernel tests on the GPU instead of the interpreter.
 """
 import os
+import sys
+from pathlib import Path
+
+# Test the installed package: `python -m pytest` from the checkout puts the checkout first
+# on sys.path, whose calm_fast/ has neither the built extension nor calm_fast.kernels
+# unless it was built in place (scripts/device_build.sh) or installed editable.
+_ROOT = Path(__file__).resolve().parent.parent
+if not list((_ROOT / "calm_fast").glob("_C*.so")):
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 if os.environ.get("CALM_FAST_TRITON_GPU", "0") == "0":
     os.environ.setdefault("TRITON_INTERPRET", "1")
