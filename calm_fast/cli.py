@@ -1,10 +1,19 @@
 """The ``calm-fast`` command line.
 
+    calm-fast tts "Hello there." -o out.wav [--voice me.wav] [--checkpoint LM --vae VAE]
+    calm-fast continue PROMPT.wav --seconds 5 -o more.wav
+    calm-fast music "slow jazz piano" --seconds 10 -o tune.wav
+    calm-fast export-voice me.wav me.safetensors
+    calm-fast voices
+    calm-fast serve [--host 127.0.0.1] [--port 8000]
     calm-fast data speech OUT [--n 200] [--seed 0] [--workers 2]
     calm-fast data music OUT [--n 50] [--seed 0] [--seconds 30]
     calm-fast data latents MANIFEST VAE.safetensors OUT
     calm-fast train vae|lm|distill RECIPE.toml [--set section.key=value ...]
     calm-fast info
+
+Every command runs as a Python function too (``calm_fast.serve.commands``). Exit codes: 0
+done, 1 an error (one line saying what to fix), 2 bad usage.
 """
 from __future__ import annotations
 
@@ -70,9 +79,223 @@ def _info(a):
                       "triton": tri}, indent=1))
 
 
+# -- the doors: tts / continue / music / export-voice / voices / serve ---------------------
+def _synth(a):
+    from calm_fast.serve.models import load_synth
+
+    return load_synth(a.checkpoint, vae=a.vae, tokenizer=a.tokenizer)
+
+
+def _eos(v: str):
+    if v.lower() in ("off", "none"):
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {v!r}") from None
+
+
+def _report(res: dict, quiet: bool) -> None:
+    if not quiet and res.get("out") != "-":
+        extra = f" ({res['seconds']:.2f} s)" if "seconds" in res else ""
+        print(f"wrote {res['out']}{extra}", file=sys.stderr)
+
+
+def _tts(a):
+    from calm_fast.serve import commands
+
+    text = sys.stdin.read() if a.text == "-" else a.text
+    synth = _synth(a)
+    if a.steps is not None:
+        synth.head_steps = a.steps
+    from calm_fast.serve.service import Job
+
+    job = Job.speech(synth, text, voice=commands._voice(synth, a.voice), seed=a.seed,
+                     temperature=synth.temperature if a.temperature is None else a.temperature,
+                     cfg_scale=a.cfg, max_seconds=a.max_seconds, eos_threshold=a.eos_threshold)
+    _report(commands.run_job(synth, job, a.output, a.format, a.speed, a.quiet, "speaking"),
+            a.quiet)
+
+
+def _continue(a):
+    from calm_fast.serve import commands
+
+    _report(commands.continue_audio(_synth(a), a.prompt, a.output, seconds=a.seconds,
+                                    temperature=a.temperature, cfg=a.cfg, seed=a.seed,
+                                    fmt=a.format, quiet=a.quiet), a.quiet)
+
+
+def _music(a):
+    from calm_fast.serve import commands
+
+    _report(commands.music(_synth(a), a.caption, a.output, seconds=a.seconds,
+                           temperature=a.temperature, cfg=a.cfg, seed=a.seed, fmt=a.format,
+                           quiet=a.quiet), a.quiet)
+
+
+def _export_voice(a):
+    from calm_fast.serve import commands
+
+    if a.checkpoint is None and a.vae:  # only the VAE encodes a prompt
+        from calm_fast.runtime.export import load_model
+        from calm_fast.runtime.voices import encode_prompt, save_voice
+
+        vae = load_model(a.vae, expect="vae")
+        lat = encode_prompt(vae, a.audio, max_seconds=a.seconds)
+        save_voice(a.out, lat, vae)
+        res = {"out": a.out, "seconds": lat.shape[0] / vae.cfg.frame_rate}
+    else:
+        res = commands.export_voice(_synth(a), a.audio, a.out, seconds=a.seconds)
+    _report(res, False)
+
+
+def _voices(a):
+    from calm_fast.serve import commands
+
+    vs = commands.voices(a.dir)
+    if a.json:
+        print(json.dumps(vs, indent=1))
+        return
+    if not vs:
+        print("no built-in voices ship yet: pass a prompt audio file or an exported voice "
+              "file to --voice (calm-fast export-voice AUDIO OUT.safetensors)")
+    for v in vs:
+        kind = "built-in" if v["builtin"] else v["path"]
+        print(f"{v['name']}\t{v['frames']} frames\t{kind}")
+
+
+def _serve(a):
+    from calm_fast.serve.server import ServerConfig, serve
+
+    synth = _synth(a)
+    if a.steps is not None:
+        synth.head_steps = a.steps
+    cfg = ServerConfig(max_input_chars=a.max_input_chars, max_streams=a.max_streams,
+                       max_queue=a.max_queue, queue_timeout=a.queue_timeout,
+                       max_seconds=a.max_seconds, cache_mb=a.cache_mb,
+                       decode_frames=a.decode_frames, sample_rate=a.sample_rate,
+                       eos_threshold=a.eos_threshold, default_voice=a.default_voice,
+                       voices_dir=a.voices_dir, int8=a.int8, max_upload_mb=a.max_upload_mb)
+    print(f"calm-fast: serving {synth.name} on http://{a.host}:{a.port}/ "
+          f"(max {a.max_streams} streams)", file=sys.stderr)
+    serve(synth, a.host, a.port, cfg, log_level=a.log_level)
+
+
+def _model_flags(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", default=None, metavar="PATH|NAME",
+                   help="the model: a calm_fast LM export (with --vae), a folder holding "
+                        "lm.safetensors + vae.safetensors, a Pocket TTS model file, or a "
+                        "pocket-tts config name in the local Hugging Face cache; default: the "
+                        "shipped default model (none ships yet)")
+    g.add_argument("--vae", default=None, metavar="VAE.safetensors",
+                   help="the VAE export of a calm_fast LM (default: vae.safetensors beside it)")
+    g.add_argument("--tokenizer", default=None, metavar="FILE",
+                   help="tokenizer of a Pocket TTS model file (.model or .json; default: "
+                        "tokenizer.model/.json beside it)")
+
+
+def _gen_flags(p, seconds: float | None = None):
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output file (format from its suffix), or - for stdout")
+    p.add_argument("--format", default=None, choices=("wav", "pcm", "mp3", "opus", "aac",
+                                                      "flac"),
+                   help="output format (default: from the output suffix; wav for stdout)")
+    if seconds is not None:
+        p.add_argument("--seconds", type=float, default=seconds,
+                       help="seconds of audio to make")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: the model's, 0.7 for calm_fast "
+                        "exports)")
+    p.add_argument("--cfg", type=float, default=1.0,
+                   help="latent classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (chunk i uses seed + i)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    _model_flags(p)
+
+
+def _add_doors(sub):
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    t = sub.add_parser("tts", help="text to speech", formatter_class=fmt,
+                       description="Speak TEXT. Long text is split into sentences and "
+                       "streamed; [pause:1.5s] and SSML <break time=\"500ms\"/> insert "
+                       "silence.")
+    t.add_argument("text", help="the text, or - to read it from stdin")
+    t.add_argument("--voice", default=None,
+                   help="a built-in voice name, a prompt audio file (wav/flac/mp3) or a voice "
+                        "file from export-voice (default: no voice prompt)")
+    t.add_argument("--steps", type=int, default=None,
+                   help="head decoding steps per frame (default: the model's)")
+    t.add_argument("--speed", type=float, default=1.0,
+                   help="speaking rate, 0.25 to 4 (pitch kept)")
+    t.add_argument("--max-seconds", type=float, default=30.0,
+                   help="most audio per sentence chunk")
+    t.add_argument("--eos-threshold", type=_eos, default=-4.0,
+                   help="end-of-speech logit threshold, or 'off' to always make --max-seconds")
+    _gen_flags(t)
+    t.set_defaults(fn=_tts)
+    c = sub.add_parser("continue", help="continue an audio prompt", formatter_class=fmt,
+                       description="Make --seconds of audio that continue PROMPT (the "
+                                   "continuation only is written).")
+    c.add_argument("prompt", help="prompt audio file (its first 10 s are used)")
+    _gen_flags(c, seconds=5.0)
+    c.set_defaults(fn=_continue)
+    m = sub.add_parser("music", help="music from a caption", formatter_class=fmt,
+                       description="Music from CAPTION: the words naming the model's tags "
+                                   "(e.g. 'slow jazz piano') condition it.")
+    m.add_argument("caption")
+    _gen_flags(m, seconds=10.0)
+    m.set_defaults(fn=_music)
+    e = sub.add_parser("export-voice", help="encode a voice prompt once into a voice file",
+                       formatter_class=fmt)
+    e.add_argument("audio", help="prompt audio file")
+    e.add_argument("out", help="the voice file to write (.safetensors)")
+    e.add_argument("--seconds", type=float, default=10.0, help="prompt seconds kept")
+    _model_flags(e)
+    e.set_defaults(fn=_export_voice)
+    v = sub.add_parser("voices", help="list the built-in voices", formatter_class=fmt)
+    v.add_argument("--dir", action="append", default=[],
+                   help="also list the voice files of this folder")
+    v.add_argument("--json", action="store_true", help="print JSON")
+    v.set_defaults(fn=_voices)
+    s = sub.add_parser("serve", help="OpenAI-compatible streaming TTS server",
+                       formatter_class=fmt,
+                       description="One engine batches every client frame by frame. Routes: "
+                       "POST /v1/audio/speech, POST /tts, GET|POST /v1/audio/voices, GET "
+                       "/health, GET /metrics, GET / (a page).")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--max-streams", type=int, default=16, help="requests generating at once")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting beyond those (more: 429)")
+    s.add_argument("--queue-timeout", type=float, default=30.0,
+                   help="seconds a request may wait for its first audio (then 503)")
+    s.add_argument("--max-input-chars", type=int, default=4096,
+                   help="longest input text (longer: 413)")
+    s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest voice upload")
+    s.add_argument("--max-seconds", type=float, default=30.0, help="most audio per sentence")
+    s.add_argument("--cache-mb", type=float, default=256.0, help="KV-cache budget")
+    s.add_argument("--decode-frames", type=int, default=4,
+                   help="frames per audio chunk, at most (chunks grow 1, 2, 4...)")
+    s.add_argument("--sample-rate", type=int, default=None,
+                   help="output sample rate (default: the model's)")
+    s.add_argument("--eos-threshold", type=_eos, default=-4.0,
+                   help="end-of-speech logit threshold, or 'off'")
+    s.add_argument("--steps", type=int, default=None,
+                   help="head decoding steps per frame (default: the model's)")
+    s.add_argument("--default-voice", default=None, help="voice name used when none is given")
+    s.add_argument("--voices-dir", default=None,
+                   help="keep uploaded voices in this folder (default: memory only)")
+    s.add_argument("--int8", action="store_true", help="int8 weights (CPU)")
+    s.add_argument("--log-level", default="info", help="uvicorn log level")
+    _model_flags(s)
+    s.set_defaults(fn=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="calm-fast", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
+    _add_doors(sub)
     data = sub.add_parser("data", help="build offline datasets").add_subparsers(
         dest="what", required=True)
     sp = data.add_parser("speech", help="multi-speaker TTS speech from Debian engines")
@@ -103,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     tr.set_defaults(fn=_train)
     sub.add_parser("info", help="versions and available fast paths").set_defaults(fn=_info)
+    # --- the `batch` subcommand slots in here: calm_fast.serve.batch.register(subparsers)
+    # adds it (a manifest job, resumable); absent until that module exists.
+    try:
+        from calm_fast.serve import batch
+    except ImportError:
+        batch = None
+    if batch is not None:
+        batch.register(sub)
     return p
 
 
@@ -110,9 +341,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, RuntimeError, OSError) as e:  # user errors: one clear line, exit 1
-        print(f"calm-fast: error: {e}", file=sys.stderr)
+    except (ValueError, RuntimeError, OSError, KeyError) as e:  # one clear line, exit 1
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"calm-fast: error: {msg.splitlines()[0] if msg else type(e).__name__}",
+              file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("calm-fast: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
