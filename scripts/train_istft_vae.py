@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
+from calm_fast.evaluate import wer
 from calm_fast.codec.istft import (ISTFTVAE, ISTFTVAEConfig, ISTFTVAELossConfig, KLController,  # noqa: E402
                        vae_loss)
 
@@ -164,27 +165,6 @@ def asr_transcribe(wav24: np.ndarray) -> str:
     x16 = resample_poly(np.asarray(wav24, np.float64), 2, 3).astype(np.float32)
     segs, _ = _ASR.transcribe(x16, language="en", beam_size=1)
     return " ".join(s.text.strip() for s in segs)
-
-
-def _norm(s: str) -> list[str]:
-    import re
-
-    return re.sub(r"[^a-z' ]", " ", s.lower().replace("-", " ")).split()
-
-
-def wer(refs, hyps) -> float:
-    errs = words = 0
-    for ref, hyp in zip(refs, hyps):
-        r, h = _norm(ref), _norm(hyp)
-        prev = list(range(len(h) + 1))
-        for i, rw in enumerate(r, 1):
-            cur = [i] + [0] * len(h)
-            for j, hw in enumerate(h, 1):
-                cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rw != hw))
-            prev = cur
-        errs += prev[-1]
-        words += len(r)
-    return errs / max(words, 1)
 
 
 def eval_sets(data: Path, n: int):

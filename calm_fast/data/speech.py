@@ -341,27 +341,6 @@ def default_asr():
     return lambda wav: asr.transcribe(torch.from_numpy(np.asarray(wav, np.float32)), SAMPLE_RATE)
 
 
-def word_error_rate(refs: list[str], hyps: list[str]) -> float:
-    """Corpus WER with the package's normalisation (lowercase, keep [a-z' ])."""
-    import re
-
-    def norm(s):
-        return " ".join(re.sub(r"[^a-z' ]", " ", s.lower().replace("-", " ")).split())
-
-    errs = words = 0
-    for ref, hyp in zip(refs, hyps):
-        r, h = norm(ref).split(), norm(hyp).split()
-        prev = list(range(len(h) + 1))
-        for i, rw in enumerate(r, 1):
-            cur = [i] + [0] * len(h)
-            for j, hw in enumerate(h, 1):
-                cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rw != hw))
-            prev = cur
-        errs += prev[-1]
-        words += len(r)
-    return errs / max(words, 1)
-
-
 def gate_sentences(val: list[str], n: int, avoid=frozenset()) -> list[str]:
     """``n`` validation sentences for the WER gate, in a stable order: 7-16 words (a short
     sentence's one homophone is a large WER), no capitalised word after the first but "I"
@@ -386,6 +365,8 @@ def wer_cache_path() -> Path:
 def measure_voice_wer(voices: list[Speaker], sentences: list[str], asr=None,
                       cache: Path | None = None) -> dict[str, float]:
     """Whisper WER of each voice on ``sentences``; cached per (voice, sentences) in ``cache``."""
+    from calm_fast.evaluate import wer  # (imports torch: only the gate needs it)
+
     key = hashlib.sha1("\n".join(sentences).encode()).hexdigest()[:12]
     table = json.loads(cache.read_text()) if cache and cache.exists() else {}
     out = {}
@@ -397,7 +378,7 @@ def measure_voice_wer(voices: list[Speaker], sentences: list[str], asr=None,
         if asr is None:
             asr = default_asr()
         hyps = [asr(w) for w in synthesize_many(v, sentences)]
-        out[v.speaker_id] = round(word_error_rate(sentences, hyps), 4)
+        out[v.speaker_id] = round(wer(sentences, hyps), 4)
         table[v.speaker_id] = {"wer": out[v.speaker_id], "sentences": key, "voice": asdict(v),
                                "hyps": hyps}
         if cache:
