@@ -619,25 +619,23 @@ def run_batch(manifest, outdir, *, checkpoint=None, vae=None, progress: bool = T
     total = count_rows(manifest) - len(skip) if progress else None
     bar = Progress(total, progress)
     out = ResultsWriter(outdir)
-    ok = failed = 0
-    audio = 0.0
-    t0 = time.perf_counter()
     try:
         for rec in job.process(iter_manifest(manifest), skip=skip):
             out.write(rec)
             bar.update(rec)
-            if rec["status"] == "ok":
-                ok += 1
-                audio += rec["seconds"]
-            else:
-                failed += 1
     finally:
         out.close()
         bar.close()
+    return _summary(bar, outdir, skip)
+
+
+def _summary(bar: Progress, outdir: Path, skip) -> dict:
+    """The job's summary from the counts its progress (fed every record) kept."""
     compact_results(outdir)
-    wall = time.perf_counter() - t0
-    return {"ok": ok, "failed": failed, "skipped": len(skip), "audio_s": round(audio, 3),
-            "wall_s": round(wall, 3), "rtf": round(audio / wall, 3) if wall > 0 else None,
+    wall = time.perf_counter() - bar.t0
+    return {"ok": bar.done - bar.failed, "failed": bar.failed, "skipped": len(skip),
+            "audio_s": round(bar.audio, 3), "wall_s": round(wall, 3),
+            "rtf": round(bar.audio / wall, 3) if wall > 0 else None,
             "results": str(outdir / RESULTS)}
 
 
@@ -762,11 +760,8 @@ def run_ray(manifest, outdir, cfg: JobConfig, *, skip=frozenset(), address: str 
             raise FileNotFoundError(f"{flag}: no file at {p}")
     labels = {"lm": file_label(cfg.checkpoint), "vae": file_label(cfg.vae)}
     commit = code_commit()
-    t0 = time.perf_counter()
     out = ResultsWriter(outdir)
     bar = Progress(None, progress)
-    ok = failed = 0
-    audio_s = 0.0
     pend = outdir / PENDING
     started = False
     try:
@@ -807,22 +802,13 @@ def run_ray(manifest, outdir, cfg: JobConfig, *, skip=frozenset(), address: str 
                                        f": writing the audio failed: {e}")
                     out.write(rec)
                     bar.update(rec)
-                    if rec["status"] == "ok":
-                        ok += 1
-                        audio_s += rec["seconds"]
-                    else:
-                        failed += 1
     finally:
         out.close()
         bar.close()
         shutil.rmtree(pend, ignore_errors=True)
         if started:
             ray.shutdown()
-    compact_results(outdir)
-    wall = time.perf_counter() - t0
-    return {"ok": ok, "failed": failed, "skipped": len(skip), "audio_s": round(audio_s, 3),
-            "wall_s": round(wall, 3), "rtf": round(audio_s / wall, 3) if wall > 0 else None,
-            "results": str(outdir / RESULTS)}
+    return _summary(bar, outdir, skip)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
