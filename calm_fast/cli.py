@@ -326,14 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     tr.set_defaults(fn=_train)
     sub.add_parser("info", help="versions and available fast paths").set_defaults(fn=_info)
-    # --- the `batch` subcommand slots in here: calm_fast.serve.batch.register(subparsers)
-    # adds it (a manifest job, resumable); absent until that module exists.
-    try:
-        from calm_fast.serve import batch
-    except ImportError:
-        batch = None
-    if batch is not None:
-        batch.register(sub)
+    # `batch` (a manifest job, resumable; --ray): its options live beside the job
+    from calm_fast.serve import batch
+
+    batch.register(sub)
     return p
 
 
