@@ -8,12 +8,15 @@ import os
 import sys
 from pathlib import Path
 
-# Test the installed package: `python -m pytest` from the checkout puts the checkout first
-# on sys.path, whose calm_fast/ has neither the built extension nor calm_fast.kernels
-# unless it was built in place (scripts/device_build.sh) or installed editable.
+# Test the installed package: `python -m pytest` (and every `python -m calm_fast.cli`
+# subprocess a test starts from the checkout) puts the checkout first on sys.path, whose
+# calm_fast/ has neither the built extension nor calm_fast.kernels unless it was built in
+# place (scripts/device_build.sh) or installed editable. PYTHONSAFEPATH keeps the
+# subprocesses from doing so.
 _ROOT = Path(__file__).resolve().parent.parent
 if not list((_ROOT / "calm_fast").glob("_C*.so")):
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+    os.environ["PYTHONSAFEPATH"] = "1"
 
 if os.environ.get("CALM_FAST_TRITON_GPU", "0") == "0":
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -21,10 +21,7 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 300):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    # PYTHONSAFEPATH: `-m calm_fast.cli` workers must import the installed package, not a
-    # checkout that happens to be the working directory
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
-           "PYTHONSAFEPATH": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                            str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port),
                            *args], capture_output=True, text=True, env=env, timeout=timeout)
