@@ -149,6 +149,25 @@ def _export_voice(a):
     _report(res, False)
 
 
+def _eval(a):
+    from pathlib import Path
+
+    from calm_fast.evaluate.report import evaluate, table
+
+    metrics = [m.strip() for m in a.metrics.split(",") if m.strip()]
+    if a.dnsmos and "dnsmos" not in metrics:
+        metrics.append("dnsmos")
+    rep = evaluate(a.source, metrics, model=a.model, threads=a.threads, limit=a.limit,
+                   progress=not a.quiet)
+    if a.json:
+        out = Path(a.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(rep, indent=1))
+        tmp.replace(out)
+    print(table(rep))
+
+
 def _voices(a):
     from calm_fast.serve import commands
 
@@ -157,7 +176,7 @@ def _voices(a):
         print(json.dumps(vs, indent=1))
         return
     if not vs:
-        print("no built-in voices ship yet: pass a prompt audio file or an exported voice "
+        print("no built-in voices found: pass a prompt audio file or an exported voice "
               "file to --voice (calm-fast export-voice AUDIO OUT.safetensors)")
     for v in vs:
         kind = "built-in" if v["builtin"] else v["path"]
@@ -187,7 +206,7 @@ def _model_flags(p):
                    help="the model: a calm_fast LM export (with --vae), a folder holding "
                         "lm.safetensors + vae.safetensors, a Pocket TTS model file, or a "
                         "pocket-tts config name in the local Hugging Face cache; default: the "
-                        "shipped default model (none ships yet)")
+                        "shipped default model, calm_fast/assets/default/")
     g.add_argument("--vae", default=None, metavar="VAE.safetensors",
                    help="the VAE export of a calm_fast LM (default: vae.safetensors beside it)")
     g.add_argument("--tokenizer", default=None, metavar="FILE",
@@ -326,6 +345,27 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     tr.set_defaults(fn=_train)
     sub.add_parser("info", help="versions and available fast paths").set_defaults(fn=_info)
+    ev = sub.add_parser("eval", help="score generated audio: WER/CER, speaker similarity, "
+                        "round-trip and music metrics", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        description="Score a manifest (JSONL: path, text, prompt, speaker, "
+                        "reference, delay, caption, kind, group) or a folder of audio files "
+                        "(texts from .txt files beside them). Offline: whisper tiny.en, "
+                        "resemblyzer, pystoi, pesq, librosa, speechmos.")
+    ev.add_argument("source", help="manifest .jsonl or folder of audio files")
+    ev.add_argument("--metrics", default="wer,sim,signal,music",
+                    help="comma list of wer, sim, signal, music, dnsmos")
+    ev.add_argument("--dnsmos", action="store_true",
+                    help="add DNSMOS (slow: ~1.4x real time; default: off)")
+    ev.add_argument("--json", default=None, metavar="OUT.json",
+                    help="write the full report here (default: print the table only)")
+    ev.add_argument("--model", default="",
+                    help="model name recorded in the report (default: the rows' 'model')")
+    ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument("--limit", type=int, default=0,
+                    help="score only the first N rows (0: all)")
+    ev.add_argument("-q", "--quiet", action="store_true",
+                    help="no progress bar (default: a bar on stderr)")
+    ev.set_defaults(fn=_eval)
     # `batch` (a manifest job, resumable; --ray): its options live beside the job
     from calm_fast.serve import batch
 

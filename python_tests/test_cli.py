@@ -145,7 +145,7 @@ def test_help_explains_every_flag_with_its_default(capsys):
 
     res = _cli("tts", "--help")
     assert res.returncode == 0 and b"--voice" in res.stdout
-    for cmd in ("tts", "continue", "music", "export-voice", "voices", "serve"):
+    for cmd in ("tts", "continue", "music", "export-voice", "voices", "serve", "eval"):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])

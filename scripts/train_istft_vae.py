@@ -201,8 +201,8 @@ def evaluate(model: ISTFTVAE, data: Path, run: Path, n: int, step: int, t0: floa
         for r in rows:
             x, _ = sf.read(data / r["path"], dtype="float32")
             xt = torch.from_numpy(x)[None]
-            mean, logvar = model.encode(xt)
-            y = model.decode(mean)
+            mean, logvar = model.posterior(xt)
+            y = model.decoder(mean)
             y, xa = model.align(y, xt)
             y, xa = y[0].numpy(), xa[0].numpy()
             refs.append(r["text"])

@@ -18,6 +18,7 @@ import torch
 from calm_fast.errors import AudioError
 from calm_fast.codec.resample import resample
 
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac"}  # read
 WRITE_SUBTYPES = {".wav": "PCM_16", ".flac": "PCM_16", ".ogg": "VORBIS", ".mp3": "MPEG_LAYER_III"}
 
 

@@ -24,9 +24,9 @@ Why this shape
   reconstructs input sample n - 720. Without the delay each frame would have to
   extrapolate 30 ms into audio its latent has not seen. Training compares
   ``y[..., delay:]`` with ``x[..., :-delay]`` (``align``).
-* Streaming state is explicit data: ``decode_step(z_chunk, state) -> (audio, state)``
+* Streaming state is explicit data: ``Decoder.step(z_chunk, state) -> (audio, state)``
   holds the causal-conv histories and the 720-sample overlap-add tail (all fixed sizes);
-  ``encode_step(audio_chunk, state)`` also holds the not-yet-framed samples and the
+  ``Encoder.step(audio_chunk, state)`` also holds the not-yet-framed samples and the
   stride phases. Any chunking gives the offline result (to float rounding).
 
 Loss (``vae_loss``): 15 x multi-resolution log-mel L1 + multi-resolution STFT loss
@@ -75,6 +75,11 @@ class ISTFTVAEConfig:
     log_mag_max: float = 7.0  # predicted log-magnitudes are clamped here (stability)
     logvar_min: float = -20.0
     logvar_max: float = 5.0
+    name: str = "istft"
+
+    @property
+    def channels(self) -> int:
+        return 1
 
     @property
     def upsample(self) -> int:
@@ -367,47 +372,117 @@ class ISTFTVAE(nn.Module):
         self.encoder = Encoder(self.cfg)
         self.decoder = Decoder(self.cfg)
 
-    # offline
-    def encode(self, x):
-        """x [B, T] (or [B, 1, T]) -> (mean, logvar) [B, latent_dim, T // frame_size]."""
+    # -- the codec protocol shared with codec.vae.VAE (what TTS, the engine, the latent
+    # cache and the servers call): audio [B, 1, T], latents [B, frames, latent_dim].
+    def _check_wav(self, wav):
+        if not isinstance(wav, torch.Tensor) or wav.dim() != 3 or wav.shape[1] != 1:
+            raise ValueError(f"audio must be a [B, 1, T] tensor, got "
+                             f"{tuple(wav.shape) if isinstance(wav, torch.Tensor) else type(wav).__name__}")
+        if wav.shape[-1] == 0:
+            raise ValueError("empty audio")
+        if not torch.isfinite(wav).all():
+            raise ValueError("audio holds NaN or Inf")
+
+    def _check_latents(self, z):
+        if (not isinstance(z, torch.Tensor) or z.dim() != 3 or z.shape[-1] != self.cfg.latent_dim
+                or z.shape[1] == 0):
+            raise ValueError(f"latents must be [B, frames >= 1, {self.cfg.latent_dim}], got "
+                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+        if not torch.isfinite(z).all():
+            raise ValueError("latents hold NaN or Inf")
+
+    def pad(self, wav):
+        """Zero-pad the end to whole frames (the last partial frame is kept)."""
+        return F.pad(wav, (0, -wav.shape[-1] % self.cfg.frame_size))
+
+    def encode(self, wav, state: "ISTFTState | None" = None, sample: bool = False,
+               generator=None):
+        """wav [B, 1, T] -> latents [B, floor(T / frame_size), latent_dim]: the posterior
+        mean, or a sample with ``sample=True``; with ``state``, a streaming chunk."""
+        self._check_wav(wav)
+        if state is not None:
+            if sample:
+                raise ValueError("streaming encode returns the mean; sample offline")
+            if not state.enc:
+                state.enc = self.encoder.init_state(state.batch, wav.device, wav.dtype)
+            mean, _, state.enc = self.encoder.step(wav[:, 0], state.enc)
+            return mean.transpose(1, 2)
+        mean, logvar = self.encoder(wav[:, 0])
+        if sample:
+            eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                              device=mean.device)
+            mean = mean + torch.exp(0.5 * logvar) * eps
+        return mean.transpose(1, 2)
+
+    def posterior(self, x):
+        """x [B, T] or [B, 1, T] -> (mean, logvar) [B, latent_dim, T // frame_size]."""
         return self.encoder(_mono(x))
 
-    def decode(self, z):
-        """z [B, latent_dim, J] -> audio [B, J x frame_size]."""
-        return self.decoder(z)
+    def decode(self, latents, state: "ISTFTState | None" = None):
+        """latents [B, J, latent_dim] -> audio [B, 1, J x frame_size] (lagging the encoded
+        audio by ``cfg.delay`` samples); with ``state``, one streaming chunk."""
+        self._check_latents(latents)
+        z = latents.transpose(1, 2)
+        if state is None:
+            return self.decoder(z)[:, None]
+        if latents.shape[0] != state.batch:
+            raise ValueError(f"state holds {state.batch} streams, latents have "
+                             f"{latents.shape[0]}")
+        if not state.dec:
+            state.dec = self.decoder.init_state(state.batch, z.device, z.dtype)
+        y, state.dec = self.decoder.step(z, state.dec)
+        return y[:, None]
 
+    def init_state(self, batch: int) -> "ISTFTState":
+        """Fresh streaming state for ``batch`` streams (one for encoding, another for
+        decoding)."""
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        return ISTFTState(batch)
+
+    def encode_step(self, wav, state: "ISTFTState"):
+        return self.encode(wav, state)
+
+    def decode_step(self, latents, state: "ISTFTState"):
+        return self.decode(latents, state)
+
+    # -- training ----------------------------------------------------------------------------
     def forward(self, x, sample: bool = True, latent_noise: float = 0.0):
         """Training pass: (audio [B, J x frame_size], mean, logvar)."""
-        mean, logvar = self.encode(x)
+        mean, logvar = self.posterior(x)
         z = mean
         if sample:
             z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
         if latent_noise > 0:
             z = z + latent_noise * torch.randn_like(z)
-        return self.decode(z), mean, logvar
+        return self.decoder(z), mean, logvar
 
     def align(self, y, x):
         """(decoded, input) cut to the same samples: y[delay:] reconstructs x[:-delay]."""
-        x = _mono(x)
+        x, y = _mono(x), _mono(y)
         d = self.cfg.delay
         n = min(y.shape[-1], x.shape[-1]) - d
         return y[..., d:d + n], x[..., :n]
 
-    # streaming
-    def init_encoder_state(self, batch: int = 1, device=None, dtype=None) -> State:
-        return self.encoder.init_state(batch, device, dtype)
 
-    def init_decoder_state(self, batch: int = 1, device=None, dtype=None) -> State:
-        return self.decoder.init_state(batch, device, dtype)
+class ISTFTState:
+    """Streaming state of one direction: the encoder's or the decoder's dict of tensors
+    (made at the first chunk, so it takes that chunk's device and dtype). Every decoder
+    tensor is batch-first and starts at zero, so ``tensors`` can be gathered and scattered
+    by row like ``VAEState.tensors`` (runtime.decode_slots)."""
 
-    def encode_step(self, x, state: State):
-        """Audio chunk [B, n] (any n >= 0) -> (mean [B, C, m], logvar, state); m latents are
-        emitted as soon as their 1920 samples are complete."""
-        return self.encoder.step(_mono(x), state)
+    def __init__(self, batch: int):
+        self.batch = batch
+        self.enc: State = {}
+        self.dec: State = {}
 
-    def decode_step(self, z, state: State):
-        """Latent chunk [B, C, m] (any m >= 0) -> (audio [B, m x frame_size], state)."""
-        return self.decoder.step(z, state)
+    @property
+    def tensors(self) -> State:
+        return self.dec
+
+    @tensors.setter
+    def tensors(self, d: State) -> None:
+        self.dec = d
 
 
 def _mono(x):

@@ -19,6 +19,8 @@ from calm_fast.errors import CacheFullError
 from calm_fast.fast import backbone as fb
 from calm_fast.fast import ops
 from calm_fast.fast import seanet
+from calm_fast.fast import istft as fast_istft
+from calm_fast.codec.istft import ISTFTVAE
 from calm_fast.fast.cache import PagedKVCache
 from calm_fast.fast.cpu_linear import cached_for
 
@@ -27,6 +29,8 @@ BLOCK = 16  # rows per cache block of a windowed Transformer's stream
 
 def applies(vae: VAE, x: torch.Tensor | None = None) -> bool:
     """Whether ``decode`` takes the fast path for this VAE (and input ``x``)."""
+    if not isinstance(vae, VAE):  # the iSTFT family has no windowed Transformer
+        return False
     w = vae.decoder_transformer.transformer
     p = next(vae.parameters()).detach()  # weights: their autograd flag does not matter
     return (ops.native_ok(p, name="decode_step", grad_mode=False)
@@ -36,6 +40,8 @@ def applies(vae: VAE, x: torch.Tensor | None = None) -> bool:
 
 def decode(vae: VAE, latents: torch.Tensor, state: VAEState | None = None) -> torch.Tensor:
     """latents [B, frames, latent_dim] -> wav [B, channels, frames * frame_size]."""
+    if isinstance(vae, ISTFTVAE):
+        return fast_istft.decode(vae, latents, state)
     if not applies(vae, latents):
         return vae.decode(latents, state)
     vae._check_latents(latents)  # (native_ok: grad mode is off here)

@@ -92,6 +92,8 @@ class CALM(nn.Module):
             self.check_latents("voice prompt", voice)
             if voice.dim() != 2:
                 raise ValueError(f"voice prompt must be [frames, {self.cfg.latent_dim}]")
+            if self.cfg.max_voice_frames:  # the prompt length the model was trained on
+                voice = voice[:self.cfg.max_voice_frames]
             rows.append(voice @ self.speaker_proj_weight.t())
         if tags is not None:
             if not self.cfg.music_tags:

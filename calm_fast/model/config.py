@@ -77,6 +77,9 @@ class CALMConfig:
     short_context: ShortContextConfig | None = None
     vp_noise: bool = False  # variance-preserving noise on the backbone's inputs (training)
     max_context: int = 4096  # rows (prefix + frames) one stream may hold
+    # Voice prompts are cut to their first this many frames (0: no limit): a small model
+    # trained on prompts of one length does not generalise to much longer ones.
+    max_voice_frames: int = 0
 
     def __post_init__(self):
         if self.latent_dim < 1 or self.max_context < 2:

@@ -4,8 +4,8 @@
 different frames, so ``DecodeSlots`` keeps every decoder state tensor with one row per
 slot, gathers the rows of the streams that made a frame, decodes them as ONE batch, and
 scatters the new state back. Decoder states start at zero (constant-padded causal convs,
-empty transposed-conv tails), so a fresh slot is a zeroed row, and one batch may mix new
-and old streams. On the fast path (``fast.vae.applies``) the decoder's windowed Transformer
+empty transposed-conv tails, the iSTFT family's empty overlap-add tail), so a fresh slot is
+a zeroed row, and one batch may mix new and old streams. On the fast path (``fast.vae.applies``) the decoder's windowed Transformer
 keeps one paged-cache stream per slot, each at its own position; on the reference path its
 K/V rows are state tensors like the convs'.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from calm_fast.codec.vae import VAE, VAEState
+from calm_fast.codec.vae import VAE
 from calm_fast.fast import vae as fast_vae
 
 
@@ -68,14 +68,14 @@ class DecodeSlots:
             raise ValueError(f"latents must be [{len(slots)}, <= {self.max_frames}, C], got "
                              f"{tuple(latents.shape)}")
         idx = torch.tensor(slots, device=latents.device)
-        st = VAEState(len(slots))
+        st = self.vae.init_state(len(slots))  # VAEState, or the iSTFT family's state
         st.tensors = {m: t[idx] for m, t in self.tensors.items()}
         if self.cache is not None:
             st.caches[self.vae.decoder_transformer] = (self.cache,
                                                        [self.ids[s] for s in slots])
             wav = fast_vae.decode(self.vae, latents, st)
-        else:
-            wav = self.vae.decode_step(latents, st)
+        else:  # the reference, or the iSTFT family's own fast path
+            wav = fast_vae.decode(self.vae, latents, st)
         for m, t in st.tensors.items():
             if m not in self.tensors:  # first call: rows of the other slots start at zero
                 self.tensors[m] = t.new_zeros(self.n, *t.shape[1:])

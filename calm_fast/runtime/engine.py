@@ -40,6 +40,7 @@ import torch
 
 from calm_fast import checks
 from calm_fast.codec.vae import VAE
+from calm_fast.codec.istft import ISTFTVAE
 from calm_fast.errors import ArgumentError, CacheFullError
 from calm_fast.runtime.decode_slots import DecodeSlots
 from calm_fast.fast import backbone as fb
@@ -95,7 +96,7 @@ class Engine:
         checks.integer("max_streams", max_streams, 1, 1 << 16)
         checks.integer("num_blocks", num_blocks, 2)
         if vae is not None:
-            checks.instance("vae", vae, VAE, "a calm_fast VAE")
+            checks.instance("vae", vae, (VAE, ISTFTVAE), "a calm_fast VAE (SEANet or iSTFT)")
         # cache streams: a cond and a null stream per request, templates, the scratch row
         self.sched = Scheduler(model, head_steps=head_steps, block_size=block_size,
                                num_blocks=num_blocks, int8=int8, device=device, dtype=dtype,

@@ -10,8 +10,8 @@ from. The pocket-tts package's exported voices (``pocket-tts export-voice``) are
 snapshot of its flow LM's KV cache instead; they load when the snapshot holds the
 prompt latents, and otherwise raise a CheckpointError saying to pass the audio.
 
-Built-in voices are the voice files in ``calm_fast/assets/voices/`` (none ship yet: the
-trained default model will bring its own); ``builtin_voices()`` lists them.
+Built-in voices are the voice files in ``calm_fast/assets/voices/`` (prompts of the shipped
+default model's training speakers, made by the shipped VAE); ``builtin_voices()`` lists them.
 """
 from __future__ import annotations
 
@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from calm_fast.codec.audio import load_audio
+from calm_fast.codec.audio import AUDIO_SUFFIXES, load_audio
 from calm_fast.errors import CheckpointError
 from calm_fast.model.weights import read_safetensors
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_DIR = ASSETS / "voices"
-AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac"}
 PROMPT_SECONDS = 10.0
 
 
@@ -115,7 +114,7 @@ def resolve_voice(voice, vae, latent_dim: int | None = None) -> torch.Tensor | N
         if not p.is_file():
             raise FileNotFoundError(f"no audio file at {p}")
         return encode_prompt(vae, p)
-    names = ", ".join(sorted(builtin)) or "none ship yet"
+    names = ", ".join(sorted(builtin)) or "none installed"
     raise ValueError(f"unknown voice {s!r}: give a voice file (.safetensors), a prompt audio "
                      f"file (.wav/.flac/.mp3) or a built-in name ({names})")
 

@@ -38,13 +38,11 @@ describes the pipeline; its code is the "on Ray" section at the end of this modu
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +52,8 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from calm_fast.provenance import code_commit, file_label
 
 if TYPE_CHECKING:
     import torch
@@ -94,6 +94,7 @@ class JobConfig:
     int8: bool = False
     base_dir: str | None = None  # relative audio paths resolve here (default: the manifest's)
     max_voices: int = 32  # prefilled voice templates kept (LRU)
+    voice: str | None = None  # rows that name no voice use it (default: the bundle's)
 
     def check(self) -> None:
         if self.format not in FORMATS:
@@ -105,6 +106,24 @@ class JobConfig:
             raise ValueError("--max-seconds and --cache-mb must be > 0")
         if self.window is not None and self.window < 1:
             raise ValueError("--window must be >= 1")
+
+    def resolve_model(self) -> None:
+        """Fill in the shipped default bundle when neither --checkpoint nor --vae is given
+        (and its default voice); check that both files exist."""
+        from calm_fast.serve.models import DEFAULT_BUNDLE, bundle_info
+
+        if not self.checkpoint and not self.vae and (DEFAULT_BUNDLE / "lm.safetensors").is_file():
+            self.checkpoint = str(DEFAULT_BUNDLE / "lm.safetensors")
+            self.vae = str(DEFAULT_BUNDLE / "vae.safetensors")
+            if self.voice is None:
+                self.voice = bundle_info(DEFAULT_BUNDLE).get("default_voice")
+        for flag, p in (("--checkpoint", self.checkpoint), ("--vae", self.vae)):
+            if not p:
+                raise ValueError(f"{flag} is required with "
+                                 f"{'--vae' if flag == '--checkpoint' else '--checkpoint'} "
+                                 "(or give neither: the shipped default model)")
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"{flag}: no file at {p}")
 
 
 @dataclass
@@ -198,31 +217,6 @@ def parse_row(line: int, raw: str, cfg: JobConfig) -> Row:
 
 
 # -- provenance ---------------------------------------------------------------------------------
-def file_label(path) -> str:
-    """``name@sha256[:12]`` of a model file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return f"{Path(path).name}@{h.hexdigest()[:12]}"
-
-
-def code_commit() -> str:
-    """calm_fast's version and the git commit of its checkout (when it is one)."""
-    import calm_fast
-
-    root = Path(calm_fast.__file__).resolve().parent.parent
-    commit = "unknown"
-    if (root / ".git").exists():
-        try:
-            commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-                                    capture_output=True, text=True, timeout=10,
-                                    check=True).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return f"{calm_fast.__version__}+{commit}"
-
-
 # -- the results manifest -----------------------------------------------------------------------
 def read_results(outdir) -> dict:
     """The last record of each (line, id) in OUTDIR/results.jsonl (a torn line is ignored)."""
@@ -326,12 +320,7 @@ class Job:
         self.cfg, self.outdir = cfg, Path(outdir)
         self.outdir.mkdir(parents=True, exist_ok=True)
         if lm is None or vae is None:
-            for flag, p in (("--checkpoint", cfg.checkpoint), ("--vae", cfg.vae)):
-                if not p:
-                    raise ValueError(f"{flag} is required: no trained default model ships yet "
-                                     "(give an export of `calm-fast train`)")
-                if not Path(p).is_file():
-                    raise FileNotFoundError(f"{flag}: no file at {p}")
+            cfg.resolve_model()
         self.lm = (lm if lm is not None else load_model(cfg.checkpoint, expect="calm")).eval()
         self.vae = (vae if vae is not None else load_model(cfg.vae, expect="vae")).eval()
         if self.lm.cfg.latent_dim != self.vae.cfg.latent_dim:
@@ -360,12 +349,14 @@ class Job:
                 vae=self.vae, decode_frames=self.cfg.decode_frames)
         return self.engines[steps]
 
+    def _path(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else self.base_dir / p
+
     def _audio(self, path: str) -> torch.Tensor:
         from calm_fast.codec.audio import load_audio
 
-        p = Path(path)
-        p = p if p.is_absolute() else self.base_dir / p
-        return load_audio(p, self.sample_rate)
+        return load_audio(self._path(path), self.sample_rate)
 
     def _encode(self, path: str, seconds: float) -> torch.Tensor:
         """Raw VAE latents [T, C] of an audio file (cut to ``seconds``)."""
@@ -379,10 +370,18 @@ class Job:
             return self.vae.encode(self.vae.pad(wav[None]))[0]
 
     def voice_latents(self, path: str) -> torch.Tensor:
+        """Raw latents of a voice: a built-in name, a voice file or a prompt audio file."""
+        from calm_fast.runtime.voices import builtin_voices, load_voice
+
         if path in self.voice_lat:
             self.voice_lat.move_to_end(path)
             return self.voice_lat[path]
-        v = self._encode(path, self.cfg.voice_seconds)
+        if path in builtin_voices():
+            v = load_voice(builtin_voices()[path], self.lm.cfg.latent_dim)
+        elif path.endswith(".safetensors"):
+            v = load_voice(self._path(path), self.lm.cfg.latent_dim)
+        else:
+            v = self._encode(path, self.cfg.voice_seconds)
         self.voice_lat[path] = v
         while len(self.voice_lat) > self.cfg.max_voices:
             self.voice_lat.popitem(last=False)
@@ -436,7 +435,8 @@ class Job:
         from calm_fast.runtime.scheduler import Request
 
         lm = self.lm
-        v = None if row.voice is None else self.voice_latents(row.voice)
+        voice = row.voice if row.voice is not None else (self.cfg.voice if row.text else None)
+        v = None if voice is None else self.voice_latents(voice)
         prompt = None
         if row.prompt is not None:
             prompt = lm.normalize(self._encode(row.prompt, self.cfg.max_seconds * 10))
@@ -449,7 +449,7 @@ class Job:
         eng = self.engine(row.steps)
         key = shared = None
         if v is not None:
-            key, shared = self._template(row.steps, row.voice, v)
+            key, shared = self._template(row.steps, voice, v)
         rid = eng.submit(req, shared=shared)
         if key is not None:
             self.templates[key][1] += 1
@@ -752,12 +752,7 @@ def run_ray(manifest, outdir, cfg: JobConfig, *, skip=frozenset(), address: str 
     manifest, outdir = Path(manifest), Path(outdir)
     if workers < 1 or cpus_per_worker <= 0 or gpus_per_worker < 0:
         raise ValueError("need --workers >= 1, --cpus-per-worker > 0, --gpus-per-worker >= 0")
-    for flag, p in (("--checkpoint", cfg.checkpoint), ("--vae", cfg.vae)):
-        if not p:
-            raise ValueError(f"{flag} is required: no trained default model ships yet "
-                             "(give an export of `calm-fast train`)")
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"{flag}: no file at {p}")
+    cfg.resolve_model()
     labels = {"lm": file_label(cfg.checkpoint), "vae": file_label(cfg.vae)}
     commit = code_commit()
     out = ResultsWriter(outdir)
@@ -847,6 +842,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--decode-frames", type=int, default=d.decode_frames)
     p.add_argument("--window", type=int, default=None, help="rows in flight (2 x streams)")
     p.add_argument("--int8", action="store_true", help="int8 backbone and head (CPU)")
+    p.add_argument("--voice", default=None,
+                   help="voice of text rows that name none: a built-in name, a voice file or "
+                        "a prompt audio file (default: the shipped model's default voice)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -880,7 +878,7 @@ def _cmd(a) -> None:
                   seed=a.seed, temperature=a.temperature, cfg=a.cfg, steps=a.steps,
                   format=a.format, max_seconds=a.max_seconds, eos_threshold=_eos(a.eos_threshold),
                   max_streams=a.max_streams, cache_mb=a.cache_mb, decode_frames=a.decode_frames,
-                  window=a.window, int8=a.int8)
+                  window=a.window, int8=a.int8, voice=a.voice)
     print(f"batch: {s['ok']} ok, {s['failed']} failed, {s['skipped']} already done; "
           f"{s['audio_s']:.1f} s of audio in {s['wall_s']:.1f} s ({s['rtf']}x real time); "
           f"results in {s['results']}")

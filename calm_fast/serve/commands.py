@@ -123,7 +123,9 @@ def _voice(synth, voice):
     from calm_fast.runtime.voices import resolve_voice
 
     if voice is None:
-        return None
+        voice = synth.default_voice
+        if voice is None:
+            return None
     if not synth.can_clone:
         raise ValueError(f"model {synth.name!r} takes no voice prompt")
     return resolve_voice(voice, synth.vae, synth.lm.cfg.latent_dim)

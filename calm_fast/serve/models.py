@@ -1,9 +1,9 @@
 """Which model the doors run: ``--checkpoint`` (and ``--vae`` / ``--tokenizer``) -> a Synth.
 
 Accepted, tried in this order:
-* nothing: the shipped default, ``calm_fast/assets/default/`` holding ``lm.safetensors`` and
-  ``vae.safetensors`` (none ships yet: a clear ModelNotFound naming --checkpoint);
-* a folder holding ``lm.safetensors`` + ``vae.safetensors`` (a calm_fast bundle);
+* nothing: the shipped default, ``calm_fast/assets/default/`` (a bundle, as below);
+* a folder holding ``lm.safetensors`` + ``vae.safetensors`` (a calm_fast bundle), and
+  optionally ``bundle.json`` (``name``, ``default_voice``, ``temperature``);
 * a calm_fast LM export (``runtime/export.py``) with ``--vae VAE.safetensors`` (or a
   ``vae.safetensors`` beside it);
 * a Pocket TTS model file (one safetensors with ``flow_lm.*`` and ``mimi.*`` keys), with
@@ -41,6 +41,7 @@ class Synth:
     name: str = "model"
     head_steps: int = 1
     temperature: float = 0.7
+    default_voice: str | None = None  # the voice used when a request names none
 
     def __post_init__(self):
         if self.lm.cfg.latent_dim != self.vae.cfg.latent_dim:
@@ -162,6 +163,22 @@ def _pocket_config(name: str) -> Synth:
                         temperature=float(cfg.get("default_temperature", 0.7)))
 
 
+def bundle_info(folder: Path) -> dict:
+    """The optional ``bundle.json`` of a model folder: name, default_voice, temperature."""
+    import json
+
+    f = folder / "bundle.json"
+    if not f.is_file():
+        return {}
+    try:
+        info = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is not JSON: {e}") from e
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{f} must hold a JSON object")
+    return info
+
+
 def load_synth(checkpoint=None, vae=None, tokenizer=None) -> Synth:
     """The Synth for a --checkpoint / --vae / --tokenizer triple (see the module docstring)."""
     from calm_fast.runtime.export import load_model
@@ -177,7 +194,10 @@ def load_synth(checkpoint=None, vae=None, tokenizer=None) -> Synth:
         lm_p, vae_p = p / "lm.safetensors", Path(vae) if vae else p / "vae.safetensors"
         if not lm_p.is_file() or not vae_p.is_file():
             raise ModelNotFound(f"{p} is a folder without lm.safetensors and vae.safetensors")
-        return Synth(load_model(lm_p, expect="calm"), load_model(vae_p, expect="vae"), p.name)
+        info = bundle_info(p)
+        return Synth(load_model(lm_p, expect="calm"), load_model(vae_p, expect="vae"),
+                     info.get("name", p.name), temperature=float(info.get("temperature", 0.7)),
+                     default_voice=info.get("default_voice"))
     if p.is_file():
         meta, tensors = read_safetensors(p, "checkpoint")
         kind = meta.get("calm_fast_kind")

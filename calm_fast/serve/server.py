@@ -203,9 +203,11 @@ def create_app(synth, config: ServerConfig | None = None, service: Service | Non
         return err(e.status_code, str(e.detail), kind="http_error")
 
     # -- voices --------------------------------------------------------------------------------
+    default_voice = cfg.default_voice or getattr(synth, "default_voice", None)
+
     def voice_latents(name, param="voice"):
         if name is None or name == "":
-            name = cfg.default_voice
+            name = default_voice
             if name is None:
                 return None
         if name in uploaded:
@@ -214,7 +216,7 @@ def create_app(synth, config: ServerConfig | None = None, service: Service | Non
         if name in builtin:
             return load_voice(builtin[name], synth.lm.cfg.latent_dim)
         if name in OPENAI_VOICES:  # OpenAI clients always send one: the default voice
-            return None if cfg.default_voice in (None, name) else voice_latents(None)
+            return None if default_voice in (None, name) else voice_latents(None)
         known = sorted(set(builtin) | set(uploaded))
         raise ApiError(400, f"unknown voice {name!r}; known: {known or 'none'} (upload one with "
                        "POST /v1/audio/voices)", param)
@@ -375,7 +377,7 @@ def create_app(synth, config: ServerConfig | None = None, service: Service | Non
     async def list_voices():
         out = [{"id": n, "name": n, "builtin": True} for n in builtin_voices()]
         out += [{"id": n, "name": n, "builtin": False} for n in uploaded]
-        return {"voices": out, "default": cfg.default_voice, "can_clone": synth.can_clone}
+        return {"voices": out, "default": default_voice, "can_clone": synth.can_clone}
 
     @app.post("/v1/audio/voices")
     async def add_voice(file: UploadFile = File(...), name: str | None = Form(None)):

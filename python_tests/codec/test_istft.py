@@ -30,9 +30,9 @@ def test_default_config_shapes():
     assert cfg.frame_size == 1920 and cfg.frame_rate == 12.5 and cfg.delay == 720
     m = ISTFTVAE(cfg)
     x = torch.randn(2, 3 * 1920 + 100)
-    mean, logvar = m.encode(x)
+    mean, logvar = m.posterior(x)
     assert mean.shape == logvar.shape == (2, 32, 3)
-    y = m.decode(mean)
+    y = m.decoder(mean)
     assert y.shape == (2, 3 * 1920)
     assert m.decoder.out.out_features == 2 * 481
     assert ISTFTVAEConfig.from_dict(cfg.to_dict()) == cfg
@@ -59,20 +59,20 @@ def chunks(total, sizes):
 def test_decode_step_equals_offline_in_uneven_chunks(model):
     torch.manual_seed(1)
     z = torch.randn(2, 32, 13)
-    ref = model.decode(z)
-    st = model.init_decoder_state(2)
+    ref = model.decoder(z)
+    st = model.decoder.init_state(2)
     outs = []
     for a, b in chunks(13, [1, 3, 0, 2, 5, 1]):
-        y, st = model.decode_step(z[..., a:b], st)
+        y, st = model.decoder.step(z[..., a:b], st)
         assert y.shape == (2, (b - a) * 1920)
         outs.append(y)
-    y, st = model.decode_step(z[..., :0], st)  # an empty chunk is a no-op
+    y, st = model.decoder.step(z[..., :0], st)  # an empty chunk is a no-op
     assert y.shape == (2, 0)
     got = torch.cat(outs, -1)
     assert got.shape == ref.shape
     assert (got - ref).abs().max() < 1e-5 * max(1.0, ref.abs().max().item())
     # the state has fixed sizes (a CUDA graph can capture a frame step)
-    st0 = model.init_decoder_state(2)
+    st0 = model.decoder.init_state(2)
     assert {k: v.shape for k, v in st.items()} == {k: v.shape for k, v in st0.items()}
 
 
@@ -80,11 +80,11 @@ def test_decode_step_equals_offline_in_uneven_chunks(model):
 def test_encode_step_equals_offline_in_uneven_chunks(model):
     torch.manual_seed(2)
     x = 0.3 * torch.randn(2, 9 * 1920 + 777)
-    ref_m, ref_lv = model.encode(x)
-    st = model.init_encoder_state(2)
+    ref_m, ref_lv = model.posterior(x)
+    st = model.encoder.init_state(2)
     ms, lvs = [], []
     for a, b in chunks(x.shape[-1], [1000, 17, 5000, 240, 3333, 1]):
-        m, lv, st = model.encode_step(x[..., a:b], st)
+        m, lv, st = model.encoder.step(x[..., a:b], st)
         ms.append(m)
         lvs.append(lv)
     m, lv = torch.cat(ms, -1), torch.cat(lvs, -1)
@@ -97,13 +97,13 @@ def test_streaming_round_trip_frame_by_frame(model):
     """Encode then decode one 1920-sample frame at a time == offline round trip."""
     torch.manual_seed(3)
     x = 0.3 * torch.randn(1, 6 * 1920)
-    ref = model.decode(model.encode(x)[0])
-    est, dst = model.init_encoder_state(1), model.init_decoder_state(1)
+    ref = model.decoder(model.posterior(x)[0])
+    est, dst = model.encoder.init_state(1), model.decoder.init_state(1)
     out = []
     for j in range(6):
-        m, _, est = model.encode_step(x[..., j * 1920:(j + 1) * 1920], est)
+        m, _, est = model.encoder.step(x[..., j * 1920:(j + 1) * 1920], est)
         assert m.shape[-1] == 1  # a latent is emitted as soon as its 1920 samples are in
-        y, dst = model.decode_step(m, dst)
+        y, dst = model.decoder.step(m, dst)
         out.append(y)
     assert (torch.cat(out, -1) - ref).abs().max() < 1e-5
 
@@ -114,18 +114,18 @@ def test_causality(model):
     x = 0.3 * torch.randn(1, 8 * 1920)
     x2 = x.clone()
     x2[..., 5 * 1920:] = torch.randn(3 * 1920)  # change the future from latent 5 on
-    m1, m2 = model.encode(x)[0], model.encode(x2)[0]
+    m1, m2 = model.posterior(x)[0], model.posterior(x2)[0]
     assert torch.allclose(m1[..., :5], m2[..., :5], atol=1e-6, rtol=0)
     assert not torch.allclose(m1[..., 5:], m2[..., 5:])
     x3 = x.clone()
     x3[..., 5 * 1920 - 120] += 1.0  # in the last hop that latent 4 sees
-    m3 = model.encode(x3)[0]
+    m3 = model.posterior(x3)[0]
     assert torch.allclose(m1[..., :4], m3[..., :4], atol=1e-6, rtol=0)
     assert not torch.allclose(m1[..., 4], m3[..., 4])
     z = torch.randn(1, 32, 8)
     z2 = z.clone()
     z2[..., 4:] += 1.0
-    y1, y2 = model.decode(z), model.decode(z2)
+    y1, y2 = model.decoder(z), model.decoder(z2)
     assert torch.allclose(y1[..., :4 * 1920], y2[..., :4 * 1920], atol=1e-6, rtol=0)
     assert not torch.allclose(y1[..., 4 * 1920:], y2[..., 4 * 1920:])
 
@@ -174,3 +174,37 @@ def test_tiny_overfit_loss_falls():
         assert all(math.isfinite(v.item()) for v in out.values())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.6 * first, (first, last)
+
+
+@torch.no_grad()
+def test_codec_protocol_matches_the_seanet_vae(model):
+    """encode/decode/pad/init_state speak the codec.vae.VAE protocol ([B, 1, T] audio,
+    [B, frames, C] latents) so TTS, the engine and the latent cache take either family;
+    streaming through a state equals the offline call."""
+    torch.manual_seed(5)
+    x = 0.3 * torch.randn(2, 1, 5 * 1920 + 300)
+    xp = model.pad(x)
+    assert xp.shape[-1] == 6 * 1920
+    z = model.encode(xp)
+    assert z.shape == (2, 6, 32)
+    assert torch.allclose(z, model.posterior(xp)[0].transpose(1, 2))
+    y = model.decode(z)
+    assert y.shape == (2, 1, 6 * 1920)
+    est, dst = model.init_state(2), model.init_state(2)
+    zs = [model.encode_step(xp[..., a:b], est) for a, b in chunks(6 * 1920, [1920, 3840, 5760])]
+    assert (torch.cat(zs, 1) - z).abs().max() < 1e-5
+    ys = [model.decode_step(z[:, a:b], dst) for a, b in chunks(6, [1, 2, 3])]
+    assert (torch.cat(ys, -1) - y).abs().max() < 1e-5
+    assert model.encode(xp, sample=True, generator=torch.Generator().manual_seed(0)).shape == z.shape
+    for bad, msg in [(torch.randn(2, 100), r"\[B, 1, T\]"), (torch.zeros(1, 1, 0), "empty"),
+                     (torch.full((1, 1, 1920), float("nan")), "NaN")]:
+        with pytest.raises(ValueError, match=msg):
+            model.encode(bad)
+    for bad, msg in [(torch.randn(1, 3, 31), "latents must be"), (torch.randn(1, 0, 32), "latents must be"),
+                     (torch.full((1, 2, 32), float("inf")), "NaN or Inf")]:
+        with pytest.raises(ValueError, match=msg):
+            model.decode(bad)
+    with pytest.raises(ValueError, match="streams"):
+        model.decode(z, model.init_state(3))
+    with pytest.raises(ValueError, match="batch"):
+        model.init_state(0)

@@ -203,10 +203,11 @@ def test_music_captions_and_model_errors(files, tmp_path):
 def test_command_exit_codes_summary_and_progress(files, tmp_path, capsys):
     m = write_manifest(files / "mcli.jsonl", good_rows()[:2] + [BAD[1][0]])
     lm, vae = str(files / "lm.safetensors"), str(files / "vae.safetensors")
-    assert B.main(["batch", str(m), str(tmp_path / "o")]) == 1
-    assert "--checkpoint is required" in capsys.readouterr().err
+    # (neither --checkpoint nor --vae: the shipped default model, see test_shipped_models)
+    assert B.main(["batch", str(m), str(tmp_path / "o"), "--vae", vae]) == 1
+    assert "--checkpoint is required with --vae" in capsys.readouterr().err
     assert B.main(["batch", str(m), str(tmp_path / "o"), "--checkpoint", lm]) == 1
-    assert "--vae is required" in capsys.readouterr().err
+    assert "--vae is required with --checkpoint" in capsys.readouterr().err
     assert B.main(["batch", str(tmp_path / "none.jsonl"), str(tmp_path / "o"),
                    "--checkpoint", lm, "--vae", vae]) == 1
     assert "no manifest at" in capsys.readouterr().err

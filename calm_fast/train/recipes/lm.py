@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from calm_fast.train import objectives as obj
 from calm_fast.model.conditioning import ByteTokenizer, SentencePieceTokenizer
+from calm_fast.model.phonemes import PhonemeTokenizer
 from calm_fast.model.config import CALMConfig, preset
 from calm_fast.data.latents import LatentCache
 from calm_fast.model.calm import CALM
@@ -42,7 +43,7 @@ class LMData:
     batch: int = 16
     max_frames: int = 150
     voice_frames: int = 0  # 0: no voice prompt
-    tokenizer: str = "bytes"  # "bytes" | "spm:<pieces>" (trained on the text) | a .model path
+    tokenizer: str = "bytes"  # "bytes" | "phonemes" | "spm:<pieces>" (trained on the text) | a .model path
     vae: str = ""  # a VAE export: periodic samples are decoded to audio
 
 
@@ -72,11 +73,13 @@ class LMObjective:
 def make_tokenizer(spec: str, texts: list[str]):
     if spec == "bytes":
         return ByteTokenizer()
+    if spec == "phonemes":
+        return PhonemeTokenizer()
     if spec.startswith("spm:"):
         return SentencePieceTokenizer.train(texts, vocab_size=int(spec[4:]))
     if Path(spec).is_file():
         return SentencePieceTokenizer(spec)
-    raise RecipeError(f"data.tokenizer must be 'bytes', 'spm:<pieces>' or a SentencePiece "
+    raise RecipeError(f"data.tokenizer must be 'bytes', 'phonemes', 'spm:<pieces>' or a SentencePiece "
                       f"model file, got {spec!r}")
 
 
@@ -190,6 +193,8 @@ def run(recipe: dict) -> Path:
     utts = Utterances(data, cfg.latent_dim)
     if data.voice_frames and not cfg.voice:
         raise RecipeError(f"data.voice_frames > 0 but model {cfg.name!r} has no voice input")
+    if data.voice_frames and not cfg.max_voice_frames:
+        cfg = replace(cfg, max_voice_frames=data.voice_frames)
     tokenizer = None
     if cfg.text_bins:
         tokenizer = make_tokenizer(data.tokenizer, [utts.text(i) for i in utts.items])
@@ -206,7 +211,7 @@ def run(recipe: dict) -> Path:
 
     return train_and_export(module, lambda m, b: m(b), batch_fn, train_cfg,
                             Path(recipe["out_dir"]) / "model.safetensors", lambda m: m.calm,
-                            {"recipe": "lm"}, sample_fn=_sampler(utts, data, tokenizer),
+                            {"recipe": "lm", "voice_frames": data.voice_frames}, sample_fn=_sampler(utts, data, tokenizer),
                             find_unused=True)
 
 

