@@ -15,6 +15,8 @@ voice encoding, for both). Reported:
     1-thread single-stream rate (an upper bound for the package);
   * int8: calm_fast's int8 weights vs the package's own quantize=True.
 Appends to benchmarks/results/e2e.csv and draws benchmarks/results/e2e_throughput.png.
+``--shipped``: instead, the shipped default TTS model (a trained calm_fast model, its own
+iSTFT VAE), single stream as `calm-fast tts` runs it.
 """
 from __future__ import annotations
 
@@ -134,6 +136,49 @@ def throughput(fast, state, batch, sr):
     return sum(w.shape[-1] for w in wavs) / sr / wall
 
 
+def shipped(threads: int, runs: int):
+    """The shipped default TTS (calm_fast/assets/default/), single stream, the way
+    `calm-fast tts` runs it (a Service with one stream, default voice, EOS on): real-time
+    factor and time to the first audio chunk, VAE decode included."""
+    from calm_fast.serve.commands import _voice
+    from calm_fast.serve.models import load_synth
+    from calm_fast.serve.service import Job, Service
+
+    torch.set_num_threads(threads)
+    synth = load_synth()
+    svc = Service(synth, max_streams=1).start()
+    sr = synth.sample_rate
+    ttfa, rtf = [], []
+    try:
+        for i in range(runs + 1):  # the first run warms up
+            job = Job.speech(synth, TEXT, voice=_voice(synth, None), seed=i,
+                             temperature=synth.temperature, max_seconds=30.0)
+            t0 = time.perf_counter()
+            svc.submit(job)
+            first, n = None, 0
+            for kind, x in job.chunks(timeout=120):
+                if kind == "audio" and len(x):
+                    first = first or time.perf_counter() - t0
+                    n += len(x)
+                elif kind == "error":
+                    raise RuntimeError(x)
+            wall = time.perf_counter() - t0
+            if i:
+                ttfa.append(first)
+                rtf.append(n / sr / wall)
+    finally:
+        svc.close()
+    rows = [{"metric": "shipped default TTS single-stream RTF (x real time)", "peer": "",
+             "ours": statistics.median(rtf), "ratio": "", "target": ">= 20x"},
+            {"metric": "shipped default TTS time to first audio (ms)", "peer": "",
+             "ours": statistics.median(ttfa) * 1e3, "ratio": "", "target": "<= 60"}]
+    for r in rows:
+        r["threads"], r["audio_s"] = threads, round(n / sr, 2)
+        r["ours"] = round(r["ours"], 2)
+    print_table(rows, ["metric", "ours", "target"])
+    print(f"appended to {write_rows('e2e', rows)}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -141,7 +186,11 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "calm_fast_e2e"))
     ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--shipped", action="store_true",
+                    help="only the shipped default TTS model's single-stream rows")
     args = ap.parse_args()
+    if args.shipped:
+        return shipped(args.threads, args.runs)
     batches = [int(b) for b in args.batches.split(",")]
     peer = random_tts_model(args.workdir, eos_threshold=1e9)
     # after the build: importing pocket_tts runs torch.set_num_threads(1) (tts_model.py)

@@ -1,6 +1,8 @@
 """Streaming VAE decode, ms per 80 ms frame (one 32-dim latent -> 1920 samples at 24 kHz):
 the pocket-tts package's own Mimi (built from its english.yaml, random weights, its streaming
-state) vs calm_fast.codec.vae.VAE with the same weights loaded (calm_fast.compat.mimi).
+state) vs calm_fast.codec.vae.VAE with the same weights loaded (calm_fast.codec.mimi), on
+its reference and its fast path (fast.vae), and calm_fast's own speech codec, the shipped
+iSTFT VAE (calm_fast/assets/default/vae.safetensors), reference and fast path (fast.istft).
 
     python benchmarks/bench_vae.py [--threads 2] [--batches 1,16] [--frames 40]
 
@@ -20,6 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_rows  # noqa: E402
 
 from calm_fast.codec.mimi import load_pocket_mimi  # noqa: E402
+from calm_fast.fast import vae as fast_vae  # noqa: E402
+from calm_fast.runtime.export import load_model  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parent.parent / "calm_fast" / "assets"
 
 
 def build_peer():
@@ -64,6 +70,7 @@ def main():
     # after the import: pocket_tts.models sets torch.set_num_threads(1) when it loads
     torch.set_num_threads(args.threads)
     ours = load_pocket_mimi(peer.state_dict())
+    istft = load_model(ASSETS / "default" / "vae.safetensors", expect="vae")
     rows = []
     for B in [int(b) for b in args.batches.split(",")]:
         lat = torch.randn(B, args.frames + 10, 32)
@@ -74,10 +81,17 @@ def main():
             increment_steps(peer, state, increment=16)
             return y
 
-        st = ours.init_state(B)
         t_peer = per_frame(peer_step, lat, frames=args.frames)
-        t_ours = per_frame(lambda x: ours.decode_step(x, st), lat, frames=args.frames)
-        for who, t in (("pocket-tts Mimi", t_peer), ("calm_fast VAE", t_ours)):
+        timed = [("pocket-tts Mimi", t_peer)]
+        for who, vae, step in (("calm_fast Mimi reference", ours, ours.decode_step),
+                               ("calm_fast Mimi fast", ours, None),
+                               ("calm_fast iSTFT VAE reference", istft, istft.decode_step),
+                               ("calm_fast iSTFT VAE fast", istft, None)):
+            st = vae.init_state(B)
+            fn = (lambda x, st=st, step=step: step(x, st)) if step is not None else (
+                lambda x, st=st, vae=vae: fast_vae.decode(vae, x, st))
+            timed.append((who, per_frame(fn, lat, frames=args.frames)))
+        for who, t in timed:
             rows.append({"impl": who, "batch": B, "ms_per_frame": round(1e3 * t, 2),
                          "rtf_x": round(B * 0.08 / t, 1),
                          "speedup_vs_peer": round(t_peer / t, 2)})

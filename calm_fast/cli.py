@@ -46,7 +46,7 @@ def _data_latents(a):
     c = vae.cfg
     out = build_latent_cache(a.manifest, lambda x: vae.encode(vae.pad(x)).transpose(1, 2),
                              a.out, sample_rate=c.sample_rate, frame_rate=c.frame_rate,
-                             latent_dim=c.latent_dim, encoder_name=str(a.vae))
+                             latent_dim=c.latent_dim, encoder_name=str(a.vae), force=a.force)
     print(f"wrote {out}")
 
 
@@ -57,7 +57,7 @@ def _train(a):
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"wrote {run_recipe(a.recipe, a.kind, a.set)}")
+    print(f"wrote {run_recipe(a.recipe, a.kind, a.set, force=a.force)}")
 
 
 def _info(a):
@@ -336,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("manifest")
     la.add_argument("vae", help="a VAE exported by `calm-fast train vae`")
     la.add_argument("out")
+    la.add_argument("--force", action="store_true", help="replace a cache already in OUT")
     la.set_defaults(fn=_data_latents)
     tr = sub.add_parser("train", help="run a training recipe (TOML file)")
     tr.add_argument("kind", choices=("vae", "lm", "distill"))
@@ -343,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a recipe value (TOML syntax), e.g. train.steps=10")
     tr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    tr.add_argument("--force", action="store_true",
+                    help="resume an out_dir whose run was made with other settings")
     tr.set_defaults(fn=_train)
     sub.add_parser("info", help="versions and available fast paths").set_defaults(fn=_info)
     ev = sub.add_parser("eval", help="score generated audio: WER/CER, speaker similarity, "

@@ -4,7 +4,7 @@ Resumable: everything lives in --run (default runs/speech_vae_istft/):
   ckpt.pt        model + optimizer + step + KL controller + RNG states, written
                  atomically every --ckpt-minutes (and on SIGTERM/SIGINT and at the end)
   log.csv        step, losses, KL and its weight, lr, seconds per step (one row / --log-every)
-  export/        fp16 safetensors weights + config.json, every --eval-minutes and at the end
+  export/        vae.safetensors (a calm_fast export, fp16), every --eval-minutes and at the end
   eval.csv       round-trip whisper WER vs ground truth, STOI, per eval (also appended to
                  --report as markdown)
 Rerunning the same command continues from ckpt.pt. ``--eval-only`` evaluates the current
@@ -46,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/speech")
     p.add_argument("--run", default="runs/speech_vae_istft")
     p.add_argument("--report", default="runs/speech_vae_istft/REPORT.md")
+    p.add_argument("--init", default=None, metavar="VAE.safetensors",
+                   help="warm start a new run from these weights, e.g. the shipped "
+                        "calm_fast/assets/default/vae.safetensors (ignored when resuming)")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--batch", type=int, default=8)
@@ -122,29 +125,14 @@ def atomic_torch_save(obj, path: Path):
 
 
 def export(model: ISTFTVAE, step: int, loss_cfg: dict, kl_weight: float, out: Path):
-    """fp16 safetensors + config.json into out/ (each file written then renamed)."""
-    from safetensors.torch import save_file
+    """out/vae.safetensors: the calm_fast export (runtime/export.py) in half precision, with
+    the step, loss settings and KL weight in its metadata (what calm_fast/assets/default/
+    ships and `calm-fast data latents` reads)."""
+    from calm_fast.runtime.export import export_model
 
-    out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    tmp = out / "model.safetensors.tmp"
-    save_file(sd, str(tmp), metadata={"step": str(step), "format": "istft_vae"})
-    os.replace(tmp, out / "model.safetensors")
-    cfg = {"model": model.cfg.to_dict(), "loss": loss_cfg, "kl_weight": kl_weight, "step": step,
-           "frame_rate": model.cfg.frame_rate, "delay_samples": model.cfg.delay,
-           "dtype": "float16"}
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps(cfg, indent=1))
-    os.replace(tmp, out / "config.json")
-
-
-def load_export(out: Path) -> ISTFTVAE:
-    from safetensors.torch import load_file
-
-    cfg = json.loads((out / "config.json").read_text())
-    m = ISTFTVAE(ISTFTVAEConfig.from_dict(cfg["model"]))
-    m.load_state_dict({k: v.float() for k, v in load_file(str(out / "model.safetensors")).items()})
-    return m.eval()
+    export_model(out / "vae.safetensors", model, dtype=torch.float16,
+                 extra={"loss": loss_cfg, "kl_weight": kl_weight, "step": step,
+                        "delay_samples": model.cfg.delay})
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -273,6 +261,14 @@ def main(argv=None):
         random.setstate(ck["py_rng"])
         step, wall_prev = ck["step"], ck.get("wall_s", 0.0)
         print(f"resumed from {ckpt_path} at step {step}", flush=True)
+    elif a.init:
+        from calm_fast.runtime.export import load_model
+
+        init = load_model(a.init, expect="vae")
+        if not isinstance(init, ISTFTVAE) or init.cfg != model.cfg:
+            raise SystemExit(f"--init {a.init} is not an iSTFT VAE of this configuration")
+        model.load_state_dict(init.state_dict())
+        print(f"warm start from {a.init}", flush=True)
 
     def wall():
         return wall_prev + time.time() - t_start

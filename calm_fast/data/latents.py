@@ -24,7 +24,8 @@ class LatentCacheError(CalmFastError, ValueError):
 
 @torch.no_grad()
 def build_latent_cache(manifest, encode_fn, out_dir, *, sample_rate: int, frame_rate: float,
-                       latent_dim: int, encoder_name: str = "vae", batch_seconds: float = 60.0):
+                       latent_dim: int, encoder_name: str = "vae", batch_seconds: float = 60.0,
+                       force: bool = False):
     """Encode every file of a JSONL ``manifest`` with ``encode_fn(wav[1, 1, T]) -> [1, C, F]``.
 
     Files are read at ``sample_rate`` (a mismatch is an error: resample when building the
@@ -32,10 +33,15 @@ def build_latent_cache(manifest, encode_fn, out_dir, *, sample_rate: int, frame_
     end, so an interrupted build leaves no half cache behind.
     """
     manifest = Path(manifest)
+    out = Path(out_dir)
+    if (out / "meta.json").is_file() and not force:
+        old = json.loads((out / "meta.json").read_text())
+        raise LatentCacheError(f"{out} already holds a latent cache ({old.get('files')} files "
+                               f"by {old.get('encoder')}): choose another folder, or force=True "
+                               f"(--force) to replace it")
     rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
     if not rows:
         raise LatentCacheError(f"{manifest} lists no files")
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp_lat, tmp_idx = out / "latents.f32.tmp", out / "index.jsonl.tmp"
     offset = 0
@@ -75,7 +81,21 @@ class LatentCache:
                           (self.path / "index.jsonl").read_text().splitlines()]
         except (OSError, json.JSONDecodeError) as e:
             raise LatentCacheError(f"{self.path} is not a latent cache: {e}") from e
-        c, total = self.meta["latent_dim"], self.meta["total_frames"]
+        try:
+            c, total = int(self.meta["latent_dim"]), int(self.meta["total_frames"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise LatentCacheError(f"{self.path}/meta.json lacks latent_dim/total_frames: "
+                                   f"{e}") from e
+        for n, r in enumerate(self.index, 1):  # every row inside the data, none overlapping
+            off, fr = r.get("offset"), r.get("frames")
+            if not (isinstance(off, int) and isinstance(fr, int) and off >= 0 and fr >= 0
+                    and off + fr <= total):
+                raise LatentCacheError(f"{self.path}/index.jsonl:{n}: rows [{off}, +{fr}) run "
+                                       f"past the {total} frames of latents.f32 (a cache "
+                                       f"from another build? rebuild it)")
+        ends = sorted((r["offset"], r["offset"] + r["frames"]) for r in self.index)
+        if any(b[0] < a[1] for a, b in zip(ends, ends[1:])):
+            raise LatentCacheError(f"{self.path}/index.jsonl: two files overlap in the data")
         lat = self.path / "latents.f32"
         if not lat.exists() or lat.stat().st_size != 4 * c * total:
             raise LatentCacheError(f"{lat} holds {lat.stat().st_size if lat.exists() else 0} "

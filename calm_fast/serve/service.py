@@ -20,18 +20,20 @@ the frames it would make alone, so what a client receives does not depend on the
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import queue
 import random
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from calm_fast.errors import CacheFullError
 from calm_fast.runtime.decode_slots import DecodeSlots
 from calm_fast.runtime.engine import Engine
 from calm_fast.runtime.scheduler import Request
@@ -114,7 +116,8 @@ class _Run:
 
 class Service:
     def __init__(self, synth, *, max_streams: int = 16, cache_mb: float = 256.0,
-                 decode_frames: int = 4, int8: bool = False, block_size: int = 16):
+                 decode_frames: int = 4, int8: bool = False, block_size: int = 16,
+                 max_templates: int = 8):
         self.synth = synth
         lm = synth.lm
         c = lm.cfg.backbone
@@ -124,6 +127,10 @@ class Service:
                              head_steps=synth.head_steps, int8=int8, block_size=block_size)
         self.decoder = DecodeSlots(synth.vae, max_streams, max_frames_per_call=decode_frames)
         self.max_streams, self.decode_frames = max_streams, decode_frames
+        # voice prompt -> its prefilled [bos, voice] rows (Engine.share): every request in a
+        # voice forks them instead of prefilling the prompt again (LRU, a few blocks each)
+        self.templates: OrderedDict = OrderedDict()
+        self.max_templates = max_templates
         self.pending: deque[Job] = deque()
         self.runs: dict[int, _Run] = {}  # job id -> run
         self.by_rid: dict[int, _Run] = {}
@@ -265,7 +272,7 @@ class Service:
                 continue
             try:
                 req = self._request(run, seg)
-                rid = self.engine.submit(req)
+                rid = self.engine.submit(req, shared=self._template(job.voice, req))
             except (ValueError, RuntimeError) as e:
                 self.jobs_failed += 1
                 self._end(run, "error", str(e))
@@ -274,6 +281,27 @@ class Service:
             run.chunk += 1
             self.by_rid[rid] = run
             return
+
+    def _template(self, voice, req: Request):
+        """The shared template of ``voice`` (made on first use), or None: no voice, or the
+        cache cannot hold one now (the request then prefills its whole prefix)."""
+        if voice is None or self.max_templates <= 0:
+            return None
+        key = hashlib.sha1(voice.detach().float().cpu().numpy().tobytes()).hexdigest()
+        shared = self.templates.get(key)
+        if shared is None:
+            rows = self.synth.lm.prefix(voice=voice).detach()
+            if not torch.equal(req.prefix[:rows.shape[0]], rows):
+                return None  # (a prefix that does not start with the voice rows)
+            try:
+                shared = self.engine.share(rows)
+            except CacheFullError:
+                return None
+            self.templates[key] = shared
+            while len(self.templates) > self.max_templates:
+                self.engine.unshare(self.templates.popitem(last=False)[1])
+        self.templates.move_to_end(key)
+        return shared
 
     def _request(self, run: _Run, seg: Segment) -> Request:
         job, lm = run.job, self.synth.lm

@@ -82,24 +82,58 @@ def load_checkpoint(path, *, model: torch.nn.Module, ema: torch.nn.Module | None
     def sub(prefix):
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    _load_module(model, sub("model/"), "model", path, strict)
+    # All or nothing: what is loaded first is put back when a later part fails (a corrupt
+    # RNG tensor must not leave the weights of the checkpoint in a model it then rejects).
+    backup = _snapshot(model, ema, optimizer)
+    try:
+        try:
+            step = int(header["step"])
+            meta = json.loads(header.get("meta", "{}"))
+        except (ValueError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: unreadable step/meta: {e}") from e
+        _load_module(model, sub("model/"), "model", path, strict)
+        if ema is not None:
+            ema_sd = sub("ema/")
+            if not ema_sd:
+                raise CheckpointError(f"{path} holds no EMA weights")
+            _load_module(ema, ema_sd, "ema", path, strict)
+        if optimizer is not None:
+            if "optim_groups" not in header:
+                raise CheckpointError(f"{path} holds no optimizer state")
+            state: dict = {}
+            for k, v in sub("optim/").items():
+                idx, name = k.split("/", 1)
+                state.setdefault(int(idx), {})[name] = v
+            optimizer.load_state_dict({"state": state,
+                                       "param_groups": json.loads(header["optim_groups"])})
+        if restore_rng:
+            set_rng_state(tensors)
+    except Exception as e:  # noqa: BLE001 -- restored, then reported as one error
+        _restore(backup, model, ema, optimizer)
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: cannot restore the training state "
+                              f"({type(e).__name__}: {e}); nothing was loaded") from e
+    return {"step": step, "meta": meta}
+
+
+def _snapshot(model, ema, optimizer):
+    import copy
+
+    clone = lambda m: None if m is None else {k: v.detach().clone()  # noqa: E731
+                                               for k, v in m.state_dict().items()}
+    return (clone(model), clone(ema),
+            None if optimizer is None else copy.deepcopy(optimizer.state_dict()), rng_state())
+
+
+def _restore(backup, model, ema, optimizer):
+    m, e, o, rng = backup
+    model.load_state_dict(m)
     if ema is not None:
-        ema_sd = sub("ema/")
-        if not ema_sd:
-            raise CheckpointError(f"{path} holds no EMA weights")
-        _load_module(ema, ema_sd, "ema", path, strict)
+        ema.load_state_dict(e)
     if optimizer is not None:
-        if "optim_groups" not in header:
-            raise CheckpointError(f"{path} holds no optimizer state")
-        state: dict = {}
-        for k, v in sub("optim/").items():
-            idx, name = k.split("/", 1)
-            state.setdefault(int(idx), {})[name] = v
-        optimizer.load_state_dict({"state": state,
-                                   "param_groups": json.loads(header["optim_groups"])})
-    if restore_rng:
-        set_rng_state(tensors)
-    return {"step": int(header["step"]), "meta": json.loads(header.get("meta", "{}"))}
+        optimizer.load_state_dict(o)
+    set_rng_state(rng)
 
 
 def _load_module(module, sd, what, path, strict):

@@ -153,6 +153,23 @@ class Trainer:
         self.step = info["step"]
         return True
 
+    def _trim_metrics(self) -> None:
+        """Drop the metrics rows logged after the checkpoint a resume starts from (the
+        resumed run logs those steps again)."""
+        f = self.out / "metrics.jsonl"
+        if not f.is_file():
+            return
+        keep = []
+        for line in f.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= self.step:
+                    keep.append(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                continue
+        tmp = f.with_name("metrics.jsonl.tmp")
+        tmp.write_text("".join(x + "\n" for x in keep))
+        tmp.replace(f)
+
     # -- one optimisation step ------------------------------------------------------------------
     def _autocast(self):
         if self.cfg.amp and torch.cuda.is_available():
@@ -204,8 +221,8 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
     def run(self, resume: bool = True) -> dict:
         cfg = self.cfg
-        if resume:
-            self.maybe_resume()
+        if resume and self.maybe_resume() and self.rank == 0:
+            self._trim_metrics()
         log = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
         t0, s0, m = time.perf_counter(), self.step, {}
         try:

@@ -60,3 +60,28 @@ def test_errors(tmp_path):
         LatentCache(out)
     with pytest.raises(LatentCacheError, match="not a latent cache"):
         LatentCache(tmp_path / "nowhere")
+
+
+def test_an_existing_cache_is_kept_and_a_bad_index_refused(tmp_path):
+    m = make_dataset(tmp_path, n=2)
+    kw = dict(sample_rate=24_000, frame_rate=12.5, latent_dim=4)
+    out = build_latent_cache(m, fake_encoder, tmp_path / "c", **kw)
+    before = (out / "latents.f32").read_bytes()
+    with pytest.raises(LatentCacheError, match="already holds a latent cache .*--force"):
+        build_latent_cache(m, lambda w: fake_encoder(w) * 2, out, **kw)
+    assert (out / "latents.f32").read_bytes() == before  # nothing touched
+    build_latent_cache(m, lambda w: fake_encoder(w) * 2, out, force=True, **kw)
+    assert (out / "latents.f32").read_bytes() != before
+    rows = [json.loads(x) for x in (out / "index.jsonl").read_text().splitlines()]
+    good = (out / "index.jsonl").read_text()
+    rows[1]["frames"] += 1  # runs one frame past the data
+    (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(LatentCacheError, match="index.jsonl:2: rows .* run past"):
+        LatentCache(out)
+    rows[1]["frames"] -= 1
+    rows[1]["offset"] = 3  # overlaps file 0
+    (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(LatentCacheError, match="overlap"):
+        LatentCache(out)
+    (out / "index.jsonl").write_text(good)
+    assert len(LatentCache(out)) == 2

@@ -87,3 +87,33 @@ def test_chunks_continue_one_decoder_state(tmp_path):
         np.testing.assert_allclose(audio, ref, atol=1e-4)
     finally:
         svc.close()
+
+
+def test_jobs_in_one_voice_share_its_prefilled_prefix(tmp_path):
+    """Jobs that name the same voice fork one Engine.share template (made once, LRU-kept)
+    and make the same audio as when every job prefills its whole prefix."""
+    from calm_fast.serve.models import load_synth
+    from calm_fast.serve.service import Job, Service
+
+    p = export_tiny(tmp_path)
+    synth = load_synth(p["lm"], vae=p["vae"])
+    g = torch.Generator().manual_seed(0)
+    voices = [torch.randn(6, synth.lm.cfg.latent_dim, generator=g) for _ in range(3)]
+
+    def run(max_templates):
+        svc = Service(synth, max_streams=4, max_templates=max_templates).start()
+        try:
+            jobs = [svc.submit(Job.speech(synth, f"Line {i}.", voice=voices[i % 3], seed=i,
+                                          max_seconds=0.5, eos_threshold=None))
+                    for i in range(5)]
+            out = [np.concatenate([x for k, x in j.chunks(timeout=60) if k == "audio"])
+                   for j in jobs]
+            return out, svc
+        finally:
+            svc.close()
+
+    shared, svc = run(2)
+    alone, svc0 = run(0)
+    assert len(svc.templates) == 2 and not svc0.templates  # LRU: the third was evicted
+    for a, b in zip(shared, alone):
+        np.testing.assert_allclose(a, b, atol=1e-4)

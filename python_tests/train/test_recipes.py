@@ -266,3 +266,24 @@ def test_lm_recipe_under_torchrun_two_cpu_processes(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]  # one writer
     assert model.cfg.backbone.num_layers == 2
+
+
+def test_reruns_refuse_other_settings_and_keep_metrics_single(tmp_path):
+    lat = synthetic_cache(tmp_path / "lat")
+    rec = write_toml(tmp_path / "r.toml",
+                     LM_RECIPE.format(out=tmp_path / "r", lat=lat, steps=5, ckpt=2))
+    with pytest.raises(RecipeError, match="unknown section 'trian'"):
+        run_recipe(rec, sets=["trian.steps=500"])
+    run_recipe(rec, sets=["train.stop_after=2"])  # checkpoint of step 2, then "killed"...
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:  # ...after logging step 3
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + '{"step": 4, "lo')
+    with pytest.raises(RecipeError, match=r"other settings \(train.lr: 0.001 -> 0.5\)"):
+        run_recipe(rec, sets=["train.lr=0.5"])
+    run_recipe(rec)  # where it stops may change: resumes at step 2
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[2]["loss"] != 9.0
+    with pytest.raises(RecipeError, match="other settings"):  # a finished run as well
+        run_recipe(rec, sets=["train.steps=8"])
+    run_recipe(rec, sets=["train.steps=8"], force=True)  # asked for: it goes on
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))

@@ -118,3 +118,31 @@ def test_torchrun_two_cpu_processes_match_single_process(tmp_path):
     for k in a:
         if k.startswith("model/"):
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_that_fails_late_loads_nothing(tmp_path):
+    """A corrupt RNG tensor (the last part loaded) leaves model, EMA, optimizer and RNG as
+    they were: loading is all or nothing."""
+    from safetensors.torch import save_file
+    from safetensors import safe_open
+
+    src = train_toy.make_model()
+    save_checkpoint(tmp_path / "c.safetensors", model=src, ema=train_toy.make_model(), step=3,
+                    optimizer=torch.optim.AdamW(src.parameters()))
+    with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
+        meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    t["rng/torch"] = t["rng/torch"][:10]  # a cut generator state
+    save_file(t, str(tmp_path / "bad.safetensors"), metadata=meta)
+    torch.manual_seed(123)
+    model, ema = train_toy.make_model(), train_toy.make_model()
+    opt = torch.optim.AdamW(model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(CheckpointError, match="cannot restore the training state.*nothing"):
+        load_checkpoint(tmp_path / "bad.safetensors", model=model, ema=ema, optimizer=opt)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not opt.state_dict()["state"] and torch.equal(torch.get_rng_state(), rng)
+    # the good one still loads whole
+    assert load_checkpoint(tmp_path / "c.safetensors", model=model, ema=ema,
+                           optimizer=opt)["step"] == 3
+    assert all(torch.equal(src.state_dict()[k], v) for k, v in model.state_dict().items())
