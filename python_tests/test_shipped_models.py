@@ -1,56 +1,88 @@
-"""The models that ship in the wheel (calm_fast/assets/default/ and assets/voices/): they load
-with no --checkpoint, speak one sentence that whisper understands, in the default voice,
-through the CLI and the batch job. Their full quality is measured on held-out data by
-scripts/eval_tts.py (benchmarks/results/training.md)."""
+"""What ships in the wheel (calm_fast/assets/): the speech iSTFT VAE and the built-in voices
+made with it; and the default-bundle mechanism every door uses when no --checkpoint is
+given (a folder with lm.safetensors + vae.safetensors + bundle.json naming its default
+voice), here with a tiny bundle put in the default's place. No trained TTS LM ships yet:
+the one trained so far is not intelligible (benchmarks/results/training.md)."""
 import json
 
 import pytest
 import torch
 
-from calm_fast.evaluate import wer
-from calm_fast.runtime.voices import builtin_voices
-from calm_fast.serve.models import DEFAULT_BUNDLE, load_synth
+from calm_fast.runtime.voices import builtin_voices, load_voice
+from calm_fast.serve import models
 
-TEXT = "Hello there, this is calm fast."
-MAX_WER = 0.5  # one short sentence, 1-step head: the held-out eval gives the real figure
+ASSETS = models.ASSETS
 
 
-def test_default_bundle_and_voices_load():
-    synth = load_synth()
-    assert synth.can_speak and synth.can_clone and synth.default_voice in builtin_voices()
-    assert synth.sample_rate == 24_000 and synth.frame_rate == 12.5
+def test_shipped_vae_and_voices_fit_together():
+    from calm_fast.runtime.export import load_model
+
+    vae = load_model(ASSETS / "default" / "vae.safetensors", expect="vae")
     assert set(builtin_voices()) >= {"slt", "awb", "joe", "kal"}
-    info = json.loads((DEFAULT_BUNDLE / "bundle.json").read_text())
-    assert info["default_voice"] == synth.default_voice
-    size = sum(p.stat().st_size for p in DEFAULT_BUNDLE.parent.rglob("*") if p.is_file())
+    for name, path in builtin_voices().items():
+        lat = load_voice(path, vae.cfg.latent_dim)
+        assert lat.shape[0] >= 50 and torch.isfinite(lat).all(), name
+        with torch.no_grad():  # a prompt the VAE decodes back to audio, not silence
+            wav = vae.decode(lat[None])
+        assert wav.abs().max() > 0.01, name
+    size = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
     assert size < 40 * 2**20  # everything shipped together
 
 
-def test_cli_says_the_words(tmp_path):
-    asr_mod = pytest.importorskip("faster_whisper")
-    del asr_mod
+def test_without_a_trained_default_the_doors_say_what_to_pass():
+    if (models.DEFAULT_BUNDLE / "lm.safetensors").is_file():
+        pytest.skip("a default LM ships")
+    with pytest.raises(models.ModelNotFound, match="--checkpoint"):
+        models.load_synth()
+
+
+@pytest.fixture
+def bundle(tmp_path, monkeypatch):
+    """A tiny random LM + the shipped VAE + bundle.json, in the default bundle's place."""
+    from golden import perturbed
+
+    from calm_fast.model.calm import CALM
+    from calm_fast.model.config import preset
+    from calm_fast.model.phonemes import PhonemeTokenizer
+    from calm_fast.runtime.export import export_model
+
+    d = tmp_path / "default"
+    d.mkdir()
+    torch.manual_seed(0)
+    cfg = preset("tiny").with_(latent_dim=32, text_bins=PhonemeTokenizer.vocab_size,
+                               max_voice_frames=50)
+    export_model(d / "lm.safetensors", perturbed(CALM(cfg, PhonemeTokenizer())),
+                 dtype=torch.float16)
+    (d / "vae.safetensors").symlink_to(ASSETS / "default" / "vae.safetensors")
+    (d / "bundle.json").write_text(json.dumps({"name": "tiny-default", "default_voice": "kal",
+                                               "temperature": 0.5}))
+    monkeypatch.setattr(models, "DEFAULT_BUNDLE", d)
+    return d
+
+
+def test_no_checkpoint_loads_the_bundle_with_its_voice(bundle, tmp_path):
     from calm_fast.cli import main
-    from calm_fast.codec.audio import load_audio
-    from calm_fast.evaluate import WhisperASR
+    from calm_fast.serve.commands import _voice
 
-    out = tmp_path / "hello.wav"
-    assert main(["tts", TEXT, "-o", str(out), "-q"]) == 0
-    wav = load_audio(out, 24_000)
-    assert 1.0 < wav.shape[1] / 24_000 < 8.0
-    hyp = WhisperASR().transcribe(wav, 24_000)
-    assert wer([TEXT], [hyp]) <= MAX_WER, hyp
+    synth = models.load_synth()
+    assert (synth.name, synth.default_voice, synth.temperature) == ("tiny-default", "kal", 0.5)
+    assert torch.equal(_voice(synth, None), load_voice(builtin_voices()["kal"]))
+    out = tmp_path / "x.wav"
+    assert main(["tts", "Hello there.", "-o", str(out), "-q", "--max-seconds", "1"]) == 0
+    assert out.stat().st_size > 1000
+    (bundle / "bundle.json").write_text("{not json")
+    with pytest.raises(models.CheckpointError, match="bundle.json is not JSON"):
+        models.load_synth()
 
 
-def test_batch_runs_the_default_model(tmp_path):
+def test_batch_runs_the_default_bundle(bundle, tmp_path):
     from calm_fast.serve.batch import run_batch
 
     m = tmp_path / "m.jsonl"
     m.write_text(json.dumps({"id": "a", "text": "Good morning."}) + "\n"
                  + json.dumps({"id": "b", "text": "Good night.", "voice": "awb"}) + "\n")
-    s = run_batch(m, tmp_path / "out", progress=False, max_seconds=6.0)
+    s = run_batch(m, tmp_path / "out", progress=False, max_seconds=1.0)
     assert (s["ok"], s["failed"]) == (2, 0)
     rows = {json.loads(x)["id"]: json.loads(x)
             for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()}
-    assert all(r["status"] == "ok" and r["frames"] > 5 for r in rows.values())
-    with torch.no_grad():
-        assert (tmp_path / "out" / rows["a"]["output"]).stat().st_size > 1000
+    assert all(r["status"] == "ok" and r["frames"] > 0 for r in rows.values())
