@@ -49,28 +49,25 @@ def char_errors(ref: str, hyp: str) -> tuple[int, int]:
     return _edits(list(r), list(h)), len(r)
 
 
-def cer(refs: list[str], hyps: list[str]) -> float:
-    """Corpus CER: total character edits over total reference characters."""
+def _corpus_rate(refs: list[str], hyps: list[str], errors, unit: str) -> float:
     if len(refs) != len(hyps) or not refs:
         raise ValueError(f"need as many hypotheses as references (got {len(refs)} refs, "
                          f"{len(hyps)} hyps), at least one")
-    errs = [char_errors(r, h) for r, h in zip(refs, hyps)]
-    chars = sum(n for _, n in errs)
-    if chars == 0:
-        raise ValueError("the references hold no characters")
-    return sum(e for e, _ in errs) / chars
+    errs = [errors(r, h) for r, h in zip(refs, hyps)]
+    total = sum(n for _, n in errs)
+    if total == 0:
+        raise ValueError(f"the references hold no {unit}")
+    return sum(e for e, _ in errs) / total
+
+
+def cer(refs: list[str], hyps: list[str]) -> float:
+    """Corpus CER: total character edits over total reference characters."""
+    return _corpus_rate(refs, hyps, char_errors, "characters")
 
 
 def wer(refs: list[str], hyps: list[str]) -> float:
     """Corpus WER: total edits over total reference words."""
-    if len(refs) != len(hyps) or not refs:
-        raise ValueError(f"need as many hypotheses as references (got {len(refs)} refs, "
-                         f"{len(hyps)} hyps), at least one")
-    errs = [word_errors(r, h) for r, h in zip(refs, hyps)]
-    words = sum(n for _, n in errs)
-    if words == 0:
-        raise ValueError("the references hold no words")
-    return sum(e for e, _ in errs) / words
+    return _corpus_rate(refs, hyps, word_errors, "words")
 
 
 class WhisperASR:
