@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the full report here (default: print the table only)")
     ev.add_argument("--model", default="",
                     help="model name recorded in the report (default: the rows' 'model')")
-    ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
     ev.add_argument("--limit", type=int, default=0,
                     help="score only the first N rows (0: all)")
     ev.add_argument("-q", "--quiet", action="store_true",
