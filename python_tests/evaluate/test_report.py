@@ -73,8 +73,9 @@ def test_folder_and_manifest_rows(tmp_path):
     rows, base = read_rows(tmp_path)
     assert [r.get("text") for r in rows] == ["hello there", None] and base == tmp_path
     assert rows[0]["path"] == str(tmp_path / "a.wav")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ArgumentError, match="no audio files"):
-        read_rows(tmp_path / "empty") if (tmp_path / "empty").mkdir() is None else None
+        read_rows(tmp_path / "empty")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"path": "a.wav"}\nnot json\n')
     with pytest.raises(ArgumentError, match=r"bad.jsonl:2: not JSON"):
