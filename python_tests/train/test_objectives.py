@@ -256,3 +256,64 @@ def test_latent_distillation_student_matches_teacher_cfg():
     after = eval_err()
     target_var = z(teacher, x_ev, c_ev).var().item()
     assert after < 0.1 * before and after < 0.05 * target_var, (before, after, target_var)
+
+
+# -- guided attention ------------------------------------------------------------------------------
+def _align_logits(B, S, T, text_end, text_len, pick):
+    """Logits that put (almost) all attention of query s on key pick(b, s)."""
+    x = torch.full((B, 1, S, T), -30.0)
+    for b in range(B):
+        for s in range(S):
+            x[b, 0, s, pick(b, s)] = 30.0
+    return x
+
+
+def test_guided_attention_is_zero_on_the_diagonal_and_one_off_the_text():
+    from calm_fast.train.objectives import guided_attention_loss
+
+    B, S, P = 2, 12, 10
+    T = P + S
+    text_len, audio_len = torch.tensor([6, 4]), torch.tensor([12, 8])
+
+    def diag(b, s):
+        n, L = int(text_len[b]), int(audio_len[b])
+        return P - n + min(n - 1, int((s + 0.5) / L * n))
+
+    on = guided_attention_loss(_align_logits(B, S, T, P, text_len, diag), text_len, audio_len, P)
+    assert on < 0.1
+    # reading the voice/BOS rows (before the text) or its own past audio costs 1 per query
+    off = guided_attention_loss(_align_logits(B, S, T, P, text_len, lambda b, s: 0),
+                                text_len, audio_len, P)
+    assert off == pytest.approx(1.0, abs=1e-6)
+    past = guided_attention_loss(_align_logits(B, S, T, P, text_len, lambda b, s: P + s),
+                                 text_len, audio_len, P)
+    assert past == pytest.approx(1.0, abs=1e-6)
+    # the text read backwards is penalised, though less than not reading it
+    rev = guided_attention_loss(
+        _align_logits(B, S, T, P, text_len,
+                      lambda b, s: P - 1 - min(int(text_len[b]) - 1,
+                                               int((s + 0.5) / int(audio_len[b]) * int(text_len[b])))),
+        text_len, audio_len, P)
+    assert on + 0.3 < rev < off
+
+
+def test_guided_attention_skips_rows_without_text_and_frames_past_the_end():
+    from calm_fast.train.objectives import guided_attention_loss
+
+    B, S, P = 2, 6, 5
+    T = P + S
+    logits = torch.randn(B, 2, S, T, generator=torch.Generator().manual_seed(0))
+    text_len, audio_len = torch.tensor([3, 0]), torch.tensor([4, 6])
+    a = guided_attention_loss(logits, text_len, audio_len, P)
+    # row 1 (text dropped) and row 0's frames 4, 5 do not count: changing them changes nothing
+    changed = logits.clone()
+    changed[1] = 5 * torch.randn(2, S, T, generator=torch.Generator().manual_seed(1))
+    changed[0, :, 4:] = -changed[0, :, 4:]
+    torch.testing.assert_close(guided_attention_loss(changed, text_len, audio_len, P), a)
+    # masked keys (-inf) take no attention; an all-text-dropped batch gives 0, not NaN
+    masked = logits.clone()
+    masked[..., P:] = float("-inf")
+    assert torch.isfinite(guided_attention_loss(masked, text_len, audio_len, P))
+    assert guided_attention_loss(logits, torch.tensor([0, 0]), audio_len, P) == 0
+    with pytest.raises(ValueError, match="text_len"):
+        guided_attention_loss(logits, torch.tensor([3]), audio_len, P)

@@ -2,6 +2,7 @@
 pipeline on tiny shapes (audio -> VAE -> latent cache -> LM -> distilled student), exact
 resume of the LM recipe, latent distillation of a real CALM, and clear errors."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -184,6 +185,49 @@ def test_lm_recipe_resume_is_exact(tmp_path):
     assert all(np.isfinite(r["head"]) and np.isfinite(r["eos"]) for r in rows)
 
 
+def test_lm_recipe_guided_attention_is_logged_and_trains_the_chosen_head(tmp_path):
+    lat = synthetic_cache(tmp_path / "lat")
+    text = LM_RECIPE.format(out=tmp_path / "a", lat=lat, steps=3, ckpt=3)
+    run_recipe(write_toml(tmp_path / "a.toml", text),
+               sets=["objective.align_weight=1", "objective.align_layer=1"])
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["align"] <= 1 for r in rows)
+    # without the penalty the same run is the plain one: no "align" column
+    run_recipe(write_toml(tmp_path / "b.toml",
+                          LM_RECIPE.format(out=tmp_path / "b", lat=lat, steps=1, ckpt=1)))
+    row = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "align" not in row
+
+
+def test_guided_attention_gradient_reaches_only_its_layer_and_those_below(tmp_path):
+    from calm_fast.model.conditioning import ByteTokenizer
+    from calm_fast.train.recipes.lm import LMData, LMObjective, LMTraining, Utterances
+
+    lat = synthetic_cache(tmp_path / "lat")
+    utts = Utterances(LMData(latents=str(lat), batch=4, max_frames=40, voice_frames=4), 8)
+    torch.manual_seed(0)
+    calm = CALM(replace(preset("tiny"), text_bins=256), ByteTokenizer())
+    batch = {**utts.batch(4, calm.conditioner.tokenizer, LMObjective(p_text=0, p_voice=0),
+                          torch.Generator().manual_seed(0)), "step": 1}
+
+    def grads(weight):
+        module = LMTraining(calm, LMObjective(align_weight=weight, align_layer=0))
+        calm.zero_grad()
+        torch.manual_seed(1)  # the same VP noise and head draws both times
+        loss, logs = module(batch)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in calm.named_parameters() if p.grad is not None}, logs
+
+    plain, _ = grads(0.0)
+    guided, logs = grads(1.0)
+    assert 0 < float(logs["align"]) <= 1
+    assert not torch.allclose(plain["transformer.layers.0.self_attn.in_proj.weight"],
+                              guided["transformer.layers.0.self_attn.in_proj.weight"])
+    for name in plain:
+        if name.startswith("transformer.layers.1.") or name.startswith("flow_net."):
+            torch.testing.assert_close(plain[name], guided[name], msg=name)
+
+
 def test_distillation_one_layer_student_matches_teacher_cfg_z(tmp_path):
     """A real CALM teacher (tiny, 2 layers, random weights, text + voice conditioned); its
     1-layer student, seeded from teacher layer 0, learns the CFG-combined Z (alpha 1.5)."""
@@ -232,6 +276,11 @@ def test_recipe_errors(tmp_path, capsys):
         run_recipe(write_toml(tmp_path / "e.toml", ok), sets=["objective.head_mult=0"])
     with pytest.raises(RecipeError, match="does not fit"):
         run_recipe(write_toml(tmp_path / "f.toml", ok), sets=['objective.kind="consistency"'])
+    with pytest.raises(RecipeError, match="align_layer must be in"):
+        run_recipe(write_toml(tmp_path / "e2.toml", ok),
+                   sets=["objective.align_weight=1", "objective.align_layer=9"])
+    with pytest.raises(RecipeError, match="align_weight must be >= 0"):
+        run_recipe(write_toml(tmp_path / "e3.toml", ok), sets=["objective.align_weight=-1"])
     with pytest.raises(RecipeError, match="8-dim latents, the model takes 32"):
         run_recipe(write_toml(tmp_path / "g.toml", ok), sets=["model.latent_dim=32"])
     with pytest.raises(RecipeError, match="d_model"):  # nested override, checked by the config

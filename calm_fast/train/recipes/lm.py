@@ -28,6 +28,7 @@ from calm_fast.model.phonemes import PhonemeTokenizer
 from calm_fast.model.config import CALMConfig, preset
 from calm_fast.data.latents import LatentCache
 from calm_fast.model.calm import CALM
+from calm_fast.model.transformer import causal_mask
 from calm_fast.train.trainer import TrainConfig
 from calm_fast.train.recipes.common import batch_generator, train_and_export
 from calm_fast.train.recipes.config import RecipeError, build, build_preset
@@ -56,6 +57,12 @@ class LMObjective:
     eos_weight: float = 1.0
     adaptive_weight: bool = True
     tangent_warmup: int = 0  # consistency: steps over which the tangent weight r goes 0 -> 1
+    # guided attention (objectives.guided_attention_loss): weight >= 0 (0 = off), on the
+    # first ``align_heads`` heads of backbone layer ``align_layer``, width ``align_sigma``
+    align_weight: float = 0.0
+    align_layer: int = 1
+    align_heads: int = 1
+    align_sigma: float = 0.2
 
     def check(self, head_kind: str) -> str:
         kind = head_kind if self.kind == "auto" else self.kind
@@ -67,7 +74,20 @@ class LMObjective:
                               f"(lsd takes two times, consistency and flow one)")
         if self.head_mult < 1:
             raise RecipeError(f"objective.head_mult must be >= 1, got {self.head_mult}")
+        if not (self.align_weight >= 0 and self.align_sigma > 0):
+            raise RecipeError(f"objective.align_weight must be >= 0 and align_sigma > 0, got "
+                              f"{self.align_weight} and {self.align_sigma}")
         return kind
+
+    def check_align(self, cfg: CALMConfig) -> None:
+        b = cfg.backbone
+        if self.align_weight and not cfg.text_bins:
+            raise RecipeError("objective.align_weight needs a text-conditioned model")
+        if self.align_weight and not (0 <= self.align_layer < b.num_layers
+                                      and 1 <= self.align_heads <= b.num_heads):
+            raise RecipeError(f"objective.align_layer must be in [0, {b.num_layers - 1}] and "
+                              f"align_heads in [1, {b.num_heads}], got {self.align_layer} and "
+                              f"{self.align_heads}")
 
 
 def make_tokenizer(spec: str, texts: list[str]):
@@ -162,6 +182,7 @@ class LMTraining(nn.Module):
         super().__init__()
         self.calm, self.objective = calm, objective
         self.kind = objective.check(calm.cfg.head.kind)
+        objective.check_align(calm.cfg)
         n_times = 2 if self.kind == "lsd" else 1
         self.weight = (obj.AdaptiveWeight(n_times)
                        if objective.adaptive_weight and self.kind != "flow" else None)
@@ -170,7 +191,15 @@ class LMTraining(nn.Module):
         m, o = self.calm, self.objective
         latents = m.normalize(batch["latents"])
         prefix, mask = prefix_batch(m, batch["tokens"], batch["voices"])
-        z, eos_logits = m(latents, prefix, mask)
+        layer = m.transformer.layers[o.align_layer]
+        seen = {}
+        hook = (layer.register_forward_pre_hook(lambda mod, args: seen.setdefault("in", args))
+                if o.align_weight else None)
+        try:
+            z, eos_logits = m(latents, prefix, mask)
+        finally:
+            if hook is not None:
+                hook.remove()
         valid = frame_mask(batch["lengths"], latents.shape[1], include_end=False)
         c, x = obj.head_batch_multiplier(z[valid], latents[valid], o.head_mult)
         if self.kind == "lsd":
@@ -182,7 +211,30 @@ class LMTraining(nn.Module):
             head = obj.flow_matching_loss(m.flow_net, c, x)
         eos = obj.eos_loss(eos_logits, batch["lengths"])
         loss = head + o.eos_weight * eos
-        return loss, {"head": head.detach(), "eos": eos.detach()}
+        logs = {"head": head.detach(), "eos": eos.detach()}
+        if o.align_weight:
+            text_len = torch.tensor([0 if t is None else len(t) for t in batch["tokens"]])
+            align = self.align_loss(layer, seen["in"], prefix.shape[1], text_len,
+                                    batch["lengths"])
+            loss = loss + o.align_weight * align
+            logs["align"] = align.detach()
+        return loss, logs
+
+    def align_loss(self, layer, layer_in, P: int, text_len, audio_len):
+        """The guided-attention penalty of the chosen heads, from that layer's own input
+        (x, cos, sin, mask) as the forward pass saw it."""
+        x, cos, sin, mask = layer_in
+        o = self.objective
+        q, k, _ = layer.project(x, cos, sin)               # [B, T, H, D], [B, T, Hk, D]
+        T, H, D = q.shape[1], q.shape[2], q.shape[3]
+        heads = torch.arange(o.align_heads)
+        kv = heads // (H // k.shape[2])
+        qa = q[:, P:, heads].transpose(1, 2)                # [B, h, S, D]
+        ka = k[:, :, kv].transpose(1, 2)                    # [B, h, T, D]
+        logits = qa @ ka.transpose(-1, -2) / D ** 0.5       # [B, h, S, T]
+        allowed = (causal_mask(T, x.device)[None, None] if mask is None else mask)[:, :, P:]
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        return obj.guided_attention_loss(logits, text_len, audio_len, P, o.align_sigma)
 
 
 def run(recipe: dict) -> Path:
