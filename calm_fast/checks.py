@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+from pathlib import Path
 
 from calm_fast.errors import ArgumentError, ArgumentTypeError
 
@@ -60,3 +62,16 @@ def instance(name: str, v, cls, what: str | None = None, none: bool = False):
         raise ArgumentTypeError(f"{name} must be {what or cls.__name__}"
                                 f"{' or None' if none else ''}, got {type(v).__name__}")
     return v
+
+
+def out_folder(name: str, v):
+    """A folder to write into (str or os.PathLike), created if missing; an existing file of
+    that name is an error rather than a FileExistsError from deep inside a writer."""
+    if isinstance(v, bool) or not isinstance(v, (str, os.PathLike)):
+        raise ArgumentTypeError(f"{name} must be a folder path (str or Path), got "
+                                f"{_show(v)} ({type(v).__name__})")
+    p = Path(v)
+    if p.exists() and not p.is_dir():
+        raise ArgumentError(f"{name} {str(p)!r} is a file, not a folder: choose a folder path")
+    p.mkdir(parents=True, exist_ok=True)
+    return p

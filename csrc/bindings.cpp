@@ -480,6 +480,9 @@ PYBIND11_MODULE(_C, m) {
   py::module_ errors = py::module_::import("calm_fast.errors");
   static py::object cache_full = errors.attr("CacheFullError");
   static py::object unknown_stream = errors.attr("UnknownStreamError");
+  // A bad argument (shape, range, dtype) is calm_fast.errors.ArgumentError: a ValueError
+  // that callers can also catch as CalmFastError, like every error raised in Python.
+  static py::object argument_error = errors.attr("ArgumentError");
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
@@ -487,6 +490,10 @@ PYBIND11_MODULE(_C, m) {
       PyErr_SetString(cache_full.ptr(), e.what());
     } catch (const UnknownStreamError& e) {
       PyErr_SetString(unknown_stream.ptr(), e.what());
+    } catch (const std::invalid_argument& e) {
+      PyErr_SetString(argument_error.ptr(), e.what());
+    } catch (const std::out_of_range& e) {
+      PyErr_SetString(argument_error.ptr(), e.what());
     }
   });
 

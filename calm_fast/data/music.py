@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from calm_fast import checks
+
 from .tools import MissingToolError, require_tool, run_jobs, write_flac, write_manifest
 
 SAMPLE_RATE = 24_000
@@ -230,12 +232,16 @@ def build_music_dataset(out_dir, n_renders: int = 50, seed: int = 0,
 
     A fraction ``mma_fraction`` of the renders are MMA accompaniment styles (train split).
     """
-    if n_renders <= 0:
-        raise ValueError(f"n_renders must be positive, got {n_renders}")
+    checks.integer("n_renders", n_renders, 1)
+    checks.integer("seed", seed, 0, 2**63 - 1)
+    checks.real("max_seconds", max_seconds, 0, 3600, lo_open=True)
+    checks.real("mma_fraction", mma_fraction, 0, 1)
+    checks.integer("workers", workers, 1, 256)
+    if isinstance(collections, str):
+        collections = (collections,)
+    out_dir = checks.out_folder("out_dir", out_dir)
     require_tool("fluidsynth")
     require_tool(SOUNDFONT)
-    if not 0 <= mma_fraction <= 1:
-        raise ValueError(f"mma_fraction must be in [0, 1], got {mma_fraction}")
     if mma_fraction > 0:
         list_grooves()  # fail now, not in a worker, if mma is missing
     train, test = split_works(list_works(collections), seed)

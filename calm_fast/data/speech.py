@@ -50,6 +50,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from calm_fast import checks
+from calm_fast.errors import ArgumentError
+
 from . import text as text_mod
 from .tools import (MissingToolError, has_module, require_festival_voice, require_module,
                     require_tool, run_jobs, write_flac, write_json, write_manifest)
@@ -478,12 +481,30 @@ def build_speech_dataset(out_dir, n_utterances: int = 200, seed: int = 0,
     ``asr(wav24k) -> text`` callable) and is skipped with a warning without it.
     Rerunning with the same arguments reuses the finished chunks (resume).
     """
-    if n_utterances <= 0 and not hours:
-        raise ValueError(f"n_utterances must be positive, got {n_utterances}")
-    if hours is not None and hours <= 0:
-        raise ValueError(f"hours must be positive, got {hours}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # every argument checked before anything is synthesised or written
+    hours = checks.real("hours", hours, 0, 10_000, none=True, lo_open=True)
+    n_utterances = checks.integer("n_utterances", n_utterances, 1 if not hours else 0)
+    checks.integer("seed", seed, 0, 2**63 - 1)
+    checks.integer("n_pseudo", n_pseudo, 0, 64)
+    checks.integer("workers", workers, 1, 256)
+    checks.integer("n_eval", n_eval, 0, 100_000)
+    checks.integer("chunk_size", chunk_size, 1)
+    checks.integer("wer_sentences", wer_sentences, 1)
+    checks.real("held_out_voices", held_out_voices, 0, 1)
+    checks.real("test_voice_share", test_voice_share, 0, 1, none=True)
+    checks.real("val_share", val_share, 0, 1)
+    checks.real("test_share", test_share, 0, 1)
+    checks.real("wer_threshold", wer_threshold, 0, lo_open=True, none=True)
+    if val_share + test_share >= 1:
+        raise ArgumentError(f"val_share + test_share must be < 1 (some sentences must be "
+                            f"left to train on), got {val_share} + {test_share}")
+    if isinstance(sources, str):
+        sources = (sources,)
+    unknown = sorted(set(sources) - set(text_mod.SOURCES))
+    if unknown or not sources:
+        raise ArgumentError(f"sources must be some of {sorted(text_mod.SOURCES)}, got "
+                            f"{list(sources)}")
+    out_dir = checks.out_folder("out_dir", out_dir)
     train, val, test = text_mod.split(text_mod.collect(sources), seed=seed)
 
     voice_wer = None

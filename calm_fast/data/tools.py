@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,10 @@ PIP_PACKAGES = {
 
 class MissingToolError(CalmFastError, RuntimeError):
     """An external program or data file a builder needs is not installed."""
+
+
+class BuilderError(CalmFastError, RuntimeError):
+    """A dataset build could not go on (a worker process died)."""
 
 
 def require_tool(name: str) -> str:
@@ -101,8 +106,16 @@ def run_jobs(fn, jobs: list, workers: int, chunksize: int = 1) -> list:
     """
     if workers <= 1:
         return [fn(j) for j in jobs]
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-        return list(ex.map(fn, jobs, chunksize=chunksize))
+    try:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+            return list(ex.map(fn, jobs, chunksize=chunksize))
+    except BrokenProcessPool as e:
+        # the usual cause: a spawned worker re-runs the caller's script, which has no
+        # ``if __name__ == "__main__":`` guard (or was read from stdin), or it was killed
+        raise BuilderError(
+            f"a builder worker process died ({e}). If you call this from a script, put the "
+            f"call under `if __name__ == \"__main__\":` (workers are spawned and import the "
+            f"script), or pass workers=1; finished chunks are kept, so a rerun resumes") from None
 
 
 def write_flac(path: Path, wav: np.ndarray, sample_rate: int) -> None:

@@ -15,7 +15,8 @@ import os
 import numpy as np
 import torch
 
-from calm_fast.errors import CacheFullError, UnknownStreamError
+from calm_fast.errors import ArgumentError, CacheFullError, UnknownStreamError
+from calm_fast import checks
 from calm_fast.fast import ops
 from calm_fast.fast.kv_manager_py import PyKVManager
 
@@ -41,8 +42,8 @@ class PagedKVCache:
                  max_pages: int | None = None, backend: str | None = None):
         for name, val in (("num_layers", num_layers), ("kv_heads", kv_heads),
                           ("head_dim", head_dim), ("max_streams", max_streams)):
-            if int(val) <= 0:
-                raise ValueError(f"{name} must be positive, got {val}")
+            checks.integer(name, val, 1)
+        checks.integer("max_pages", max_pages, 1, none=True)
         self.manager = make_manager(num_blocks, block_size, backend)
         self.num_layers, self.block_size = num_layers, block_size
         self.kv_heads, self.head_dim = kv_heads, head_dim
@@ -63,25 +64,26 @@ class PagedKVCache:
 
     def fork(self, stream: int) -> int:
         """A new stream sharing every block of ``stream`` (copy-on-write on append)."""
-        return self.manager.fork(stream)
+        return self.manager.fork(checks.integer("stream", stream, 0))
 
     def free(self, stream: int) -> None:
-        self.manager.free(stream)
+        self.manager.free(checks.integer("stream", stream, 0))
 
     def truncate(self, stream: int, n: int) -> None:
         """Forget the last ``n`` rows of ``stream`` (rolling back a failed step)."""
-        self.manager.truncate(stream, n)
+        self.manager.truncate(checks.integer("stream", stream, 0), checks.integer("n", n, 0))
 
     def trim_front(self, stream: int, keep_last: int) -> None:
         """Sliding window: keep only the last ``keep_last`` rows of ``stream``."""
-        self.manager.trim_front(stream, keep_last)
+        self.manager.trim_front(checks.integer("stream", stream, 0),
+                                checks.integer("keep_last", keep_last, 0))
 
     def length(self, stream: int) -> int:
-        return self.manager.length(stream)
+        return self.manager.length(checks.integer("stream", stream, 0))
 
     def position(self, stream: int) -> int:
         """Rows ever appended to ``stream`` (the RoPE position of its next row)."""
-        return self.manager.position(stream)
+        return self.manager.position(checks.integer("stream", stream, 0))
 
     def blocks_needed(self, streams, n: int) -> int:
         return sum(self.manager.blocks_needed(s, n) for s in streams)
@@ -96,6 +98,7 @@ class PagedKVCache:
         All or nothing: if the cache cannot hold every stream's rows, CacheFullError is
         raised before any stream changes.
         """
+        n = checks.integer("n", n, 0)
         ids = np.asarray(list(streams), dtype=np.int64)
         slots, copies = self.manager.append_batch(ids, n)  # raises before changing anything
         for src, dst, rows in copies.tolist():
@@ -117,7 +120,7 @@ class PagedKVCache:
         ids = np.asarray(list(streams), dtype=np.int64)
         n = len(ids)
         if n > self.max_streams:
-            raise ValueError(f"{n} streams exceed max_streams={self.max_streams}")
+            raise ArgumentError(f"{n} streams exceed max_streams={self.max_streams}")
         self.manager.page_table(ids, self.indptr.numpy(), self.indices.numpy(),
                                 self.last_page_len.numpy(), self.start.numpy())
         return self.indptr[:n + 1], self.indices, self.last_page_len[:n], self.start[:n]

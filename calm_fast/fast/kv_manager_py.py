@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from calm_fast.errors import CacheFullError, UnknownStreamError
+from calm_fast.errors import ArgumentError, CacheFullError, UnknownStreamError
 
 _INT32_MAX = 2**31 - 1
 
@@ -26,9 +26,9 @@ class _Stream:
 class PyKVManager:
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks <= 0 or num_blocks > _INT32_MAX // max(block_size, 1):
-            raise ValueError(f"num_blocks must be in [1, 2^31 / block_size), got {num_blocks}")
+            raise ArgumentError(f"num_blocks must be in [1, 2^31 / block_size), got {num_blocks}")
         if block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {block_size}")
+            raise ArgumentError(f"block_size must be positive, got {block_size}")
         self._num_blocks = int(num_blocks)
         self._block_size = int(block_size)
         self._free = list(range(num_blocks - 1, -1, -1))  # top of the stack is block 0
@@ -71,7 +71,7 @@ class PyKVManager:
 
     def blocks_needed(self, stream: int, n: int) -> int:
         if n < 0:
-            raise ValueError(f"cannot append a negative number of rows: {n}")
+            raise ArgumentError(f"cannot append a negative number of rows: {n}")
         s = self._get(stream)
         if n == 0:
             return 0
@@ -114,11 +114,11 @@ class PyKVManager:
     def append_batch(self, streams, n: int) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(streams)
         if ids.dtype != np.int64 or ids.ndim != 1:
-            raise ValueError(f"streams has dtype {ids.dtype}, expected int64 (1-D)")
+            raise ArgumentError(f"streams has dtype {ids.dtype}, expected int64 (1-D)")
         ids = ids.tolist()
         dup = sorted(i for i in set(ids) if ids.count(i) > 1)
         if dup:
-            raise ValueError(f"stream {dup[0]} is listed twice")
+            raise ArgumentError(f"stream {dup[0]} is listed twice")
         needed = sum(self.blocks_needed(s, n) for s in ids)
         if needed > len(self._free):
             raise CacheFullError(
@@ -134,7 +134,7 @@ class PyKVManager:
 
     def trim_front(self, stream: int, keep_last: int) -> None:
         if keep_last < 0:
-            raise ValueError(f"keep_last must be >= 0, got {keep_last}")
+            raise ArgumentError(f"keep_last must be >= 0, got {keep_last}")
         s = self._get(stream)
         if s.length <= keep_last:
             return
@@ -151,7 +151,7 @@ class PyKVManager:
         released (a shared one only loses this stream's reference)."""
         s = self._get(stream)
         if n < 0 or n > s.length:
-            raise ValueError(f"truncate: n must be in [0, {s.length}] (the stream's rows), got {n}")
+            raise ArgumentError(f"truncate: n must be in [0, {s.length}] (the stream's rows), got {n}")
         used = s.start + s.length - n
         keep = 0 if (s.length - n == 0 and s.start == 0) else -(-used // self._block_size)
         for b in s.blocks[keep:]:
@@ -170,21 +170,21 @@ class PyKVManager:
         for name, buf in (("indptr", indptr), ("indices", indices),
                           ("last_page_len", last_page_len), ("start", start)):
             if buf is not None and (buf.dtype != np.int32 or buf.ndim != 1):
-                raise ValueError(f"{name} has dtype {buf.dtype}, expected int32 (1-D)")
+                raise ArgumentError(f"{name} has dtype {buf.dtype}, expected int32 (1-D)")
         ids = np.asarray(streams)
         if ids.dtype != np.int64 or ids.ndim != 1:
-            raise ValueError(f"streams has dtype {ids.dtype}, expected int64 (1-D)")
+            raise ArgumentError(f"streams has dtype {ids.dtype}, expected int64 (1-D)")
         n = len(ids)
         if start is not None and len(start) < n:
-            raise ValueError("start buffer too small")
+            raise ArgumentError("start buffer too small")
         if len(indptr) < n + 1:
-            raise ValueError(f"indptr holds {len(indptr)} entries, needs {n + 1}")
+            raise ArgumentError(f"indptr holds {len(indptr)} entries, needs {n + 1}")
         if len(last_page_len) < n:
-            raise ValueError(f"last_page_len holds {len(last_page_len)} entries, needs {n}")
+            raise ArgumentError(f"last_page_len holds {len(last_page_len)} entries, needs {n}")
         ss = [self._get(int(i)) for i in ids]
         total = sum(len(s.blocks) for s in ss)
         if total > len(indices):
-            raise ValueError(
+            raise ArgumentError(
                 f"page table needs {total} indices but the buffer holds {len(indices)}"
             )
         pos = 0
@@ -220,7 +220,7 @@ class PyKVManager:
 
     def refcount(self, block: int) -> int:
         if not 0 <= block < self._num_blocks:
-            raise ValueError(f"block {block} out of range [0, {self._num_blocks})")
+            raise ArgumentError(f"block {block} out of range [0, {self._num_blocks})")
         return self._ref[block]
 
     @property

@@ -20,12 +20,21 @@ from calm_fast.kernels import paged_attention as _pa
 from calm_fast.kernels import short_context_step as _sc
 from calm_fast.kernels.paged_attention import paged_decode_attention_ref  # noqa: F401 (re-export)
 from calm_fast.fast.kv_manager_py import PyKVManager
+from calm_fast import checks
+from calm_fast.errors import ArgumentError
 from calm_fast.model import short_context
 
 try:
     from calm_fast import _C
 except ImportError:  # the extension is optional at import time; the reference still runs
     _C = None
+
+
+def _tensors(**named) -> None:
+    """The kernels' array arguments are torch tensors (a numpy array or a list would reach
+    the extension as an unreadable pybind signature error)."""
+    for name, v in named.items():
+        checks.instance(name, v, torch.Tensor, "a torch.Tensor")
 
 
 def force_reference() -> bool:
@@ -73,7 +82,9 @@ def kv_manager(num_blocks: int, block_size: int, backend: str = "auto"):
     """The block manager: the C++ one (``backend`` "cpp", or "auto" when built and not
     forced to the reference), else the pure-Python twin."""
     if backend not in ("auto", "cpp", "python"):
-        raise ValueError(f"unknown KV backend {backend!r}: use 'cpp' or 'python'")
+        raise ArgumentError(f"unknown KV backend {backend!r}: use 'auto', 'cpp' or 'python'")
+    block_size = checks.integer("block_size", block_size, 1, 1 << 20)
+    num_blocks = checks.integer("num_blocks", num_blocks, 1, (1 << 31) // block_size - 1)
     if backend == "python" or (backend == "auto" and not has_native("KVManager")):
         return PyKVManager(num_blocks, block_size)
     return native().KVManager(num_blocks, block_size)
@@ -88,6 +99,8 @@ def head_triton(p, c, x, times=()):
 def paged_decode_attention(q, k_cache, v_cache, indptr, indices, last_page_len,
                            start=None, scale=None, out=None):
     """Single-query attention of a ragged batch over paged K/V (see the reference)."""
+    _tensors(q=q, k_cache=k_cache, v_cache=v_cache, indptr=indptr, indices=indices,
+             last_page_len=last_page_len)
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
     if triton_ok(q):
@@ -133,6 +146,8 @@ def window_attention(q, k_cache, v_cache, table, window: int, scale=None) -> tor
     row t attends to its stream's last ``window`` rows up to itself. k/v_cache: one layer's
     [blocks, block_size, kv_heads, D]; table = cache.page_table(streams). The C++ kernel
     (csrc/window_attention_cpu.cpp) on fp32 CPU, else the reference."""
+    _tensors(q=q, k_cache=k_cache, v_cache=v_cache)
+    window = checks.integer("window", window, 1)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not window_attention_ok(q, k_cache):
         return window_attention_ref(q, k_cache, v_cache, table, window, scale)
@@ -194,6 +209,7 @@ def native_decode_step(layers, heads, kv_heads, eps, x, cos, sin, k_cache, v_cac
     consecutive rows attending causally over their stream's last ``window`` rows (0: all:
     a prefill; W: the VAE's windowed Transformer). ``last_kv_only``: the last layer stops
     once its K/V are written (the returned rows are then not the output)."""
+    _tensors(x=x, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache, slots=slots)
     out = x.detach().clone(memory_format=torch.contiguous_format)
     indptr, indices, last, start = table
     _C.decode_step(layers, heads, kv_heads, eps, out.numpy(), cos.contiguous().numpy(),
