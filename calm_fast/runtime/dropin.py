@@ -28,7 +28,8 @@ import torch
 from calm_fast.codec.mimi import load_pocket_mimi
 from calm_fast.runtime.pocket_tts import load_pocket_flow_lm
 from calm_fast.runtime.engine import Engine
-from calm_fast.errors import CacheFullError
+from calm_fast import checks
+from calm_fast.errors import ArgumentError, ArgumentTypeError, AudioError, CacheFullError
 from calm_fast.runtime.generate import Request
 from calm_fast.model.sampling import gaussian_noise
 
@@ -48,7 +49,12 @@ class AcceleratedTTS:
     def __init__(self, peer, *, int8: bool = False, max_streams: int = 16,
                  cache_mb: float = 512.0, decode_frames: int = 8):
         if not hasattr(peer, "flow_lm") or not hasattr(peer, "mimi"):
-            raise TypeError(f"accelerate() takes a pocket_tts TTSModel, got {type(peer).__name__}")
+            raise ArgumentTypeError(f"accelerate() takes a pocket_tts TTSModel, got "
+                                    f"{type(peer).__name__}")
+        checks.instance("int8", int8, bool)
+        checks.integer("max_streams", max_streams, 1, 4096)  # streams decoded together
+        checks.real("cache_mb", cache_mb, 0, 1 << 20, lo_open=True)  # K/V cache size
+        checks.integer("decode_frames", decode_frames, 1, 64)  # frames per decoder call
         self.peer = peer
         sd = {k: v.detach().float().cpu() for k, v in peer.flow_lm.state_dict().items()}
         self.lm = load_pocket_flow_lm(sd)
@@ -78,13 +84,24 @@ class AcceleratedTTS:
 
         wav = audio_conditioning
         if isinstance(wav, (str, Path)):
-            wav, sr = audio_read(Path(wav))
+            if not Path(wav).is_file():
+                raise AudioError(f"audio prompt {str(wav)!r}: no such file")
+            try:
+                wav, sr = audio_read(Path(wav))
+            except Exception as e:  # the package's reader: libsndfile / PyAV messages
+                raise AudioError(f"audio prompt {str(wav)!r} cannot be read as audio: {e}") from e
             if truncate:
                 wav = wav[..., :int(30 * sr)]
             wav = convert_audio(wav, sr, self.sample_rate, 1)
-        if not isinstance(wav, torch.Tensor) or wav.dim() != 2 or wav.shape[-1] == 0:
-            raise ValueError("audio prompt must be a file or a non-empty [channels, samples] "
-                             "tensor")
+        if not isinstance(wav, torch.Tensor):
+            raise ArgumentTypeError(f"audio prompt must be a file path or a [channels, samples] "
+                                    f"tensor, got {type(wav).__name__}")
+        if wav.dim() != 2 or wav.shape[-1] == 0:
+            raise ArgumentError(f"audio prompt must be a file or a non-empty [channels, "
+                                f"samples] tensor, got shape {tuple(wav.shape)}")
+        if not wav.is_floating_point() or not torch.isfinite(wav).all():
+            raise ArgumentError("audio prompt must be finite floating-point samples (it holds "
+                                "NaN/Inf or is not float)")
         wav = end_on_pause(wav, self.sample_rate)
         lat = self.vae.encode(self.vae.pad(wav[None].float()))[0]
         self._burn_draw()  # the package samples once after prompting the voice
@@ -143,9 +160,8 @@ class AcceleratedTTS:
         chunks still arrive well before the audio already out has played (``accelerate(...,
         decode_frames=1)`` gives the package's one chunk per frame). The audio is the same
         either way."""
-        if not isinstance(model_state, VoiceState):
-            raise TypeError("model_state must come from this object's "
-                            "get_state_for_audio_prompt()")
+        _check_state(model_state)
+        _check_call(text_to_generate, max_tokens, frames_after_eos, copy_state)
         for ids, fae in self._chunks(text_to_generate, max_tokens, frames_after_eos):
             if stop is not None and stop.is_set():
                 break
@@ -194,9 +210,15 @@ class AcceleratedTTS:
         """Many texts at once (one voice state, or one per text), one engine batch: the
         voice prefix is prefilled once and shared. Request i draws from seed + i. Each text
         must fit one chunk of ``max_tokens``."""
+        checks.instance("texts", texts, list, "a list of str")
         states = model_state if isinstance(model_state, list) else [model_state] * len(texts)
         if len(states) != len(texts) or not texts:
-            raise ValueError(f"{len(texts)} texts for {len(states)} voice states")
+            raise ArgumentError(f"{len(texts)} texts for {len(states)} voice states")
+        for st in states:
+            _check_state(st)
+        checks.integer("seed", seed, 0, 2**63 - 1)
+        for i, text in enumerate(texts):
+            _check_call(text, max_tokens, frames_after_eos, True, name=f"texts[{i}]")
         shared = {}
         ids = {}
         done = False
@@ -204,7 +226,7 @@ class AcceleratedTTS:
             for i, (st, text) in enumerate(zip(states, texts)):
                 chunks = self._chunks(text, max_tokens, frames_after_eos)
                 if len(chunks) != 1:
-                    raise ValueError(f"text {i} splits into {len(chunks)} chunks; batch calls "
+                    raise ArgumentError(f"text {i} splits into {len(chunks)} chunks; batch calls "
                                      f"take texts of at most {max_tokens} tokens")
                 if id(st) not in shared:
                     shared[id(st)] = st.shared or self.engine.share(st.rows)
@@ -226,6 +248,23 @@ class AcceleratedTTS:
                 if id(s) not in owned:
                     self.engine.unshare(s)
         return [self._fade(torch.cat(c)) if c else torch.zeros(0) for c in out]
+
+
+def _check_state(state) -> None:
+    if not isinstance(state, VoiceState):
+        raise ArgumentTypeError(f"model_state must come from this object's "
+                                f"get_state_for_audio_prompt(), got {type(state).__name__}")
+
+
+def _check_call(text, max_tokens, frames_after_eos, copy_state, name="text_to_generate"):
+    """The package's generation arguments: a non-empty str, max_tokens per chunk in
+    [1, 10000], frames_after_eos None or in [0, 10000], copy_state a bool."""
+    checks.instance(name, text, str)
+    if not text.strip():
+        raise ArgumentError("Text prompt cannot be empty")  # the package's own words
+    checks.integer("max_tokens", max_tokens, 1, 10_000)
+    checks.integer("frames_after_eos", frames_after_eos, 0, 10_000, none=True)
+    checks.instance("copy_state", copy_state, bool)
 
 
 def accelerate(tts_model, **kw) -> AcceleratedTTS:

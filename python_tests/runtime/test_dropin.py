@@ -111,3 +111,58 @@ def VoiceStateLike(fast):
     from calm_fast.runtime.dropin import VoiceState
 
     return VoiceState(fast.lm.prefix())
+
+
+# -- bad inputs: each call is refused with a calm_fast error that names what to fix -----------
+def _dropin_cases(tmp):
+    from calm_fast.errors import ArgumentError, ArgumentTypeError, AudioError
+
+    (tmp / "junk.wav").write_bytes(b"RIFF not really a wav file")
+    nan = torch.full((1, 2400), float("nan"))
+    return [  # (name, call(fast, state), error class, words)
+        ("accelerate None", lambda f, s: __import__("calm_fast").accelerate(None),
+         ArgumentTypeError, ["TTSModel", "NoneType"]),
+        ("accelerate cache_mb", lambda f, s: type(f)(f.peer, cache_mb=-1), ArgumentError,
+         ["cache_mb", "-1"]),
+        ("text int", lambda f, s: f.generate_audio(s, 123), ArgumentTypeError,
+         ["text_to_generate", "int"]),
+        ("text empty", lambda f, s: f.generate_audio(s, "  "), ArgumentError, ["empty"]),
+        ("state None", lambda f, s: f.generate_audio(None, "hi"), ArgumentTypeError,
+         ["get_state_for_audio_prompt", "NoneType"]),
+        ("max_tokens float", lambda f, s: f.generate_audio(s, "hi", max_tokens=2.5),
+         ArgumentTypeError, ["max_tokens", "2.5"]),
+        ("frames_after_eos", lambda f, s: f.generate_audio(s, "hi", frames_after_eos=-1),
+         ArgumentError, ["frames_after_eos", "-1"]),
+        ("copy_state str", lambda f, s: f.generate_audio(s, "hi", copy_state="x"),
+         ArgumentTypeError, ["copy_state", "str"]),
+        ("stream text None", lambda f, s: next(f.generate_audio_stream(s, None)),
+         ArgumentTypeError, ["text_to_generate"]),
+        ("batch texts str", lambda f, s: f.generate_audio_batch(s, "hi"), ArgumentTypeError,
+         ["texts", "list"]),
+        ("prompt NaN", lambda f, s: f.get_state_for_audio_prompt(nan), ArgumentError,
+         ["NaN"]),
+        ("prompt 3-d", lambda f, s: f.get_state_for_audio_prompt(torch.zeros(2, 2, 240)),
+         ArgumentError, ["[channels, samples]", "(2, 2, 240)"]),
+        ("prompt missing", lambda f, s: f.get_state_for_audio_prompt(tmp / "nope.wav"),
+         AudioError, ["nope.wav", "no such file"]),
+        ("prompt corrupt", lambda f, s: f.get_state_for_audio_prompt(str(tmp / "junk.wav")),
+         AudioError, ["junk.wav", "cannot be read"]),
+        ("prompt list", lambda f, s: f.get_state_for_audio_prompt([0.1, 0.2]),
+         ArgumentTypeError, ["audio prompt", "list"]),
+    ]
+
+
+def test_bad_calls_are_refused_and_change_nothing(fast, voice, tmp_path):
+    from calm_fast.errors import CalmFastError
+
+    state = fast.get_state_for_audio_prompt(voice)
+    torch.manual_seed(5)
+    good = fast.generate_audio(state, TEXTS[0])
+    for name, call, cls, words in _dropin_cases(tmp_path):
+        with pytest.raises(cls) as e:
+            call(fast, state)
+        assert isinstance(e.value, CalmFastError), name
+        assert all(w in str(e.value) for w in words), (name, str(e.value))
+        assert not fast.engine.active and not fast.engine.waiting, name  # nothing left queued
+    torch.manual_seed(5)
+    torch.testing.assert_close(fast.generate_audio(state, TEXTS[0]), good, rtol=0, atol=0)
