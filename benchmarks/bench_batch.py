@@ -220,7 +220,7 @@ def main():
     out.write_text(json.dumps(res, indent=1))
     print(f"wrote {out}")
     if a.record:
-        print(f"appended to {write_rows('batch', [{**r, 'threads': a.threads} for r in res])}")
+        print(f"appended to {write_rows('batch', [{**r, 'threads': a.threads} for r in res], a)}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ voice encoding, for both). Reported:
     batch per frame), against the package's best: one process per core, i.e. twice its
     1-thread single-stream rate (an upper bound for the package);
   * int8: calm_fast's int8 weights vs the package's own quantize=True.
-Appends to benchmarks/results/e2e.csv and draws benchmarks/results/e2e_throughput.png.
+With --record, appends to benchmarks/results/e2e.csv and draws benchmarks/results/e2e_throughput.png.
 ``--shipped``: instead, the shipped default TTS model (a trained calm_fast model, its own
 iSTFT VAE), single stream as `calm-fast tts` runs it.
 """
@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python_tests"))  # peer support
-from common import print_table, timeit, write_rows  # noqa: E402
+from common import print_table, timeit, record_args, write_rows  # noqa: E402
 from pocket_fixtures import random_tts_model  # noqa: E402
 
 import calm_fast  # noqa: E402
@@ -136,7 +136,7 @@ def throughput(fast, state, batch, sr):
     return sum(w.shape[-1] for w in wavs) / sr / wall
 
 
-def shipped(threads: int, runs: int):
+def shipped(threads: int, runs: int, args=None):
     """The shipped default TTS (calm_fast/assets/default/), single stream, the way
     `calm-fast tts` runs it (a Service with one stream, default voice, EOS on): real-time
     factor and time to the first audio chunk, VAE decode included."""
@@ -176,7 +176,7 @@ def shipped(threads: int, runs: int):
         r["threads"], r["audio_s"] = threads, round(n / sr, 2)
         r["ours"] = round(r["ours"], 2)
     print_table(rows, ["metric", "ours", "target"])
-    print(f"appended to {write_rows('e2e', rows)}")
+    print(f"appended to {write_rows('e2e', rows, args)}")
 
 
 def main():
@@ -188,9 +188,10 @@ def main():
     ap.add_argument("--no-int8", action="store_true")
     ap.add_argument("--shipped", action="store_true",
                     help="only the shipped default TTS model's single-stream rows")
+    record_args(ap)
     args = ap.parse_args()
     if args.shipped:
-        return shipped(args.threads, args.runs)
+        return shipped(args.threads, args.runs, args)
     batches = [int(b) for b in args.batches.split(",")]
     peer = random_tts_model(args.workdir, eos_threshold=1e9)
     # after the build: importing pocket_tts runs torch.set_num_threads(1) (tts_model.py)
@@ -240,7 +241,7 @@ def main():
     print_table(rows, ["metric", "peer", "ours", "ratio", "target"])
     print(f"(audio per call: peer {secs:.2f} s, ours {o_secs:.2f} s; peer 1-thread RTF "
           f"{p_rtf1:.2f})")
-    path = write_rows("e2e", rows)
+    path = write_rows("e2e", rows, args)
     print(f"appended to {path}")
     plot(thr, p_rtf, peer_best, Path(path).with_name("e2e_throughput.png"), args.threads)
 

@@ -7,7 +7,7 @@ fast_backbone.step over PagedKVCache + the fused CPU head, on the same weights.
 
 The bound is (weights + K/V bytes read) / measured read bandwidth, or FLOPs / measured
 matmul rate, whichever is larger; each row pairs 5 short timings with a bandwidth measured
-just before each (the shared host's drifts), and reports the medians. Appends to benchmarks/results/frame_step.csv.
+just before each (the shared host's drifts), and reports the medians. With --record, appends to benchmarks/results/frame_step.csv.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, timeit, write_rows  # noqa: E402
+from common import print_table, timeit, record_args, write_rows  # noqa: E402
 from roofline import matmul_flops, read_bandwidth  # noqa: E402
 
 from calm_fast.fast import backbone as fb  # noqa: E402
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true",
                     help="also time int8 weights: ours (backbone + head) vs the peer's "
                          "quantize_dynamic of its attention and FFN")
+    record_args(ap)
     args = ap.parse_args()
     from pocket_tts.models.flow_lm import lsd_decode as peer_lsd
     from pocket_tts.modules.stateful_module import increment_steps, init_states
@@ -131,7 +132,7 @@ def main() -> None:
                 "read_GB/s": f"{bw_row / 1e9:.1f}",
             })
     print_table(rows, list(rows[0].keys()))
-    print("->", write_rows("frame_step", [{**r, "matmul_GFLOP/s": f"{peak / 1e9:.1f}"}
+    print("->", write_rows("frame_step", args=args, rows=[{**r, "matmul_GFLOP/s": f"{peak / 1e9:.1f}"}
                                           for r in rows]))
 
 

@@ -6,7 +6,7 @@
 Two timings per row: `replay_ms` is the frame compute alone (FrameStep on fixed inputs,
 synchronised), `frame_ms` is a whole CALMGenerator step (host bookkeeping, per-stream noise
 draws, the EOS read-back included) measured over a steady stretch of generation. The bound
-is the weights' bytes (+ K/V read) over the measured HBM read bandwidth. Appends to
+is the weights' bytes (+ K/V read) over the measured HBM read bandwidth. With --record, appends to
 benchmarks/results/frame_step_gpu.csv.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, timeit, write_rows  # noqa: E402
+from common import print_table, timeit, record_args, write_rows  # noqa: E402
 from roofline import read_bandwidth  # noqa: E402
 
 from calm_fast.model.config import preset  # noqa: E402
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,64,256")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--ctx", type=int, default=64, help="prefix rows before generation")
+    record_args(ap)
     args = ap.parse_args()
     torch.manual_seed(0)
     model = CALM(preset("pocket")).eval()
@@ -92,7 +93,7 @@ def main() -> None:
             })
             print(rows[-1], flush=True)
     print_table(rows, list(rows[0].keys()))
-    print("->", write_rows("frame_step_gpu", [{**r, "hbm_GB/s": f"{bw / 1e9:.0f}"}
+    print("->", write_rows("frame_step_gpu", args=args, rows=[{**r, "hbm_GB/s": f"{bw / 1e9:.0f}"}
                                               for r in rows]))
 
 

@@ -9,7 +9,7 @@ one single-threaded sgemm per matmul), and torch.compile of the reference with -
 On CUDA the fused paths are the torch one (cuBLAS, plain weights) and the Triton kernels
 (`triton_ms`); where the pocket-tts package is not installed, the eager module is our own
 calm_fast.model.head.AdaLNHead (the same math and key layout, tested equal to the peer's).
-Appends to benchmarks/results/fused_head[_gpu].csv.
+With --record, appends to benchmarks/results/fused_head[_gpu].csv.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, timeit, write_rows  # noqa: E402
+from common import print_table, timeit, record_args, write_rows  # noqa: E402
 from roofline import matmul_flops, read_bandwidth  # noqa: E402
 
 from common import synced  # noqa: E402
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(head_ref)")
     ap.add_argument("--batches", default="1,8,64,256")
     ap.add_argument("--device", default="cpu")
+    record_args(ap)
     args = ap.parse_args()
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -97,7 +98,7 @@ def main() -> None:
         })
     cols = list(rows[0].keys())
     print_table(rows, cols)
-    print("->", write_rows("fused_head" + ("_gpu" if cuda else ""), [{**r, "read_GB/s": f"{bw / 1e9:.1f}"} for r in rows]))
+    print("->", write_rows("fused_head" + ("_gpu" if cuda else ""), args=args, rows=[{**r, "read_GB/s": f"{bw / 1e9:.1f}"} for r in rows]))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ batched frame loop (paged backbone step + 1-step LSD head + EOS), on CPU.
     python benchmarks/bench_generate.py [--threads 2] [--frames 125] [--batches 1,8]
 
 Reports ms per frame (per step of the whole batch) and the real-time factor
-(audio seconds made per wall second, all streams together). Appends to
+(audio seconds made per wall second, all streams together). With --record, appends to
 benchmarks/results/generate.csv.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_rows  # noqa: E402
+from common import print_table, record_args, write_rows  # noqa: E402
 
 from calm_fast.model.config import preset  # noqa: E402
 from calm_fast.runtime.generate import CALMGenerator, Request  # noqa: E402
@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--frames", type=int, default=125)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--runs", type=int, default=3)
+    record_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -64,7 +65,7 @@ def main():
                          "rtf_x": round(B / (best * cfg.frame_rate), 2),
                          "audio_s": audio_s})
     print_table(rows, list(rows[0]))
-    write_rows("generate", rows)
+    write_rows("generate", rows, args)
 
 
 if __name__ == "__main__":

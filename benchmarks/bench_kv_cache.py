@@ -3,7 +3,7 @@ decode attention (C++ kernel vs gather + SDPA), at Pocket TTS shapes (16 heads x
 
     python benchmarks/bench_kv_cache.py [--threads 2] [--quick]
 
-Prints a table and appends it to benchmarks/results/kv_cache.csv.
+Prints a table; with --record, appends it to benchmarks/results/kv_cache.csv.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, timeit, write_rows  # noqa: E402
+from common import print_table, timeit, record_args, write_rows  # noqa: E402
 from roofline import read_bandwidth  # noqa: E402
 
 from calm_fast.fast import ops  # noqa: E402
@@ -75,6 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    record_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -100,7 +101,7 @@ def main() -> None:
                          "baseline": f"{t_ref * 1e6:,.0f} us (gather+SDPA)",
                          "speedup": f"{t_ref / t_fast:.1f}x"})
     print_table(rows, ["bench", "case", "ours", "value", "roofline", "baseline", "speedup"])
-    print("->", write_rows("kv_cache", rows))
+    print("->", write_rows("kv_cache", rows, args))
 
 
 if __name__ == "__main__":

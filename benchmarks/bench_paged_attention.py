@@ -5,7 +5,7 @@ contiguous cache runs) and torch.compile of it; batch 1/8/64/256, context 250 an
 
     python benchmarks/bench_paged_attention.py [--device cpu|cuda] [--threads 2]
 
-The bound is the K/V bytes over the measured read bandwidth. Appends to
+The bound is the K/V bytes over the measured read bandwidth. With --record, appends to
 benchmarks/results/paged_attention[_gpu].csv.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     print_table(rows, list(rows[0].keys()))
     name = "paged_attention" + ("_gpu" if dev.type == "cuda" else "")
-    print("->", write_rows(name, rows))
+    print("->", write_rows(name, rows, args))
 
 
 if __name__ == "__main__":

@@ -242,7 +242,7 @@ def main():
             print(f"{c:3d} clients: ours/peer RTF {o['rtf'] / p['rtf']:.2f}x, p50 TTFB "
                   f"{p['ttfb_p50_ms'] / max(o['ttfb_p50_ms'], 1e-9):.2f}x faster")
     if args.record:
-        print(f"appended to {write_rows('server', rows)}")
+        print(f"appended to {write_rows('server', rows, args)}")
     else:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ torch.compile, and (on CUDA) with the fused Triton ring attention; batch 1/8/64/
     python benchmarks/bench_short_context_step.py [--device cpu|cuda] [--threads 2]
 
 The bound is the step's weight bytes + ring bytes over the measured read bandwidth.
-Appends to benchmarks/results/short_context_step.csv.
+With --record, appends to benchmarks/results/short_context_step.csv.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def main() -> None:
     cols = sorted({k for r in rows for k in r}, key=lambda k: list(rows[-1]).index(k)
                   if k in rows[-1] else 99)
     print_table(rows, cols)
-    print("->", write_rows("short_context_step" + ("_gpu" if dev.type == "cuda" else ""), rows))
+    print("->", write_rows("short_context_step" + ("_gpu" if dev.type == "cuda" else ""), rows, args))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ iSTFT VAE (calm_fast/assets/default/vae.safetensors), reference and fast path (f
     python benchmarks/bench_vae.py [--threads 2] [--batches 1,16] [--frames 40]
 
 Times the steady state: frames 10..(10 + frames) of a stream, median per frame over blocks.
-Appends to benchmarks/results/vae.csv.
+With --record, appends to benchmarks/results/vae.csv.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_rows  # noqa: E402
+from common import print_table, record_args, write_rows  # noqa: E402
 
 from calm_fast.codec.mimi import load_pocket_mimi  # noqa: E402
 from calm_fast.fast import vae as fast_vae  # noqa: E402
@@ -63,6 +63,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--frames", type=int, default=40)
+    record_args(ap)
     args = ap.parse_args()
     from pocket_tts.modules.stateful_module import increment_steps, init_states
 
@@ -96,7 +97,7 @@ def main():
                          "rtf_x": round(B * 0.08 / t, 1),
                          "speedup_vs_peer": round(t_peer / t, 2)})
     print_table(rows, list(rows[0]))
-    write_rows("vae", rows)
+    write_rows("vae", rows, args)
 
 
 if __name__ == "__main__":

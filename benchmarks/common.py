@@ -52,6 +52,7 @@ def kernel_bench_args(doc: str):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="1,8,64,256")
     ap.add_argument("--no-compile", action="store_true")
+    record_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     return args, torch.device(args.device)
@@ -84,12 +85,29 @@ def commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def write_rows(name: str, rows: list[dict]) -> Path:
-    """Append rows to benchmarks/results/<name>.csv with date/machine/version/commit columns."""
+def record_args(ap) -> None:
+    """--record: append to the tracked benchmarks/results/<name>.csv; without it the rows go
+    to a scratch folder (--results-dir, default a temp folder), so a run does not dirty a
+    checkout."""
+    ap.add_argument("--record", action="store_true",
+                    help="append the rows to benchmarks/results/<name>.csv (tracked)")
+    ap.add_argument("--results-dir", default=str(SCRATCH),
+                    help=f"where the CSV goes without --record (default {SCRATCH})")
+
+
+SCRATCH = Path(os.environ.get("TMPDIR", "/tmp")) / "calm_fast_bench"
+
+
+def write_rows(name: str, rows: list[dict], args=None) -> Path:
+    """Append rows to <name>.csv with date/machine/version/commit columns: in the tracked
+    benchmarks/results when ``args.record`` (see ``record_args``), else in
+    ``args.results_dir`` (default a scratch folder)."""
     import calm_fast
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.csv"
+    record = bool(getattr(args, "record", False))
+    out = RESULTS if record else Path(getattr(args, "results_dir", None) or SCRATCH)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.csv"
     stamp = {
         "date": _dt.date.today().isoformat(),
         "machine": machine(),
