@@ -6,7 +6,7 @@
     calm-fast export-voice me.wav me.safetensors
     calm-fast voices
     calm-fast serve [--host 127.0.0.1] [--port 8000]
-    calm-fast data speech OUT [--n 200] [--seed 0] [--workers 2]
+    calm-fast data speech OUT [--n 200 | --hours H] [--eval N] [--seed 0] [--workers 2]
     calm-fast data music OUT [--n 50] [--seed 0] [--seconds 30]
     calm-fast data latents MANIFEST VAE.safetensors OUT
     calm-fast train vae|lm|distill RECIPE.toml [--set section.key=value ...]
@@ -25,8 +25,12 @@ import sys
 def _data_speech(a):
     from .data.speech import build_speech_dataset
 
-    m = build_speech_dataset(a.out, n_utterances=a.n, seed=a.seed, n_pseudo=a.pseudo,
-                             workers=a.workers)
+    m = build_speech_dataset(a.out, n_utterances=a.n if a.hours is None else 0,
+                             hours=a.hours, seed=a.seed, n_pseudo=a.pseudo, workers=a.workers,
+                             held_out_voices=a.held_out, n_eval=a.eval,
+                             eval_all_base=a.eval_all_base,
+                             wer_threshold=a.wer_threshold,
+                             progress=not a.quiet)
     print(f"wrote {m}")
 
 
@@ -86,7 +90,7 @@ def _synth(a):
     return load_synth(a.checkpoint, vae=a.vae, tokenizer=a.tokenizer)
 
 
-def _eos(v: str):
+def _number_or_off(v: str):
     if v.lower() in ("off", "none"):
         return None
     try:
@@ -249,7 +253,7 @@ def _add_doors(sub):
                    help="speaking rate, 0.25 to 4 (pitch kept)")
     t.add_argument("--max-seconds", type=float, default=30.0,
                    help="most audio per sentence chunk")
-    t.add_argument("--eos-threshold", type=_eos, default=-4.0,
+    t.add_argument("--eos-threshold", type=_number_or_off, default=-4.0,
                    help="end-of-speech logit threshold, or 'off' to always make --max-seconds")
     _gen_flags(t)
     t.set_defaults(fn=_tts)
@@ -298,7 +302,7 @@ def _add_doors(sub):
                    help="frames per audio chunk, at most (chunks grow 1, 2, 4...)")
     s.add_argument("--sample-rate", type=int, default=None,
                    help="output sample rate (default: the model's)")
-    s.add_argument("--eos-threshold", type=_eos, default=-4.0,
+    s.add_argument("--eos-threshold", type=_number_or_off, default=-4.0,
                    help="end-of-speech logit threshold, or 'off'")
     s.add_argument("--steps", type=int, default=None,
                    help="head decoding steps per frame (default: the model's)")
@@ -321,8 +325,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("out")
     sp.add_argument("--n", type=int, default=200)
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--hours", type=float, default=None,
+                    help="make about this many hours of train audio instead of --n draws "
+                         "(default: use --n)")
     sp.add_argument("--pseudo", type=int, default=2, help="pseudo-speakers per base voice")
+    sp.add_argument("--held-out", type=float, default=0.2,
+                    help="share of the voices held out for the cloning tests")
+    sp.add_argument("--eval", type=int, default=0,
+                    help="fixed evaluation sentences per held-out voice and the default voice")
+    sp.add_argument("--eval-all-base", action="store_true",
+                    help="give every seen base voice the evaluation sentences too")
+    sp.add_argument("--wer-threshold", type=_number_or_off, default=0.3,
+                    help="drop base voices whose whisper WER is above this, or 'off'")
     sp.add_argument("--workers", type=int, default=2)
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(fn=_data_speech)
     mu = data.add_parser("music", help="captioned music from music21 scores and MMA styles")
     mu.add_argument("out")

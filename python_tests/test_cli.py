@@ -25,11 +25,22 @@ def test_console_script_is_installed():
 def test_data_speech(tmp_path, capsys):
     assert main(["data", "speech", str(tmp_path), "--n", "2", "--workers", "1"]) == 0
     assert len((tmp_path / "manifest.jsonl").read_text().splitlines()) == 2
+    # the flags of the shipped build (configs/speech_tts.toml), small: about 20 s of train
+    # audio, 1 evaluation sentence per held-out voice, no WER gate
+    out = tmp_path / "h"
+    assert main(["data", "speech", str(out), "--hours", str(20 / 3600), "--pseudo", "0",
+                 "--held-out", "0.5", "--eval", "1", "--wer-threshold", "off", "--workers", "1",
+                 "-q"]) == 0
+    rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {"train", "test_voice"} <= {r["split"] for r in rows}
+    with pytest.raises(SystemExit) as e:
+        main(["data", "speech", str(out), "--wer-threshold", "high"])
+    assert e.value.code == 2
 
 
 def test_bad_arguments_exit_cleanly(capsys):
     assert main(["data", "speech", "/tmp/calm-unused", "--n", "0"]) == 1
-    assert "n_utterances must be positive" in capsys.readouterr().err
+    assert "n_utterances must be in [1, inf], got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["nope"])
 
