@@ -83,6 +83,13 @@ class AcceleratedTTS:
         from pocket_tts.data.audio_utils import convert_audio, end_on_pause
 
         wav = audio_conditioning
+        if isinstance(wav, (str, Path)) and str(wav).endswith(".safetensors"):
+            return self._exported_voice(Path(wav))
+        from pocket_tts.utils.utils import _ORIGINS_OF_PREDEFINED_VOICES
+        if isinstance(wav, str) and wav in _ORIGINS_OF_PREDEFINED_VOICES:
+            # the package's own rules and lookup (its local Hugging Face cache; offline,
+            # HF_HUB_OFFLINE=1 makes a missing voice an error instead of a download)
+            return self._exported_voice(self._predefined_voice(wav))
         if isinstance(wav, (str, Path)):
             if not Path(wav).is_file():
                 raise AudioError(f"audio prompt {str(wav)!r}: no such file")
@@ -106,6 +113,58 @@ class AcceleratedTTS:
         lat = self.vae.encode(self.vae.pad(wav[None].float()))[0]
         self._burn_draw()  # the package samples once after prompting the voice
         return self._voice(self.lm.prefix(voice=lat).detach())
+
+    def _predefined_voice(self, name: str) -> Path:
+        from pocket_tts.models.tts_model import CONFIGS_DIR
+        from pocket_tts.utils.utils import download_if_necessary, get_predefined_voice
+
+        p = self.peer
+        if getattr(p, "has_custom_weights", False):
+            raise ArgumentError(f"predefined voice {name!r} was computed with the released "
+                                f"weights, not these: pass the voice as an audio file")
+        if p.origin is None or not Path(p.origin).is_relative_to(CONFIGS_DIR):
+            raise ArgumentError(f"predefined voice {name!r} needs a model loaded from one of "
+                                f"the package's language configs (origin: {p.origin})")
+        return Path(download_if_necessary(get_predefined_voice(language=Path(p.origin).stem,
+                                                               name=name)))
+
+    def _exported_voice(self, path: Path) -> VoiceState:
+        """A voice exported by the package (its attention cache after the voice prompt,
+        ``export_model_state``): the K/V go straight into this engine's cache as a template
+        (``Engine.share_kv``); no rows are recomputed."""
+        from pocket_tts.models.model_state import _import_model_state
+
+        if not path.is_file():
+            raise AudioError(f"voice file {str(path)!r}: no such file")
+        try:
+            state = _import_model_state(path, torch.device("cpu"))
+        except Exception as e:
+            raise AudioError(f"voice file {str(path)!r} is not a safetensors voice: {e}") from e
+        c = self.lm.cfg.backbone
+        ks, vs = [], []
+        for li in range(c.num_layers):
+            layer = state.get(f"transformer.layers.{li}.self_attn")
+            if layer is None or "cache" not in layer:
+                raise AudioError(f"voice file {str(path)!r} holds no attention cache for layer "
+                                 f"{li}: not a voice exported by this model family")
+            cache, end = layer["cache"], int(layer.get("offset", torch.tensor([0]))[0])
+            pad = int(layer.get("pad", torch.zeros(1))[0])
+            if cache.dim() != 5 or cache.shape[:2] != (2, 1) or cache.shape[3:] != (
+                    c.kv_heads, c.head_dim) or pad != 0 or not 0 < end <= cache.shape[2]:
+                raise AudioError(f"voice file {str(path)!r}: layer {li} cache "
+                                 f"{tuple(cache.shape)} (offset {end}, pad {pad}) does not fit "
+                                 f"this model ({c.kv_heads} kv heads of {c.head_dim})")
+            ks.append(cache[0, 0, :end].float())
+            vs.append(cache[1, 0, :end].float())
+        if len(state) != c.num_layers or len({k.shape[0] for k in ks}) != 1:
+            raise AudioError(f"voice file {str(path)!r} has {len(state)} cached layers of "
+                             f"unequal lengths or a count other than this model's "
+                             f"{c.num_layers}")
+        # (no RNG draw: the package's loaded states make none, unlike its audio prompts)
+        shared = self.engine.share_kv(torch.stack(ks), torch.stack(vs))
+        state = VoiceState(shared.rows, shared)
+        weakref.finalize(state, self.engine.unshare, shared)
+        return state
 
     def _voice(self, rows: torch.Tensor) -> VoiceState:
         state = VoiceState(rows)

@@ -57,6 +57,9 @@ class Shared:
     rows: torch.Tensor  # [P, d] the prefix rows (requests must start with them)
     engine: object = field(default=None, repr=False, compare=False)
     alive: bool = True
+    # made from K/V (share_kv), not from rows: ``rows`` are placeholders that requests
+    # repeat, so a request can never prefill them itself
+    kv_only: bool = False
 
 
 @dataclass
@@ -143,6 +146,42 @@ class Engine:
         self._templates += need
         return Shared(sid, rows.detach().clone(), engine=self)
 
+    def share_kv(self, k: torch.Tensor, v: torch.Tensor) -> Shared:
+        """A template from K/V computed elsewhere (a Pocket TTS exported voice: the
+        package's attention cache after its voice prompt): k, v [layers, P, kv_heads,
+        head_dim], keys already rotated for positions 0..P-1, as this cache keeps them.
+        Requests pass ``shared=`` and start their prefix with the returned ``rows`` (P
+        placeholder rows). CacheFullError (nothing changed) when it does not fit now."""
+        c = self.model.cfg.backbone
+        want = (c.num_layers, c.kv_heads, c.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            checks.instance(name, t, torch.Tensor, "a torch.Tensor")
+            if t.dim() != 4 or (t.shape[0], t.shape[2], t.shape[3]) != want or t.shape[1] == 0 \
+                    or not t.is_floating_point():
+                raise ArgumentError(f"{name} must be float [{want[0]} layers, P >= 1, "
+                                    f"{want[1]} kv heads, {want[2]}], got {t.dtype} "
+                                    f"{tuple(t.shape)}")
+            if not torch.isfinite(t).all():
+                raise ArgumentError(f"shared {name} holds NaN or Inf")
+        if k.shape != v.shape:
+            raise ArgumentError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+        P = k.shape[1]
+        if P >= self.model.cfg.max_context:
+            raise ArgumentError(f"{P} shared rows do not fit the context of "
+                                f"{self.model.cfg.max_context}")
+        need = -(-P // self.block_size)
+        if need > self.sched.available:
+            raise CacheFullError(f"a shared prefix of {P} rows needs {need} blocks; "
+                                 f"{self.sched.available} are not promised to admitted requests")
+        sid = self.cache.new_stream()
+        slots = self.cache.reserve([sid], P)[0]
+        for li in range(c.num_layers):
+            self.cache.write(li, slots, k[li].to(self.cache.k.device),
+                             v[li].to(self.cache.v.device))
+        self._templates += need
+        rows = torch.zeros(P, c.d_model, dtype=self.sched.dtype)
+        return Shared(sid, rows, engine=self, kv_only=True)
+
     def _own(self, s, what: str) -> None:
         checks.instance(what, s, Shared, "a Shared template from Engine.share")
         if s.engine is not self:
@@ -155,6 +194,9 @@ class Engine:
         """Drop a template: requests already forked from it keep their blocks; waiting
         requests that named it prefill their whole prefix instead."""
         self._own(s, "the template")
+        if s.kv_only and any(p.shared is s for p in self.waiting):
+            raise ArgumentError("requests still wait on this K/V template, and they cannot "
+                                "prefill it themselves: cancel them or let them run first")
         s.alive = False
         for p in self.waiting:
             if p.shared is s:

@@ -159,6 +159,37 @@ def test_unsharing_a_template_that_a_waiting_request_names(tts):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_kv_template_gives_what_its_rows_give_and_is_never_prefilled(tts):
+    """Engine.share_kv (a voice exported as K/V): the same frames as the rows' template; its
+    placeholder rows can never be prefilled, so it cannot be unshared under a waiting
+    request; bad K/V are refused before anything is reserved."""
+    eng = Engine(tts, num_blocks=64, block_size=4, max_streams=1)
+    voice = tts.prefix(tokens=torch.tensor([5, 6, 7, 8, 9]))
+    rows_t = eng.share(voice)
+    L = tts.cfg.backbone.num_layers
+    k = torch.stack([eng.cache.gather(li, rows_t.stream)[0] for li in range(L)])
+    v = torch.stack([eng.cache.gather(li, rows_t.stream)[1] for li in range(L)])
+    kv_t = eng.share_kv(k, v)
+    text = tts.prefix(tokens=torch.tensor([1, 2]))[1:]  # without its BOS row
+    a = eng.submit(Request(torch.cat([voice, text]), 4, seed=3, eos_threshold=None),
+                   shared=rows_t)
+    b = eng.submit(Request(torch.cat([kv_t.rows, text]), 4, seed=3, eos_threshold=None),
+                   shared=kv_t)
+    with pytest.raises(ArgumentError, match="cannot prefill it"):
+        eng.unshare(kv_t)
+    out = eng.generate_all()
+    torch.testing.assert_close(out[a], out[b], rtol=0, atol=0)
+    free = eng.cache.manager.num_free_blocks
+    with pytest.raises(ArgumentError, match="kv heads"):
+        eng.share_kv(k[:, :, :, :2], v[:, :, :, :2])
+    with pytest.raises(ArgumentError, match="NaN"):
+        eng.share_kv(torch.full_like(k, float("nan")), v)
+    with pytest.raises(ArgumentTypeError, match="torch.Tensor"):
+        eng.share_kv(k.numpy(), v)
+    assert eng.cache.manager.num_free_blocks == free
+    eng.unshare(kv_t)
+
+
 def poison(monkeypatch, sched):
     """Make the frame step raise, after doing its work (cache rows, noise, ring), whenever
     a stream whose previous latent starts with POISON is in the batch."""

@@ -166,3 +166,53 @@ def test_bad_calls_are_refused_and_change_nothing(fast, voice, tmp_path):
         assert not fast.engine.active and not fast.engine.waiting, name  # nothing left queued
     torch.manual_seed(5)
     torch.testing.assert_close(fast.generate_audio(state, TEXTS[0]), good, rtol=0, atol=0)
+
+
+def test_a_voice_exported_by_the_package_loads_and_gives_its_audio(peer, fast, voice, tmp_path):
+    """The package's exported voice (its attention cache after the prompt) goes straight into
+    the engine as a K/V template: the same audio and RNG as the package from that file."""
+    from pocket_tts.models.model_state import export_model_state
+
+    path = tmp_path / "voice.safetensors"
+    export_model_state(peer.get_state_for_audio_prompt(voice), path)
+    for text in TEXTS:
+        torch.manual_seed(11)
+        ref = peer.generate_audio(peer.get_state_for_audio_prompt(path), text)
+        ref_rng = torch.get_rng_state()
+        torch.manual_seed(11)
+        state = fast.get_state_for_audio_prompt(path)
+        out = fast.generate_audio(state, text)
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+        assert torch.equal(torch.get_rng_state(), ref_rng)
+    batch = fast.generate_audio_batch(state, TEXTS[:1], seed=3)
+    assert batch[0].numel() > 0
+
+
+def test_bad_voice_files_are_refused(fast, tmp_path):
+    from safetensors.torch import save_file
+
+    from calm_fast.errors import ArgumentError, AudioError
+
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(AudioError, match="not a safetensors voice"):
+        fast.get_state_for_audio_prompt(tmp_path / "junk.safetensors")
+    with pytest.raises(AudioError, match="no such file"):
+        fast.get_state_for_audio_prompt(str(tmp_path / "missing.safetensors"))
+    c = fast.lm.cfg.backbone
+    wrong = {f"transformer.layers.{i}.self_attn/cache": torch.zeros(2, 1, 5, c.kv_heads, 8)
+             for i in range(c.num_layers)}
+    wrong.update({f"transformer.layers.{i}.self_attn/offset": torch.tensor([5])
+                  for i in range(c.num_layers)})
+    save_file(wrong, str(tmp_path / "other.safetensors"))
+    with pytest.raises(AudioError, match="does not fit this model"):
+        fast.get_state_for_audio_prompt(tmp_path / "other.safetensors")
+    nan = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v)
+           for k, v in wrong.items()}
+    nan.update({f"transformer.layers.{i}.self_attn/cache":
+                torch.full((2, 1, 5, c.kv_heads, c.head_dim), float("nan"))
+                for i in range(c.num_layers)})
+    save_file(nan, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(ArgumentError, match="NaN"):
+        fast.get_state_for_audio_prompt(tmp_path / "nan.safetensors")
+    assert not fast.engine.active and not fast.engine.waiting
