@@ -20,6 +20,10 @@ class AudioError(CalmFastError, ValueError):
     """Audio that cannot be used: empty, silent, corrupt, too long, not audio, bad layout."""
 
 
+class MissingFileError(CalmFastError, FileNotFoundError):
+    """A file an argument names does not exist (the message names the argument and path)."""
+
+
 class CheckpointError(CalmFastError, ValueError):
     """A checkpoint that cannot be used: missing, corrupt, or not matching the model."""
 

@@ -15,7 +15,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from calm_fast.errors import AudioError
+from calm_fast.errors import AudioError, MissingFileError
 from calm_fast.codec.resample import resample
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac"}  # read
@@ -26,7 +26,7 @@ def read_audio(path, max_seconds: float = 600.0, max_channels: int = 8):
     """(float32 tensor [channels, T], sample rate) of a file, checked."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no audio file at {path}")
+        raise MissingFileError(f"no audio file at {path}")
     try:
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from calm_fast.codec.audio import AUDIO_SUFFIXES, load_audio
-from calm_fast.errors import CheckpointError
+from calm_fast.errors import ArgumentError, CheckpointError, MissingFileError
 from calm_fast.model.weights import read_safetensors
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -108,14 +108,14 @@ def resolve_voice(voice, vae, latent_dim: int | None = None) -> torch.Tensor | N
     p = Path(s)
     if p.suffix.lower() == ".safetensors":
         if not p.is_file():
-            raise FileNotFoundError(f"no voice file at {p}")
+            raise MissingFileError(f"no voice file at {p}")
         return load_voice(p, latent_dim)
     if p.suffix.lower() in AUDIO_SUFFIXES or p.is_file():
         if not p.is_file():
-            raise FileNotFoundError(f"no audio file at {p}")
+            raise MissingFileError(f"no audio file at {p}")
         return encode_prompt(vae, p)
     names = ", ".join(sorted(builtin)) or "none installed"
-    raise ValueError(f"unknown voice {s!r}: give a voice file (.safetensors), a prompt audio "
+    raise ArgumentError(f"unknown voice {s!r}: give a voice file (.safetensors), a prompt audio "
                      f"file (.wav/.flac/.mp3) or a built-in name ({names})")
 
 

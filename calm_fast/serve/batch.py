@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from calm_fast.errors import MissingFileError
 from calm_fast.provenance import code_commit, file_label
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ class JobConfig:
                                  f"{'--vae' if flag == '--checkpoint' else '--checkpoint'} "
                                  "(or give neither: the shipped default model)")
             if not Path(p).is_file():
-                raise FileNotFoundError(f"{flag}: no file at {p}")
+                raise MissingFileError(f"{flag}: no file at {p}")
 
 
 @dataclass
@@ -602,7 +603,7 @@ def run_batch(manifest, outdir, *, checkpoint=None, vae=None, progress: bool = T
     same job on Ray (calm_fast.serve.distributed; "" or "auto" as ray.init takes them)."""
     manifest, outdir = Path(manifest), Path(outdir)
     if not manifest.is_file():
-        raise FileNotFoundError(f"no manifest at {manifest}")
+        raise MissingFileError(f"no manifest at {manifest}")
     cfg = JobConfig(checkpoint=None if checkpoint is None else str(checkpoint),
                     vae=None if vae is None else str(vae), **options)
     if cfg.base_dir is None:
