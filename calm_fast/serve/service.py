@@ -20,6 +20,7 @@ the frames it would make alone, so what a client receives does not depend on the
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import itertools
 import math
@@ -27,6 +28,7 @@ import queue
 import random
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -153,6 +155,13 @@ class Service:
             self._thread = threading.Thread(target=self._loop, name="calm-fast-engine",
                                             daemon=True)
             self._thread.start()
+            # A daemon thread still alive when the interpreter finalises is killed by
+            # CPython <= 3.13 with pthread_exit; if that happens while torch frees a tensor
+            # (a C++ noexcept destructor that takes the GIL), the forced unwind aborts the
+            # process ("terminate called without an active exception": seen with the
+            # pocket-tts package's decoder thread). atexit runs before that: stop and join.
+            ref = weakref.ref(self)
+            atexit.register(lambda: (svc := ref()) is not None and svc.close())
         return self
 
     def close(self) -> None:

@@ -46,3 +46,24 @@ def test_cli_and_api_processes_exit_cleanly(models, tmp_path, i):
         assert "terminate called" not in err and "Aborted" not in err, f"{name}: {err[-800:]}"
     assert (tmp_path / "out.wav").stat().st_size > 44
     assert api.stdout.decode().strip().endswith("ok")
+
+
+SERVICE = """
+import sys
+from calm_fast.serve.models import load_synth
+from calm_fast.serve.service import Job, Service
+synth = load_synth(sys.argv[1], vae=sys.argv[2])
+svc = Service(synth, max_streams=2).start()
+job = svc.submit(Job.speech(synth, "hello there. and a second sentence.", seed=1))
+kind, _ = next(iter(job.chunks()))
+print(kind)
+# no svc.close(): the engine thread is still running when the interpreter exits
+"""
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_a_service_left_running_at_exit_exits_cleanly(models, tmp_path, i):
+    res = _run(["-c", SERVICE, str(models["lm"]), str(models["vae"])], tmp_path)
+    err = res.stderr.decode(errors="replace")
+    assert res.returncode == 0 and "terminate called" not in err, err[-800:]
+    assert res.stdout.decode().split()[-1] in ("audio", "done")
