@@ -65,21 +65,10 @@ def _cli(*args, stdin=None, timeout=120):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    import torch
-    from golden import perturbed
-
-    from calm_fast.codec.vae import VAE, vae_preset
-    from calm_fast.model.calm import CALM
-    from calm_fast.model.conditioning import ByteTokenizer
-    from calm_fast.model.config import preset
-    from calm_fast.runtime.export import export_model
+    from tiny_models import export_tiny
 
     d = tmp_path_factory.mktemp("cli_models")
-    torch.manual_seed(0)
-    export_model(d / "lm.safetensors", perturbed(CALM(preset("tiny").with_(text_bins=256),
-                                                      ByteTokenizer())))
-    export_model(d / "vae.safetensors", VAE(vae_preset("tiny")))
-    export_model(d / "music.safetensors", perturbed(CALM(preset("tiny_music"))))
+    export_tiny(d)
     t = np.arange(1600) / 1600
     sf.write(str(d / "prompt.wav"), (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 1600)
     return d

@@ -40,20 +40,10 @@ def test_marks_are_run_or_skip_with_a_reason():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     import soundfile as sf
-    import torch
-    from golden import perturbed
-
-    from calm_fast.codec.vae import VAE, vae_preset
-    from calm_fast.model.calm import CALM
-    from calm_fast.model.conditioning import ByteTokenizer
-    from calm_fast.model.config import preset
-    from calm_fast.runtime.export import export_model
+    from tiny_models import export_tiny
 
     d = tmp_path_factory.mktemp("readme")
-    torch.manual_seed(0)
-    export_model(d / "lm.safetensors", perturbed(CALM(preset("tiny").with_(text_bins=256),
-                                                      ByteTokenizer())))
-    export_model(d / "vae.safetensors", VAE(vae_preset("tiny")))
+    export_tiny(d)
     t = np.arange(1600) / 1600
     sf.write(str(d / "me.wav"), (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 1600)
     return d
