@@ -132,7 +132,7 @@ def test_errors_are_one_line_exit_1_and_usage_exit_2(models, tmp_path, capsys):
                "transformer.layers.0.self_attn/offset": torch.zeros(1)},
               str(tmp_path / "pocket_voice.safetensors"))  # the package's exported state
     _one_line_error(run("tts", "hi", "-o", tmp_path / "x.wav", *_ck(models), "--voice",
-                        tmp_path / "pocket_voice.safetensors"), "pocket-tts voice state")
+                        tmp_path / "pocket_voice.safetensors"), "does not fit this model")
     assert not (tmp_path / "x.wav").exists()  # a failed run leaves no partial file
     for bad in (["tts"], ["tts", "hi"], ["serve", "--port", "http"], ["nope"],
                 ["tts", "hi", "-o", "x.wav", "--format", "ogg"]):
@@ -223,6 +223,33 @@ def test_pocket_model_file_and_hf_cache_name(tmp_path):
     assert res.returncode == 0, res.stderr.decode()
     wav, sr = sf.read(str(tmp_path / "a.wav"))
     assert sr == 24000 and len(wav) == 3 * 1920
+    # a voice state as the package exports it (its attention cache after the voice prompt)
+    # speaks like the prompt it was made from: here the cache is the one calm_fast's own
+    # prefill of that prompt writes, so the audio must be the same, bit for bit
+    from calm_fast.runtime.engine import Engine
+    from calm_fast.runtime.voices import encode_prompt, save_voice
+    from calm_fast.serve.models import load_synth
+
+    synth = load_synth(d / "model.safetensors")
+    t = np.arange(24000) / 24000
+    sf.write(str(tmp_path / "me.wav"), (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32),
+             24000)
+    lat = encode_prompt(synth.vae, tmp_path / "me.wav")
+    save_voice(tmp_path / "lat.safetensors", lat, synth.vae)
+    eng = Engine(synth.lm, num_blocks=64, max_streams=2)
+    shared = eng.share(synth.lm.prefix(voice=lat).detach())
+    state = {}
+    for li in range(synth.lm.cfg.backbone.num_layers):
+        k, v = eng.cache.gather(li, shared.stream)
+        state[f"transformer.layers.{li}.self_attn/cache"] = torch.stack([k, v])[:, None].contiguous()
+        state[f"transformer.layers.{li}.self_attn/offset"] = torch.tensor([k.shape[0]])
+        state[f"transformer.layers.{li}.self_attn/pad"] = torch.tensor([0])
+    save_file(state, str(tmp_path / "kv.safetensors"))
+    for voice, out in (("lat.safetensors", "v1.wav"), ("kv.safetensors", "v2.wav")):
+        res = _cli("tts", *args, "-o", tmp_path / out, "--checkpoint", d / "model.safetensors",
+                   "--voice", tmp_path / voice)
+        assert res.returncode == 0, res.stderr.decode()
+    assert np.array_equal(sf.read(str(tmp_path / "v1.wav"))[0], sf.read(str(tmp_path / "v2.wav"))[0])
     # the same files laid out as the hub cache of a packaged config
     name = "english"
     cfg = yaml.safe_load((Path(CONFIGS_DIR) / f"{name}.yaml").read_text())

@@ -29,7 +29,8 @@ from calm_fast.codec.mimi import load_pocket_mimi
 from calm_fast.runtime.pocket_tts import load_pocket_flow_lm
 from calm_fast.runtime.engine import Engine
 from calm_fast import checks
-from calm_fast.errors import ArgumentError, ArgumentTypeError, AudioError, CacheFullError
+from calm_fast.errors import (ArgumentError, ArgumentTypeError, AudioError, CacheFullError,
+                              MissingFileError)
 from calm_fast.runtime.generate import Request
 from calm_fast.model.sampling import gaussian_noise
 
@@ -131,37 +132,16 @@ class AcceleratedTTS:
     def _exported_voice(self, path: Path) -> VoiceState:
         """A voice exported by the package (its attention cache after the voice prompt,
         ``export_model_state``): the K/V go straight into this engine's cache as a template
-        (``Engine.share_kv``); no rows are recomputed."""
-        from pocket_tts.models.model_state import _import_model_state
+        (``Engine.share_kv``); no rows are recomputed, and no RNG is drawn (the package's
+        loaded states draw none, unlike its audio prompts)."""
+        from calm_fast.model.weights import read_safetensors
+        from calm_fast.runtime.voices import pocket_kv_voice
 
         if not path.is_file():
-            raise AudioError(f"voice file {str(path)!r}: no such file")
-        try:
-            state = _import_model_state(path, torch.device("cpu"))
-        except Exception as e:
-            raise AudioError(f"voice file {str(path)!r} is not a safetensors voice: {e}") from e
-        c = self.lm.cfg.backbone
-        ks, vs = [], []
-        for li in range(c.num_layers):
-            layer = state.get(f"transformer.layers.{li}.self_attn")
-            if layer is None or "cache" not in layer:
-                raise AudioError(f"voice file {str(path)!r} holds no attention cache for layer "
-                                 f"{li}: not a voice exported by this model family")
-            cache, end = layer["cache"], int(layer.get("offset", torch.tensor([0]))[0])
-            pad = int(layer.get("pad", torch.zeros(1))[0])
-            if cache.dim() != 5 or cache.shape[:2] != (2, 1) or cache.shape[3:] != (
-                    c.kv_heads, c.head_dim) or pad != 0 or not 0 < end <= cache.shape[2]:
-                raise AudioError(f"voice file {str(path)!r}: layer {li} cache "
-                                 f"{tuple(cache.shape)} (offset {end}, pad {pad}) does not fit "
-                                 f"this model ({c.kv_heads} kv heads of {c.head_dim})")
-            ks.append(cache[0, 0, :end].float())
-            vs.append(cache[1, 0, :end].float())
-        if len(state) != c.num_layers or len({k.shape[0] for k in ks}) != 1:
-            raise AudioError(f"voice file {str(path)!r} has {len(state)} cached layers of "
-                             f"unequal lengths or a count other than this model's "
-                             f"{c.num_layers}")
-        # (no RNG draw: the package's loaded states make none, unlike its audio prompts)
-        shared = self.engine.share_kv(torch.stack(ks), torch.stack(vs))
+            raise MissingFileError(f"no voice file at {path}")
+        _, tensors = read_safetensors(path, "voice file")
+        kv = pocket_kv_voice(tensors, self.lm.cfg.backbone, str(path))
+        shared = self.engine.share_kv(kv.k, kv.v)
         state = VoiceState(shared.rows, shared)
         weakref.finalize(state, self.engine.unshare, shared)
         return state

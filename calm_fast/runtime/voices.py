@@ -15,7 +15,9 @@ default model's training speakers, made by the shipped VAE); ``builtin_voices()`
 """
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,18 +67,74 @@ def save_voice(path, latents: torch.Tensor, vae=None, name: str | None = None) -
     return path
 
 
-def load_voice(path, latent_dim: int | None = None) -> torch.Tensor:
-    """The latents [T, C] of a voice file (ours, or the pocket-tts package's export)."""
+@dataclass(frozen=True, eq=False)
+class KVVoice:
+    """A voice given as attention K/V instead of latents: the pocket-tts package's exported
+    voice (its flow LM's attention cache after the voice prompt). k, v [layers, P,
+    kv_heads, head_dim], keys rotated for positions 0..P-1; the P rows are the whole
+    [bos, voice] part of the prefix. It fits only the model it was exported from, and goes
+    into the engine as a K/V template (``Engine.share_kv``). ``key`` names it in caches."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    key: str
+    source: str = ""
+
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+
+def pocket_kv_voice(tensors: dict, backbone, source: str = "") -> KVVoice:
+    """The K/V of a pocket-tts voice state ({module}/{cache, offset|current_end, pad}) for
+    a backbone config (num_layers, kv_heads, head_dim); CheckpointError if it does not fit."""
+    ks, vs = [], []
+    for li in range(backbone.num_layers):
+        name = f"transformer.layers.{li}.self_attn"
+        cache = tensors.get(f"{name}/cache")
+        if cache is None:
+            raise CheckpointError(f"{source}: no attention cache for layer {li} (a voice state "
+                                  f"of another model family)")
+        if f"{name}/current_end" in tensors:  # older exports: the length is a shape
+            end = tensors[f"{name}/current_end"].shape[0]
+        else:
+            end = int(tensors.get(f"{name}/offset", torch.zeros(1)).reshape(-1)[0])
+        pad = int(tensors.get(f"{name}/pad", torch.zeros(1)).reshape(-1)[0])
+        if cache.dim() != 5 or tuple(cache.shape[:2]) != (2, 1) or tuple(cache.shape[3:]) != (
+                backbone.kv_heads, backbone.head_dim) or pad != 0 or not 0 < end <= cache.shape[2]:
+            raise CheckpointError(f"{source}: layer {li} cache {tuple(cache.shape)} (offset {end}, "
+                                  f"pad {pad}) does not fit this model ({backbone.kv_heads} kv "
+                                  f"heads of {backbone.head_dim}): a voice exported from another "
+                                  f"model")
+        ks.append(cache[0, 0, :end].float())
+        vs.append(cache[1, 0, :end].float())
+    layers = {k.split("/")[0] for k in tensors if "/" in k}
+    if len(layers) != backbone.num_layers or len({k.shape[0] for k in ks}) != 1:
+        raise CheckpointError(f"{source}: {len(layers)} cached layers of unequal lengths or a "
+                              f"count other than this model's {backbone.num_layers}")
+    k, v = torch.stack(ks), torch.stack(vs)
+    if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
+        raise CheckpointError(f"{source}: the voice state holds NaN or Inf")
+    key = hashlib.sha1(k.numpy().tobytes() + v.numpy().tobytes()).hexdigest()
+    return KVVoice(k, v, key, source)
+
+
+def load_voice(path, latent_dim: int | None = None, lm=None) -> "torch.Tensor | KVVoice":
+    """The latents [T, C] of a voice file (ours, or the pocket-tts package's export when it
+    keeps them); with ``lm`` (the model that will speak), a package voice state without
+    latents is returned as a KVVoice when it fits that model."""
     meta, tensors = read_safetensors(Path(path), "voice file")
     if "latents" in tensors and meta.get("calm_fast_voice"):
         lat = tensors["latents"].float()
     elif any("/" in k for k in tensors):  # the package's "{module}/{key}" state snapshot
         lat = _pocket_state_latents(tensors)
+        if lat is None and lm is not None:
+            return pocket_kv_voice(tensors, lm.cfg.backbone, str(path))
         if lat is None:
             raise CheckpointError(
                 f"{path} is a pocket-tts voice state (a KV-cache snapshot of its flow LM), "
-                "which cannot be turned back into a prompt: pass the voice's audio file "
-                "instead (calm-fast export-voice AUDIO OUT.safetensors)")
+                "which only the Pocket TTS model it was exported from can use: load that "
+                "model (--checkpoint), or pass the voice's audio file instead")
     else:
         raise CheckpointError(f"{path} is not a voice file (no 'latents' tensor)")
     if lat.dim() != 2 or lat.shape[0] == 0:
@@ -95,11 +153,12 @@ def _pocket_state_latents(tensors: dict) -> torch.Tensor | None:
     return None
 
 
-def resolve_voice(voice, vae, latent_dim: int | None = None) -> torch.Tensor | None:
-    """Latents of ``voice``: None, a built-in name, a voice file, or a prompt audio file."""
+def resolve_voice(voice, vae, latent_dim: int | None = None, lm=None):
+    """Latents of ``voice`` (None, a built-in name, a voice file, or a prompt audio file),
+    or a KVVoice for a pocket-tts voice state that fits ``lm``."""
     if voice is None or voice == "":
         return None
-    if isinstance(voice, torch.Tensor):
+    if isinstance(voice, (torch.Tensor, KVVoice)):
         return voice
     s = str(voice)
     builtin = builtin_voices()
@@ -109,7 +168,7 @@ def resolve_voice(voice, vae, latent_dim: int | None = None) -> torch.Tensor | N
     if p.suffix.lower() == ".safetensors":
         if not p.is_file():
             raise MissingFileError(f"no voice file at {p}")
-        return load_voice(p, latent_dim)
+        return load_voice(p, latent_dim, lm)
     if p.suffix.lower() in AUDIO_SUFFIXES or p.is_file():
         if not p.is_file():
             raise MissingFileError(f"no audio file at {p}")

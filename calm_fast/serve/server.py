@@ -160,7 +160,7 @@ def create_app(synth, config: ServerConfig | None = None, service: Service | Non
         Path(cfg.voices_dir).mkdir(parents=True, exist_ok=True)
         for p in Path(cfg.voices_dir).glob("*.safetensors"):
             try:
-                uploaded[p.stem] = load_voice(p, synth.lm.cfg.latent_dim)
+                uploaded[p.stem] = load_voice(p, synth.lm.cfg.latent_dim, synth.lm)
             except ValueError:
                 pass
 

@@ -35,11 +35,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from calm_fast.errors import CacheFullError
+from calm_fast.errors import ArgumentError, CacheFullError
 from calm_fast.runtime.decode_slots import DecodeSlots
 from calm_fast.runtime.engine import Engine
 from calm_fast.runtime.scheduler import Request
 from calm_fast.runtime.text_chunks import Say, plan
+from calm_fast.runtime.voices import KVVoice
 
 CONTEXT_SECONDS = 20.0  # at most this much of the previous chunk is its successor's prompt
 
@@ -58,7 +59,7 @@ class Segment:
 @dataclass
 class Job:
     segments: list
-    voice: torch.Tensor | None = None  # raw VAE latents [T, C]
+    voice: "torch.Tensor | KVVoice | None" = None  # raw VAE latents [T, C], or K/V
     prompt: torch.Tensor | None = None  # normalised latents [L, C] to continue (audio prompt)
     temperature: float = 0.7
     cfg_scale: float = 1.0
@@ -294,23 +295,46 @@ class Service:
     def _template(self, voice, req: Request):
         """The shared template of ``voice`` (made on first use), or None: no voice, or the
         cache cannot hold one now (the request then prefills its whole prefix)."""
-        if voice is None or self.max_templates <= 0:
+        kv = isinstance(voice, KVVoice)  # K/V only: always a template (nothing to prefill)
+        if voice is None or (self.max_templates <= 0 and not kv):
             return None
-        key = hashlib.sha1(voice.detach().float().cpu().numpy().tobytes()).hexdigest()
+        key = ("kv:" + voice.key if kv else
+               hashlib.sha1(voice.detach().float().cpu().numpy().tobytes()).hexdigest())
         shared = self.templates.get(key)
         if shared is None:
-            rows = self.synth.lm.prefix(voice=voice).detach()
-            if not torch.equal(req.prefix[:rows.shape[0]], rows):
-                return None  # (a prefix that does not start with the voice rows)
-            try:
-                shared = self.engine.share(rows)
-            except CacheFullError:
-                return None
+            if kv:  # CacheFullError (no room now) ends this job with that message
+                shared = self.engine.share_kv(voice.k, voice.v)
+            else:
+                rows = self.synth.lm.prefix(voice=voice).detach()
+                if not torch.equal(req.prefix[:rows.shape[0]], rows):
+                    return None  # (a prefix that does not start with the voice rows)
+                try:
+                    shared = self.engine.share(rows)
+                except CacheFullError:
+                    return None
             self.templates[key] = shared
-            while len(self.templates) > self.max_templates:
-                self.engine.unshare(self.templates.popitem(last=False)[1])
+            self._evict()
         self.templates.move_to_end(key)
         return shared
+
+    def _evict(self) -> None:
+        """Drop the oldest templates beyond ``max_templates``; a K/V template that waiting
+        requests still name stays (they cannot prefill it) until a later eviction."""
+        for old in list(self.templates)[:max(0, len(self.templates) - self.max_templates)]:
+            try:
+                self.engine.unshare(self.templates[old])
+            except ArgumentError:
+                continue
+            del self.templates[old]
+
+    def _prefix(self, text, voice, tags) -> torch.Tensor:
+        """[bos, voice, tags, text] rows; a KVVoice's [bos, voice] part is its placeholder
+        rows (its template holds the K/V)."""
+        lm = self.synth.lm
+        if isinstance(voice, KVVoice):
+            rows = lm.prefix(text=text, tags=tags)[1:]  # without its own BOS row
+            return torch.cat([rows.new_zeros(voice.rows, rows.shape[1]), rows])
+        return lm.prefix(text=text, voice=voice, tags=tags)
 
     def _request(self, run: _Run, seg: Segment) -> Request:
         job, lm = run.job, self.synth.lm
@@ -320,9 +344,9 @@ class Service:
             keep = int(CONTEXT_SECONDS * self.synth.frame_rate)
             text = f"{run.prev_text} {text}"
             prompt = run.prev_frames[-keep:]
-        prefix = lm.prefix(text=text, voice=job.voice, tags=seg.tags)
+        prefix = self._prefix(text, job.voice, seg.tags)
         if prompt is not None and prefix.shape[0] + prompt.shape[0] + 2 > lm.cfg.max_context:
-            prefix, prompt = lm.prefix(text=seg.text, voice=job.voice, tags=seg.tags), None
+            prefix, prompt = self._prefix(seg.text, job.voice, seg.tags), None
         room = lm.cfg.max_context - prefix.shape[0] - (0 if prompt is None else prompt.shape[0])
         frames = min(max(1, math.ceil(job.max_seconds * self.synth.frame_rate)), room - 1)
         if frames < 1:

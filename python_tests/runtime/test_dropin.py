@@ -192,12 +192,12 @@ def test_a_voice_exported_by_the_package_loads_and_gives_its_audio(peer, fast, v
 def test_bad_voice_files_are_refused(fast, tmp_path):
     from safetensors.torch import save_file
 
-    from calm_fast.errors import ArgumentError, AudioError
+    from calm_fast.errors import CheckpointError, MissingFileError
 
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
-    with pytest.raises(AudioError, match="not a safetensors voice"):
+    with pytest.raises(CheckpointError, match="voice file"):
         fast.get_state_for_audio_prompt(tmp_path / "junk.safetensors")
-    with pytest.raises(AudioError, match="no such file"):
+    with pytest.raises(MissingFileError, match="no voice file"):
         fast.get_state_for_audio_prompt(str(tmp_path / "missing.safetensors"))
     c = fast.lm.cfg.backbone
     wrong = {f"transformer.layers.{i}.self_attn/cache": torch.zeros(2, 1, 5, c.kv_heads, 8)
@@ -205,7 +205,7 @@ def test_bad_voice_files_are_refused(fast, tmp_path):
     wrong.update({f"transformer.layers.{i}.self_attn/offset": torch.tensor([5])
                   for i in range(c.num_layers)})
     save_file(wrong, str(tmp_path / "other.safetensors"))
-    with pytest.raises(AudioError, match="does not fit this model"):
+    with pytest.raises(CheckpointError, match="does not fit this model"):
         fast.get_state_for_audio_prompt(tmp_path / "other.safetensors")
     nan = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v)
            for k, v in wrong.items()}
@@ -213,6 +213,6 @@ def test_bad_voice_files_are_refused(fast, tmp_path):
                 torch.full((2, 1, 5, c.kv_heads, c.head_dim), float("nan"))
                 for i in range(c.num_layers)})
     save_file(nan, str(tmp_path / "nan.safetensors"))
-    with pytest.raises(ArgumentError, match="NaN"):
+    with pytest.raises(CheckpointError, match="NaN"):
         fast.get_state_for_audio_prompt(tmp_path / "nan.safetensors")
     assert not fast.engine.active and not fast.engine.waiting
