@@ -199,6 +199,25 @@ def test_lm_recipe_guided_attention_is_logged_and_trains_the_chosen_head(tmp_pat
     assert "align" not in row
 
 
+def test_lm_recipe_warm_starts_from_an_export(tmp_path):
+    lat = synthetic_cache(tmp_path / "lat")
+    run_recipe(write_toml(tmp_path / "a.toml",
+                          LM_RECIPE.format(out=tmp_path / "a", lat=lat, steps=3, ckpt=3)))
+    init = tmp_path / "a" / "model.safetensors"
+    # lr 0: the warm-started run's export is its starting point, tensor for tensor
+    run_recipe(write_toml(tmp_path / "b.toml",
+                          LM_RECIPE.format(out=tmp_path / "b", lat=lat, steps=1, ckpt=1)),
+               sets=[f'model.init="{init}"', "train.lr=0.0", "train.weight_decay=0.0"])
+    a = load_model(init).state_dict()
+    b = load_model(tmp_path / "b" / "model.safetensors").state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    with pytest.raises(RecipeError, match="architecture differs.*backbone"):
+        run_recipe(write_toml(tmp_path / "c.toml",
+                              LM_RECIPE.format(out=tmp_path / "c", lat=lat, steps=1, ckpt=1)),
+                   sets=[f'model.init="{init}"', "model.backbone.num_layers=1"])
+
+
 def test_guided_attention_gradient_reaches_only_its_layer_and_those_below(tmp_path):
     from calm_fast.model.conditioning import ByteTokenizer
     from calm_fast.train.recipes.lm import LMData, LMObjective, LMTraining, Utterances

@@ -2,7 +2,8 @@
 
     [data]      latents = "runs/latents" (``calm-fast data latents``), splits, batch,
                 max_frames, voice_frames, tokenizer, vae (optional, for audio samples)
-    [model]     preset = "tiny" (+ any CALMConfig field, nested tables for backbone/head)
+    [model]     preset = "tiny" (+ any CALMConfig field, nested tables for backbone/head);
+                init = an LM export to start from (a warm start of the same architecture)
     [objective] kind, head_mult, p_text, p_voice, eos_weight, adaptive_weight, tangent_warmup
 
 One training example is one whole utterance (text and audio must match, so nothing is
@@ -239,7 +240,9 @@ class LMTraining(nn.Module):
 
 def run(recipe: dict) -> Path:
     data = build(LMData, recipe["data"], "data")
-    cfg = build_preset(CALMConfig, recipe["model"], "model", preset)
+    model_table = dict(recipe["model"])
+    init = model_table.pop("init", "")  # warm start: an LM export of this architecture
+    cfg = build_preset(CALMConfig, model_table, "model", preset)
     objective = build(LMObjective, recipe["objective"], "objective")
     train_cfg = build(TrainConfig, recipe["train"], "train", out_dir=recipe["out_dir"])
     utts = Utterances(data, cfg.latent_dim)
@@ -255,6 +258,8 @@ def run(recipe: dict) -> Path:
     torch.manual_seed(train_cfg.seed)
     calm = CALM(cfg, tokenizer)
     calm.emb_mean, calm.emb_std = utts.stats()
+    if init:
+        _warm_start(calm, init)
     module = LMTraining(calm, objective)
 
     def batch_fn(step, micro, rank, world):
@@ -265,6 +270,22 @@ def run(recipe: dict) -> Path:
                             Path(recipe["out_dir"]) / "model.safetensors", lambda m: m.calm,
                             {"recipe": "lm", "voice_frames": data.voice_frames}, sample_fn=_sampler(utts, data, tokenizer),
                             find_unused=True)
+
+
+def _warm_start(calm: CALM, path: str) -> None:
+    """Start from the weights of an export (e.g. an earlier run's EMA model, stored in half
+    precision): same architecture and tokenizer, every tensor replaced, its latent
+    normalisation included. The optimizer starts fresh (a new run, not a resume)."""
+    src = load_model(path, expect="calm")
+    if src.cfg != calm.cfg:
+        diff = [f for f in src.cfg.__dataclass_fields__
+                if getattr(src.cfg, f) != getattr(calm.cfg, f)]
+        raise RecipeError(f"model.init {path}: its architecture differs from this recipe's "
+                          f"in {diff}")
+    theirs, ours = src.state_dict(), calm.state_dict()
+    if theirs.keys() != ours.keys() or any(theirs[k].shape != ours[k].shape for k in ours):
+        raise RecipeError(f"model.init {path}: its tensors do not match this model's")
+    calm.load_state_dict({k: v.to(ours[k].dtype) for k, v in theirs.items()})
 
 
 def _sampler(utts: Utterances, data: LMData, tokenizer):
