@@ -71,7 +71,7 @@ def main(argv=None):
     from calm_fast.serve.batch import run_batch
     from calm_fast.serve.models import DEFAULT_BUNDLE
 
-    data, out = Path(a.data).resolve(), Path(a.out)
+    data, out = Path(a.data).resolve(), Path(a.out).resolve()  # manifests hold paths
     bundle = Path(a.model) if a.model else DEFAULT_BUNDLE
     lm_p, vae_p = bundle / "lm.safetensors", bundle / "vae.safetensors"
     out.mkdir(parents=True, exist_ok=True)
