@@ -26,9 +26,17 @@ OPTS = dict(eos_threshold=None, cache_mb=4, max_streams=2)
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, _node_ip_address="127.0.0.1")
+def cluster(tmp_path_factory):
+    # Ray's workers put the driver's working directory on their import path: started from
+    # a source checkout, they would import its calm_fast/ (no built extension, no
+    # kernels/) instead of the installed package. Start the cluster from an empty folder.
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("ray_cwd"))
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, _node_ip_address="127.0.0.1")
+    finally:
+        os.chdir(here)
     # the test's worker class travels by value (the workers cannot import this file)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield
