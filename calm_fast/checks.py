@@ -64,14 +64,14 @@ def instance(name: str, v, cls, what: str | None = None, none: bool = False):
     return v
 
 
-def out_folder(name: str, v):
-    """A folder to write into (str or os.PathLike), created if missing; an existing file of
-    that name is an error rather than a FileExistsError from deep inside a writer."""
+def out_folder(name: str, v) -> Path:
+    """A folder path to write into (str or os.PathLike), as a Path; an existing file of that
+    name is an error rather than a FileExistsError from deep inside a writer. Nothing is
+    created here: the caller makes the folder once its other checks have passed."""
     if isinstance(v, bool) or not isinstance(v, (str, os.PathLike)):
         raise ArgumentTypeError(f"{name} must be a folder path (str or Path), got "
                                 f"{_show(v)} ({type(v).__name__})")
     p = Path(v)
     if p.exists() and not p.is_dir():
         raise ArgumentError(f"{name} {str(p)!r} is a file, not a folder: choose a folder path")
-    p.mkdir(parents=True, exist_ok=True)
     return p

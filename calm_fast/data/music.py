@@ -257,6 +257,6 @@ def build_music_dataset(out_dir, n_renders: int = 50, seed: int = 0,
             pool = test if split == "test" else train
             candidates = [rng.choice(pool) for _ in range(4)]
         jobs.append((i, candidates, split, seed, str(out_dir), max_seconds))
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = run_jobs(_job, jobs, workers)
-    return write_manifest(Path(out_dir), rows)
+    return write_manifest(out_dir, rows)

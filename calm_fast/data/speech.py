@@ -500,12 +500,11 @@ def build_speech_dataset(out_dir, n_utterances: int = 200, seed: int = 0,
                             f"left to train on), got {val_share} + {test_share}")
     if isinstance(sources, str):
         sources = (sources,)
-    unknown = sorted(set(sources) - set(text_mod.SOURCES))
-    if unknown or not sources:
-        raise ArgumentError(f"sources must be some of {sorted(text_mod.SOURCES)}, got "
-                            f"{list(sources)}")
+    if not sources:
+        raise ArgumentError(f"sources must be some of {sorted(text_mod.SOURCES)}, got none")
     out_dir = checks.out_folder("out_dir", out_dir)
-    train, val, test = text_mod.split(text_mod.collect(sources), seed=seed)
+    train, val, test = text_mod.split(text_mod.collect(sources), seed=seed)  # checks them
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     voice_wer = None
     if wer_threshold is not None:

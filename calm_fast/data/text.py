@@ -11,6 +11,7 @@ import re
 import subprocess
 from pathlib import Path
 
+from ..errors import ArgumentError
 from .tools import require_tool
 
 _CLEAN = re.compile(r"^[A-Za-z ,.'?!;:-]+$")
@@ -77,7 +78,8 @@ def collect(sources=("fortunes", "bible", "pydoc")) -> list[str]:
     seen, out = set(), []
     for name in sources:
         if name not in SOURCES:
-            raise ValueError(f"unknown text source {name!r}; choose from {sorted(SOURCES)}")
+            raise ArgumentError(f"unknown text source {name!r}: sources must be some of "
+                                f"{sorted(SOURCES)}, got {list(sources)}")
         for s in SOURCES[name]():
             key = s.lower()
             if key not in seen:

@@ -135,16 +135,24 @@ class Engine:
                                 f"{rows.dtype} {tuple(rows.shape)}")
         if not torch.isfinite(rows).all():
             raise ArgumentError("a shared prefix holds NaN or Inf")
-        need = -(-rows.shape[0] // self.block_size)
-        if need > self.sched.available:
-            raise CacheFullError(f"a shared prefix of {rows.shape[0]} rows needs {need} blocks;"
-                                 f" {self.sched.available} "
-                                 "are not promised to admitted requests")
-        sid = self.cache.new_stream()
+        sid = self._template_stream(rows.shape[0])
         fb.prefill(self.sched.backbone, self.cache, sid,
                    rows.detach().to(self.sched.device, self.sched.dtype), outputs=False)
-        self._templates += need
+        self._templates += self._template_blocks(rows.shape[0])
         return Shared(sid, rows.detach().clone(), engine=self)
+
+    def _template_blocks(self, rows: int) -> int:
+        return -(-rows // self.block_size)
+
+    def _template_stream(self, rows: int) -> int:
+        """A new cache stream for a template of ``rows`` rows, or CacheFullError (nothing
+        changed) when blocks not promised to admitted requests cannot hold it."""
+        need = self._template_blocks(rows)
+        if need > self.sched.available:
+            raise CacheFullError(f"a shared prefix of {rows} rows needs {need} blocks; "
+                                 f"{self.sched.available} are not promised to admitted "
+                                 "requests")
+        return self.cache.new_stream()
 
     def share_kv(self, k: torch.Tensor, v: torch.Tensor) -> Shared:
         """A template from K/V computed elsewhere (a Pocket TTS exported voice: the
@@ -169,16 +177,12 @@ class Engine:
         if P >= self.model.cfg.max_context:
             raise ArgumentError(f"{P} shared rows do not fit the context of "
                                 f"{self.model.cfg.max_context}")
-        need = -(-P // self.block_size)
-        if need > self.sched.available:
-            raise CacheFullError(f"a shared prefix of {P} rows needs {need} blocks; "
-                                 f"{self.sched.available} are not promised to admitted requests")
-        sid = self.cache.new_stream()
+        sid = self._template_stream(P)
         slots = self.cache.reserve([sid], P)[0]
         for li in range(c.num_layers):
             self.cache.write(li, slots, k[li].to(self.cache.k.device),
                              v[li].to(self.cache.v.device))
-        self._templates += need
+        self._templates += self._template_blocks(P)
         rows = torch.zeros(P, c.d_model, dtype=self.sched.dtype)
         return Shared(sid, rows, engine=self, kv_only=True)
 
@@ -203,7 +207,7 @@ class Engine:
                 p.shared = None
                 p.need = self.sched.blocks_for(p.req, 0, null_shared=True)
         self.cache.free(s.stream)
-        self._templates -= -(-s.rows.shape[0] // self.block_size)
+        self._templates -= self._template_blocks(s.rows.shape[0])
 
     def _null_template(self) -> Shared:
         if self._null is None:
