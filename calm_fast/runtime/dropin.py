@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from calm_fast.codec.mimi import load_pocket_mimi
-from calm_fast.runtime.pocket_tts import load_pocket_flow_lm
+from calm_fast.runtime.pocket_tts import ONE_STEP_KINDS, load_pocket_flow_lm
 from calm_fast.runtime.engine import Engine
 from calm_fast import checks
 from calm_fast.errors import (ArgumentError, ArgumentTypeError, AudioError, CacheFullError,
-                              MissingFileError)
+                              CheckpointError, MissingFileError)
 from calm_fast.runtime.generate import Request
 from calm_fast.model.sampling import gaussian_noise
 
@@ -58,13 +58,20 @@ class AcceleratedTTS:
         checks.integer("decode_frames", decode_frames, 1, 64)  # frames per decoder call
         self.peer = peer
         sd = {k: v.detach().float().cpu() for k, v in peer.flow_lm.state_dict().items()}
-        self.lm = load_pocket_flow_lm(sd)
+        flow_type = getattr(peer.flow_lm, "flow_type", "lsd")
+        if flow_type not in ("lsd", *ONE_STEP_KINDS):
+            # e.g. flow_matching: Euler steps of a one-time head, which no engine path runs
+            raise CheckpointError(f"flow LMs of flow type {flow_type!r} are not supported "
+                                  f"(supported: lsd, {', '.join(ONE_STEP_KINDS)})")
+        self.lm = load_pocket_flow_lm(sd, flow_type=flow_type)
+        # the package's one-step heads ignore its sampler_decode_steps
+        head_steps = 1 if flow_type in ONE_STEP_KINDS else peer.sampler_decode_steps
         self.vae = load_pocket_mimi({k: v.detach().float().cpu()
                                      for k, v in peer.mimi.state_dict().items()})
         c = self.lm.cfg.backbone
         block_bytes = 2 * c.num_layers * c.kv_heads * c.head_dim * 4 * 16
         self.engine = Engine(self.lm, num_blocks=max(64, int(cache_mb * 2**20 // block_bytes)),
-                             max_streams=max_streams, head_steps=peer.sampler_decode_steps,
+                             max_streams=max_streams, head_steps=head_steps,
                              int8=int8, vae=self.vae, decode_frames=decode_frames)
         self.sample_rate = peer.sample_rate
 

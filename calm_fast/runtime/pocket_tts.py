@@ -10,6 +10,10 @@ The prefix layout needs no mapping: Pocket TTS prefills [bos_before_voice, voice
 speaker_proj^T, text embeddings] and then the BOS latent, exactly ``CALM.prefix`` and
 ``calm_fast.generate``. Shapes come from the tensors; only the head count cannot (Pocket
 TTS uses 64-dim heads: 16 at d_model 1024, the default here).
+
+Heads without a time input (the package's ``drifting`` and ``pointwise`` flow types) run as
+one-step heads of calm_fast's own kinds, exactly (``one_step_head``): the state dict cannot
+tell the two apart, so their loader is given the package's ``flow_type``.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from calm_fast.errors import CheckpointError
 from calm_fast.model.weights import load_weights, read_tensors
 from calm_fast.model.config import CALMConfig, HeadConfig, TransformerConfig
 from calm_fast.model.calm import CALM
+from calm_fast.model.head import TimestepEmbedder
 
 _SKIP_PREFIXES = ("flow.w_s_t.",)
 _SKIP_KEYS = {"condition_provider.conditioners.transcript_in_segment.learnt_padding",
@@ -42,9 +47,15 @@ def read_state_dict(src) -> dict[str, torch.Tensor]:
     return out
 
 
+# The package's one-step flow types without a time input, and the calm_fast head kind each
+# runs as (see one_step_head).
+ONE_STEP_KINDS = {"drifting": "consistency", "pointwise": "lsd"}
+
+
 def config_from_state_dict(sd: dict, num_heads: int | None = None,
-                           name: str = "pocket") -> CALMConfig:
-    """The CALMConfig whose model has exactly the tensors of ``sd``."""
+                           name: str = "pocket", flow_type: str | None = None) -> CALMConfig:
+    """The CALMConfig whose model has exactly the tensors of ``sd`` (after ``one_step_head``
+    for a head without time inputs, whose ``flow_type`` must then be given)."""
     try:
         d = sd["input_linear.weight"].shape[0]
         C = sd["input_linear.weight"].shape[1]
@@ -60,9 +71,17 @@ def config_from_state_dict(sd: dict, num_heads: int | None = None,
                     default=-1)
     n_time = 1 + max((int(k.split(".")[2]) for k in sd if k.startswith("flow_net.time_embed.")),
                      default=-1)
-    if n_time not in (1, 2):
-        raise CheckpointError(f"head with {n_time} time inputs: only LSD (2) and "
-                              "consistency/flow (1) heads are supported")
+    if n_time == 0:
+        if flow_type not in ONE_STEP_KINDS:
+            raise CheckpointError(f"a head with no time input needs its flow type (one of "
+                                  f"{sorted(ONE_STEP_KINDS)}; the checkpoint cannot say "
+                                  f"which), got {flow_type!r}")
+        kind = ONE_STEP_KINDS[flow_type]
+    elif n_time in (1, 2):
+        kind = "lsd" if n_time == 2 else "consistency"
+    else:
+        raise CheckpointError(f"head with {n_time} time inputs: only LSD (2), "
+                              "consistency/flow (1) and one-step (0) heads are supported")
     heads = num_heads or max(1, d // 64)
     head_dim = d // heads
     kv = (qkv // head_dim - heads) // 2
@@ -71,16 +90,48 @@ def config_from_state_dict(sd: dict, num_heads: int | None = None,
     return CALMConfig(
         name, TransformerConfig(d, layers, heads, kv if kv != heads else None, ff / d,
                                 layer_scale=1.0 if ls else None),
-        HeadConfig(width, depth, "lsd" if n_time == 2 else "consistency"),
+        HeadConfig(width, depth, kind),
         latent_dim=C, text_bins=text, voice="speaker_proj_weight" in sd)
 
 
+def one_step_head(sd: dict, flow_type: str) -> dict:
+    """``sd`` with its time-free head (``flow_net.*``, no ``time_embed``) rewritten as an
+    exactly equal head of a calm_fast kind, run with one step:
+
+    * pointwise, x = noise + F(c, noise): the one-step LSD map x + (1 - 0) F(c, x, 0, 1);
+    * drifting, x = F(c, noise): the one-step consistency map -F'(c, x, pi/2) with F' = -F
+      (the final linear layer negated: negation is exact in floating point).
+
+    The time inputs the calm_fast kinds take are added with all-zero weights: each time
+    embedding ends in a norm whose gain (``alpha``) is 0, so it adds exactly 0 to the
+    condition, which is what the time-free head sees."""
+    if flow_type not in ONE_STEP_KINDS:
+        raise CheckpointError(f"unknown one-step flow type {flow_type!r}; known: "
+                              f"{sorted(ONE_STEP_KINDS)}")
+    out = dict(sd)
+    width = sd["flow_net.input_proj.weight"].shape[0]
+    n_time = 2 if ONE_STEP_KINDS[flow_type] == "lsd" else 1
+    emb = TimestepEmbedder(width)
+    for i in range(n_time):
+        for k, v in emb.state_dict().items():
+            # the frequencies are the module's own buffer; every weight is zero
+            out[f"flow_net.time_embed.{i}.{k}"] = v.clone() if k == "freqs" else torch.zeros_like(v)
+    if flow_type == "drifting":
+        for k in ("flow_net.final_layer.linear.weight", "flow_net.final_layer.linear.bias"):
+            out[k] = -sd[k]
+    return out
+
+
 def load_pocket_flow_lm(src, config: CALMConfig | None = None, num_heads: int | None = None,
-                        tokenizer=None) -> CALM:
+                        tokenizer=None, flow_type: str | None = None) -> CALM:
     """A CALM model holding a Pocket TTS flow LM's weights (dict or safetensors path).
-    Every missing, unexpected or wrong-shape key is named in the CheckpointError."""
+    Every missing, unexpected or wrong-shape key is named in the CheckpointError.
+    ``flow_type``: the package's (``FlowLMModel.flow_type``); needed only for a head with
+    no time input (drifting / pointwise), which the weights alone cannot tell apart."""
     sd = read_state_dict(src)
-    cfg = config or config_from_state_dict(sd, num_heads)
+    cfg = config or config_from_state_dict(sd, num_heads, flow_type=flow_type)
+    if not any(k.startswith("flow_net.time_embed.") for k in sd) and "flow_net.input_proj.weight" in sd:
+        sd = one_step_head(sd, flow_type)
     model = CALM(cfg, tokenizer)
     sd = dict(sd)
     if "bos_before_voice" not in sd and "bos_before_voice" in model.state_dict():

@@ -154,3 +154,32 @@ def test_bad_checkpoints_name_their_keys(peer, tmp_path):
     nan["bos_emb"] = torch.full((32,), math.nan)
     with pytest.raises(CheckpointError, match="NaN"):
         load_pocket_flow_lm(nan)
+
+
+@pytest.mark.parametrize("flow_type", ["drifting", "pointwise"])
+def test_one_step_heads_map_exactly(peer, flow_type):
+    """The package's time-free heads (drifting: x = F(c, noise); pointwise: noise + F) load as
+    one-step heads of calm_fast's kinds and sample the package's latent from the same noise."""
+    from pocket_tts.models.flow_lm import drifting_decode, pointwise_decode
+    from pocket_tts.modules.mlp import SimpleMLPAdaLN
+
+    from calm_fast.model.sampling import consistency_sample, lsd_sample, module_head
+
+    torch.manual_seed(3)
+    head = SimpleMLPAdaLN(32, 64, 32, 1024, 2, num_time_conds=0)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sd = {k: v for k, v in peer.state_dict().items() if not k.startswith("flow_net.")}
+    sd.update({f"flow_net.{k}": v for k, v in head.state_dict().items()})
+    with pytest.raises(CheckpointError, match="flow type"):
+        load_pocket_flow_lm(sd)  # the weights cannot tell drifting from pointwise
+    ours = load_pocket_flow_lm(sd, flow_type=flow_type)
+    c, noise = torch.randn(5, 1024), torch.randn(5, 32)
+    with torch.no_grad():
+        decode = drifting_decode if flow_type == "drifting" else pointwise_decode
+        want = decode(lambda *a: head(c, *a), noise)
+        F = module_head(ours.flow_net)
+        got = (consistency_sample(F, c, noise) if ours.cfg.head.kind == "consistency"
+               else lsd_sample(F, c, noise))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
