@@ -226,9 +226,9 @@ def test_pocket_model_file_and_hf_cache_name(tmp_path):
     # a voice state as the package exports it (its attention cache after the voice prompt)
     # speaks like the prompt it was made from: here the cache is the one calm_fast's own
     # prefill of that prompt writes, so the audio must be the same, bit for bit
-    from calm_fast.runtime.engine import Engine
     from calm_fast.runtime.voices import encode_prompt, save_voice
     from calm_fast.serve.models import load_synth
+    from tiny_models import pocket_voice_state
 
     synth = load_synth(d / "model.safetensors")
     t = np.arange(24000) / 24000
@@ -236,14 +236,7 @@ def test_pocket_model_file_and_hf_cache_name(tmp_path):
              24000)
     lat = encode_prompt(synth.vae, tmp_path / "me.wav")
     save_voice(tmp_path / "lat.safetensors", lat, synth.vae)
-    eng = Engine(synth.lm, num_blocks=64, max_streams=2)
-    shared = eng.share(synth.lm.prefix(voice=lat).detach())
-    state = {}
-    for li in range(synth.lm.cfg.backbone.num_layers):
-        k, v = eng.cache.gather(li, shared.stream)
-        state[f"transformer.layers.{li}.self_attn/cache"] = torch.stack([k, v])[:, None].contiguous()
-        state[f"transformer.layers.{li}.self_attn/offset"] = torch.tensor([k.shape[0]])
-        state[f"transformer.layers.{li}.self_attn/pad"] = torch.tensor([0])
+    state = pocket_voice_state(synth.lm, lat)
     save_file(state, str(tmp_path / "kv.safetensors"))
     for voice, out in (("lat.safetensors", "v1.wav"), ("kv.safetensors", "v2.wav")):
         res = _cli("tts", *args, "-o", tmp_path / out, "--checkpoint", d / "model.safetensors",

@@ -25,3 +25,22 @@ def export_tiny(d) -> dict:
         export_model(out["vae"], VAE(vae_preset("tiny")))
         export_model(out["music"], perturbed(CALM(preset("tiny_music"))))
     return out
+
+
+def pocket_voice_state(lm, latents) -> dict:
+    """A voice state laid out as the pocket-tts package exports it (its attention cache after
+    the voice prompt, "{module}/{cache, offset, pad}"), holding the K/V that calm_fast's own
+    prefill of ``latents`` writes: a model given this state must speak exactly as with the
+    latents themselves."""
+    from calm_fast.runtime.engine import Engine
+
+    eng = Engine(lm, num_blocks=64, max_streams=2)
+    shared = eng.share(lm.prefix(voice=latents).detach())
+    state = {}
+    for li in range(lm.cfg.backbone.num_layers):
+        k, v = eng.cache.gather(li, shared.stream)
+        name = f"transformer.layers.{li}.self_attn"
+        state[f"{name}/cache"] = torch.stack([k, v])[:, None].contiguous()
+        state[f"{name}/offset"] = torch.tensor([k.shape[0]])
+        state[f"{name}/pad"] = torch.tensor([0])
+    return state

@@ -14,6 +14,10 @@ manifest whose groups are:
     tts_clone      TTS of those sentences cloned from that 3-10 s prompt
 
     python scripts/eval_tts.py --data data/speech --out runs/eval_tts [--model DIR] [--n 56]
+        [--temperature 0.7] [--cfg 1.0] [--sets default,s8,clone]
+
+``--temperature`` and ``--cfg`` (latent CFG scale, 1 = off) are the sampling settings of
+every TTS row; ``--sets`` makes only some TTS groups (a quick sweep over settings).
 """
 from __future__ import annotations
 
@@ -60,9 +64,16 @@ def main(argv=None):
     ap.add_argument("--default-voice", default="slt", help="built-in voice of that speaker")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=0.7, help="Gaussian temperature")
+    ap.add_argument("--cfg", type=float, default=1.0, help="latent CFG scale (1 = off)")
+    ap.add_argument("--sets", default="default,s8,clone",
+                    help="TTS groups to make: some of default, s8, clone")
     ap.add_argument("--only-ref", action="store_true",
                     help="score the ground truth and VAE round trips only (no LM needed)")
     a = ap.parse_args(argv)
+    sets = set(a.sets.split(","))
+    if not sets or not sets <= {"default", "s8", "clone"}:
+        ap.error(f"--sets: some of default, s8, clone, got {a.sets!r}")
     torch.set_num_threads(a.threads)
 
     from calm_fast.codec.audio import write_audio
@@ -80,10 +91,12 @@ def main(argv=None):
 
     jobs = []
     for i, r in enumerate(dflt if not a.only_ref else []):
-        jobs.append({"id": f"default_{i:03d}", "text": r["text"], "voice": a.default_voice})
-        jobs.append({"id": f"default_s8_{i:03d}", "text": r["text"], "voice": a.default_voice,
-                     "steps": 8})
-    for i, (r, p) in enumerate(clone if not a.only_ref else []):
+        if "default" in sets:
+            jobs.append({"id": f"default_{i:03d}", "text": r["text"], "voice": a.default_voice})
+        if "s8" in sets:
+            jobs.append({"id": f"default_s8_{i:03d}", "text": r["text"],
+                         "voice": a.default_voice, "steps": 8})
+    for i, (r, p) in enumerate(clone if not a.only_ref and "clone" in sets else []):
         jobs.append({"id": f"clone_{i:03d}", "text": r["text"], "voice": str(data / p["path"])})
     done = {}
     if jobs:
@@ -93,7 +106,8 @@ def main(argv=None):
             import shutil
             shutil.rmtree(out / "audio")
         s = run_batch(man, out / "audio", checkpoint=lm_p, vae=vae_p, seed=a.seed,
-                      max_seconds=20.0, progress=True)
+                      max_seconds=20.0, temperature=a.temperature, cfg=a.cfg,
+                      progress=True)
         print(f"batch: {s}", file=sys.stderr)
     for line in ((out / "audio" / "results.jsonl").read_text().splitlines() if jobs else []):
         rec = json.loads(line)
@@ -160,6 +174,7 @@ def main(argv=None):
     merged["groups"] = {g: v for r in reports for g, v in r["groups"].items()}
     merged["rows"] = [row for r in reports for row in r["rows"]]
     merged["source"] = str(out)
+    merged["sampling"] = {"temperature": a.temperature, "cfg": a.cfg, "seed": a.seed}
     (out / "report.json").write_text(json.dumps(merged, indent=1))
     print(table(merged))
 

@@ -54,6 +54,15 @@ def encode_prompt(vae, audio, max_seconds: float = PROMPT_SECONDS) -> torch.Tens
     return vae.encode(vae.pad(wav[None]))[0].detach()
 
 
+def is_safetensors(data: bytes) -> bool:
+    """Whether bytes look like a safetensors file (a little-endian u64 header length, then
+    that many bytes of JSON), so that an upload is told apart from audio without its name."""
+    if len(data) < 10 or data[8:9] != b"{":
+        return False
+    n = int.from_bytes(data[:8], "little")
+    return 2 <= n <= len(data) - 8
+
+
 def save_voice(path, latents: torch.Tensor, vae=None, name: str | None = None) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -117,6 +126,16 @@ def pocket_kv_voice(tensors: dict, backbone, source: str = "") -> KVVoice:
         raise CheckpointError(f"{source}: the voice state holds NaN or Inf")
     key = hashlib.sha1(k.numpy().tobytes() + v.numpy().tobytes()).hexdigest()
     return KVVoice(k, v, key, source)
+
+
+def voice_prefix(lm, *, text=None, voice=None, tags=None) -> torch.Tensor:
+    """``lm.prefix`` rows [bos, voice, tags, text] for a voice given as latents or as a
+    KVVoice; a KVVoice's [bos, voice] part is its zero placeholder rows (its engine template,
+    ``Engine.share_kv``, holds their K/V)."""
+    if isinstance(voice, KVVoice):
+        rows = lm.prefix(text=text, tags=tags)[1:]  # without its own BOS row
+        return torch.cat([rows.new_zeros(voice.rows, rows.shape[1]), rows])
+    return lm.prefix(text=text, voice=voice, tags=tags)
 
 
 def load_voice(path, latent_dim: int | None = None, lm=None) -> "torch.Tensor | KVVoice":

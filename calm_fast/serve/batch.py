@@ -10,8 +10,9 @@ A manifest row is one JSON object per line:
 
 ``id`` (a file-name-safe string, unique) and one of ``text``, ``prompt`` (audio to continue:
 a wav whose VAE latents the stream continues) or ``caption`` (music tags, a list or a
-comma-separated string) are required; ``text`` may be combined with ``voice`` and
-``prompt``. Unknown fields, wrong types and duplicate ids are errors that name the row
+comma-separated string) are required; ``text`` may be combined with ``voice`` (a
+built-in name, prompt audio, a voice file, or a pocket-tts voice state exported from the
+job's model) and ``prompt``. Unknown fields, wrong types and duplicate ids are errors that name the row
 (its line and id). Relative audio paths are resolved against the manifest's folder.
 Without ``seed`` a row's seed is derived from its id and the job's ``--seed`` (so a row's
 audio does not depend on where it sits in the manifest or what runs beside it).
@@ -370,8 +371,9 @@ class Job:
         with torch.no_grad():
             return self.vae.encode(self.vae.pad(wav[None]))[0]
 
-    def voice_latents(self, path: str) -> torch.Tensor:
-        """Raw latents of a voice: a built-in name, a voice file or a prompt audio file."""
+    def voice_latents(self, path: str):
+        """Raw latents of a voice: a built-in name, a voice file or a prompt audio file; or
+        a KVVoice for a pocket-tts voice state exported from this job's model."""
         from calm_fast.runtime.voices import builtin_voices, load_voice
 
         if path in self.voice_lat:
@@ -380,7 +382,7 @@ class Job:
         if path in builtin_voices():
             v = load_voice(builtin_voices()[path], self.lm.cfg.latent_dim)
         elif path.endswith(".safetensors"):
-            v = load_voice(self._path(path), self.lm.cfg.latent_dim)
+            v = load_voice(self._path(path), self.lm.cfg.latent_dim, self.lm)
         else:
             v = self._encode(path, self.cfg.voice_seconds)
         self.voice_lat[path] = v
@@ -388,12 +390,16 @@ class Job:
             self.voice_lat.popitem(last=False)
         return v
 
-    def _template(self, steps: int, voice: str, v: torch.Tensor):
+    def _template(self, steps: int, voice: str, v):
+        from calm_fast.runtime.voices import KVVoice
+
         key = (steps, voice)
         if key not in self.templates:
             eng = self.engine(steps)
             self._evict(max(0, len(self.templates) + 1 - self.cfg.max_voices))
-            self.templates[key] = [eng.share(self.lm.prefix(voice=v).detach()), 0]
+            shared = (eng.share_kv(v.k, v.v) if isinstance(v, KVVoice) else
+                      eng.share(self.lm.prefix(voice=v).detach()))
+            self.templates[key] = [shared, 0]
         self.templates.move_to_end(key)
         return key, self.templates[key][0]
 
@@ -434,6 +440,7 @@ class Job:
 
     def _start(self, row: Row) -> None:
         from calm_fast.runtime.scheduler import Request
+        from calm_fast.runtime.voices import voice_prefix
 
         lm = self.lm
         voice = row.voice if row.voice is not None else (self.cfg.voice if row.text else None)
@@ -441,7 +448,7 @@ class Job:
         prompt = None
         if row.prompt is not None:
             prompt = lm.normalize(self._encode(row.prompt, self.cfg.max_seconds * 10))
-        prefix = lm.prefix(text=row.text, voice=v, tags=row.caption).detach()
+        prefix = voice_prefix(lm, text=row.text, voice=v, tags=row.caption).detach()
         frames = max(1, round(row.max_seconds * lm.cfg.frame_rate))
         req = Request(prefix, max_frames=frames, temperature=row.temperature,
                       cfg_scale=row.cfg, seed=row.seed, prompt_latents=prompt,

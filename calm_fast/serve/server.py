@@ -148,7 +148,8 @@ class SpeechRequest(BaseModel):
 
 def create_app(synth, config: ServerConfig | None = None, service: Service | None = None):
 
-    from calm_fast.runtime.voices import builtin_voices, encode_prompt, load_voice
+    from calm_fast.runtime.voices import (KVVoice, builtin_voices, encode_prompt,
+                                          is_safetensors, load_voice)
 
     cfg = config or ServerConfig()
     svc = service or Service(synth, max_streams=cfg.max_streams, cache_mb=cfg.cache_mb,
@@ -231,15 +232,23 @@ def create_app(synth, config: ServerConfig | None = None, service: Service | Non
         return data
 
     def encode_bytes(data: bytes, suffix: str):
+        """A voice from uploaded bytes: audio (encoded by the VAE), or a voice file (ours, or
+        one exported by the pocket-tts package, which fits only the model it came from)."""
         if not synth.can_clone:
             raise ApiError(400, "this model takes no voice prompt", "voice")
-        with tempfile.NamedTemporaryFile(suffix=suffix or ".wav") as t:
+        is_file = is_safetensors(data)
+        suffix = ".safetensors" if is_file else suffix or ".wav"
+        with tempfile.NamedTemporaryFile(suffix=suffix) as t:
             t.write(data)
             t.flush()
             try:
+                if is_file:
+                    return load_voice(t.name, synth.lm.cfg.latent_dim, synth.lm)
                 return encode_prompt(synth.vae, t.name)
             except (ValueError, OSError) as e:
-                raise ApiError(400, f"the voice audio cannot be used: {e}", "file") from None
+                what = "voice file" if is_file else "voice audio"
+                raise ApiError(400, f"the {what} cannot be used: "
+                               f"{str(e).replace(t.name, 'the upload')}", "file") from None
 
     # -- speech --------------------------------------------------------------------------------
     async def speak(request: Request, route: str, text: str, voice, fmt: str, speed: float,
@@ -385,16 +394,22 @@ def create_app(synth, config: ServerConfig | None = None, service: Service | Non
         if name is not None and (not name or len(name) > 64 or not all(
                 c.isalnum() or c in "-_" for c in name)):
             raise ApiError(400, "name: use 1 to 64 letters, digits, '-' or '_'", "name")
-        lat = await run_in_threadpool(encode_bytes, data, Path(file.filename or "").suffix)
+        voice = await run_in_threadpool(encode_bytes, data, Path(file.filename or "").suffix)
         vid = name or "voice-" + uuid.uuid4().hex[:10]
-        uploaded[vid] = lat
+        uploaded[vid] = voice
         if cfg.voices_dir:
             from calm_fast.runtime.voices import save_voice
 
-            save_voice(os.path.join(cfg.voices_dir, vid + ".safetensors"), lat, synth.vae)
+            dst = os.path.join(cfg.voices_dir, vid + ".safetensors")
+            if is_safetensors(data):  # a voice file is kept as it came (it loaded above)
+                Path(dst).write_bytes(data)
+            else:
+                save_voice(dst, voice, synth.vae)
         metrics.count("/v1/audio/voices", 200)
-        return {"id": vid, "frames": int(lat.shape[0]),
-                "seconds": round(lat.shape[0] / synth.frame_rate, 3)}
+        # a K/V voice's rows are its whole [bos, voice] prefix: one more than its frames
+        frames = voice.rows - 1 if isinstance(voice, KVVoice) else int(voice.shape[0])
+        return {"id": vid, "frames": frames, "seconds": round(frames / synth.frame_rate, 3),
+                "kind": "kv" if isinstance(voice, KVVoice) else "latents"}
 
     @app.get("/health")
     async def health():

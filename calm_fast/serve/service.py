@@ -40,7 +40,7 @@ from calm_fast.runtime.decode_slots import DecodeSlots
 from calm_fast.runtime.engine import Engine
 from calm_fast.runtime.scheduler import Request
 from calm_fast.runtime.text_chunks import Say, plan
-from calm_fast.runtime.voices import KVVoice
+from calm_fast.runtime.voices import KVVoice, voice_prefix
 
 CONTEXT_SECONDS = 20.0  # at most this much of the previous chunk is its successor's prompt
 
@@ -330,11 +330,7 @@ class Service:
     def _prefix(self, text, voice, tags) -> torch.Tensor:
         """[bos, voice, tags, text] rows; a KVVoice's [bos, voice] part is its placeholder
         rows (its template holds the K/V)."""
-        lm = self.synth.lm
-        if isinstance(voice, KVVoice):
-            rows = lm.prefix(text=text, tags=tags)[1:]  # without its own BOS row
-            return torch.cat([rows.new_zeros(voice.rows, rows.shape[1]), rows])
-        return lm.prefix(text=text, voice=voice, tags=tags)
+        return voice_prefix(self.synth.lm, text=text, voice=voice, tags=tags)
 
     def _request(self, run: _Run, seg: Segment) -> Request:
         job, lm = run.job, self.synth.lm

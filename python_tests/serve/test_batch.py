@@ -232,3 +232,36 @@ def test_command_exit_codes_summary_and_progress(files, tmp_path, capsys):
     assert a.ray == "" and a.workers == 2 and a.fn is B._cmd
     assert p.parse_args(["batch", "m", "o", "--ray", "auto"]).ray == "auto"
     assert p.parse_args(["batch", "m", "o"]).ray is None
+
+
+def test_voice_files_and_pocket_voice_states(files, tmp_path):
+    """A row's voice may be a voice file: ours (latents) or a pocket-tts voice state of the
+    job's model (attention K/V, a template that is never prefilled), the same audio as the
+    prompt audio it was made from; a state of another model fails its row only."""
+    from safetensors.torch import save_file
+
+    from calm_fast.runtime.export import load_model
+    from calm_fast.runtime.voices import encode_prompt, save_voice
+    from tiny_models import pocket_voice_state
+
+    lm = load_model(files / "lm.safetensors", expect="calm").eval()
+    vae = load_model(files / "vae.safetensors", expect="vae").eval()
+    lat = encode_prompt(vae, files / "voice.wav")
+    save_voice(tmp_path / "lat.safetensors", lat, vae)
+    state = pocket_voice_state(lm, lat)
+    save_file(state, str(tmp_path / "kv.safetensors"))
+    save_file({k: v for k, v in state.items() if ".layers.1." not in k},
+              str(tmp_path / "other.safetensors"))
+    rows = [{"id": name, "text": "the same words", "voice": str(voice), "seed": 5}
+            for name, voice in (("wav", files / "voice.wav"),
+                                ("lat", tmp_path / "lat.safetensors"),
+                                ("kv", tmp_path / "kv.safetensors"),
+                                ("other", tmp_path / "other.safetensors"))]
+    s = run(files, write_manifest(tmp_path / "m.jsonl", rows), tmp_path / "out", max_streams=2)
+    assert (s["ok"], s["failed"]) == (3, 1)
+    got = results(tmp_path / "out")
+    assert "layer 1" in got["other"]["error"]
+    ref = audio(tmp_path / "out" / "wav.wav")
+    for name in ("lat", "kv"):  # (the rows run beside different neighbours: 3 LSB, as above)
+        np.testing.assert_allclose(audio(tmp_path / "out" / f"{name}.wav"), ref,
+                                   atol=3 / 32768, rtol=0)

@@ -197,6 +197,73 @@ def test_voices_upload_list_and_use(srv, tmp_path):
     assert st == 400 and "cannot be used" in json.loads(data)["error"]["message"]
 
 
+def test_voice_files_upload_as_voices(srv, tmp_path):
+    """POST /v1/audio/voices takes a voice file too: ours (latents) or a pocket-tts voice
+    state (attention K/V) of this model, which speaks exactly as the latents it holds."""
+    from safetensors.torch import save_file
+
+    from calm_fast.runtime.voices import encode_prompt, save_voice
+    from tiny_models import pocket_voice_state
+
+    port, app = srv
+    synth = app.state.service.synth
+    lat = encode_prompt(synth.vae, sine_wav(tmp_path / "me.wav"))
+    save_voice(tmp_path / "lat.safetensors", lat, synth.vae)
+    save_file(pocket_voice_state(synth.lm, lat), str(tmp_path / "kv.safetensors"))
+    out = {}
+    for name in ("lat", "kv"):
+        # no file name: a voice file is told from audio by its bytes
+        body, ctype = multipart({"name": f"file-{name}"},
+                                {"file": ("", (tmp_path / f"{name}.safetensors").read_bytes())})
+        st, _, data = request(port, "POST", "/v1/audio/voices", body, {"Content-Type": ctype})
+        assert st == 200, data
+        info = json.loads(data)
+        assert info["frames"] == lat.shape[0] and info["kind"] == {"lat": "latents",
+                                                                   "kv": "kv"}[name]
+        st, _, out[name] = speech(port, voice=f"file-{name}", seed=4, response_format="pcm")
+        assert st == 200
+    _, _, plain = speech(port, seed=4, response_format="pcm")
+    assert out["lat"] == out["kv"] != plain
+    # a state of another model (one layer too few) is refused, naming what is wrong
+    bad = pocket_voice_state(synth.lm, lat)
+    bad = {k: v for k, v in bad.items() if not k.startswith("transformer.layers.0.")}
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    body, ctype = multipart({}, {"file": ("v.safetensors", (tmp_path / "bad.safetensors")
+                                          .read_bytes())})
+    st, _, data = request(port, "POST", "/v1/audio/voices", body, {"Content-Type": ctype})
+    msg = json.loads(data)["error"]["message"]
+    assert st == 400 and "voice file" in msg and "layer 0" in msg and "/tmp" not in msg
+
+
+def test_uploaded_voice_files_are_kept_in_voices_dir(paths, tmp_path):
+    """With --voices-dir, an uploaded pocket-tts voice state is kept as it came and a new
+    server speaks with it as the first did."""
+    from safetensors.torch import save_file
+
+    from calm_fast.runtime.voices import encode_prompt
+    from calm_fast.serve.models import load_synth
+    from calm_fast.serve.server import ServerConfig, create_app
+    from tiny_models import pocket_voice_state
+
+    synth = load_synth(paths["lm"], vae=paths["vae"])
+    lat = encode_prompt(synth.vae, sine_wav(tmp_path / "me.wav"))
+    save_file(pocket_voice_state(synth.lm, lat), str(tmp_path / "kv.safetensors"))
+    cfg = ServerConfig(max_seconds=0.5, eos_threshold=None, voices_dir=str(tmp_path / "v"))
+    got = []
+    for first in (True, False):
+        with live_server(create_app(synth, cfg)) as port:
+            if first:
+                body, ctype = multipart({"name": "kv"}, {"file": (
+                    "kv.safetensors", (tmp_path / "kv.safetensors").read_bytes())})
+                st, _, data = request(port, "POST", "/v1/audio/voices", body,
+                                      {"Content-Type": ctype})
+                assert st == 200, data
+            got.append(speech(port, voice="kv", seed=1, response_format="pcm"))
+    assert (tmp_path / "v" / "kv.safetensors").read_bytes() == \
+        (tmp_path / "kv.safetensors").read_bytes()
+    assert got[0][0] == got[1][0] == 200 and got[0][2] == got[1][2]
+
+
 def test_speed_changes_duration(srv):
     port, _ = srv
     _, _, one = speech(port, seed=1, response_format="pcm")
