@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from calm_fast.codec.mimi import load_pocket_mimi
+from calm_fast.runtime.pocket_codec import load_pocket_codecs
 from calm_fast.runtime.pocket_tts import ONE_STEP_KINDS, load_pocket_flow_lm
 from calm_fast.runtime.engine import Engine
 from calm_fast import checks
@@ -66,8 +67,14 @@ class AcceleratedTTS:
         self.lm = load_pocket_flow_lm(sd, flow_type=flow_type)
         # the package's one-step heads ignore its sampler_decode_steps
         head_steps = 1 if flow_type in ONE_STEP_KINDS else peer.sampler_decode_steps
-        self.vae = load_pocket_mimi({k: v.detach().float().cpu()
-                                     for k, v in peer.mimi.state_dict().items()})
+        msd = {k: v.detach().float().cpu() for k, v in peer.mimi.state_dict().items()}
+        config = getattr(peer, "config", None)
+        if config is None:
+            self.vae = self.encoder = load_pocket_mimi(msd)
+        else:
+            # newer Mimis decode with their own shapes: voice prompts go through the
+            # encoding VAE, frames through the decoding one (the same VAE for older ones)
+            self.encoder, self.vae = load_pocket_codecs(msd, config.mimi)
         c = self.lm.cfg.backbone
         block_bytes = 2 * c.num_layers * c.kv_heads * c.head_dim * 4 * 16
         self.engine = Engine(self.lm, num_blocks=max(64, int(cache_mb * 2**20 // block_bytes)),
@@ -118,7 +125,7 @@ class AcceleratedTTS:
             raise ArgumentError("audio prompt must be finite floating-point samples (it holds "
                                 "NaN/Inf or is not float)")
         wav = end_on_pause(wav, self.sample_rate)
-        lat = self.vae.encode(self.vae.pad(wav[None].float()))[0]
+        lat = self.encoder.encode(self.encoder.pad(wav[None].float()))[0]
         self._burn_draw()  # the package samples once after prompting the voice
         return self._voice(self.lm.prefix(voice=lat).detach())
 

@@ -13,7 +13,9 @@ TTS uses 64-dim heads: 16 at d_model 1024, the default here).
 
 Heads without a time input (the package's ``drifting`` and ``pointwise`` flow types) run as
 one-step heads of calm_fast's own kinds, exactly (``one_step_head``): the state dict cannot
-tell the two apart, so their loader is given the package's ``flow_type``.
+tell the two apart, so their loader is given the package's ``flow_type``. A ``z_proj`` (a
+bias-free projection of the backbone output to a narrower z-space that the head and the EOS
+layer read) is folded into those two layers' weights (``fold_z_proj``).
 """
 from __future__ import annotations
 
@@ -65,8 +67,14 @@ def config_from_state_dict(sd: dict, num_heads: int | None = None,
         width = sd["flow_net.input_proj.weight"].shape[0]
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"not a Pocket TTS flow-LM state dict (missing {e})") from e
-    if any(k.startswith("z_proj.") for k in sd):
-        raise CheckpointError("flow LMs with a z_proj (distilled z-space heads) are not supported")
+    attn = sd.get("transformer.layers.0.self_attn.out_proj.weight")
+    if attn is not None and attn.shape[1] != d:
+        # calm_fast's Transformer (and its fast paths) make heads of d_model / num_heads
+        raise CheckpointError(f"flow LMs whose attention width (attn_dim {attn.shape[1]}) "
+                              f"differs from d_model {d} are not supported")
+    if "conditioner.proj.weight" in sd:
+        raise CheckpointError("flow LMs with a low-rank text table (lookup_table.rank) are "
+                              "not supported")
     depth = 1 + max((int(k.split(".")[2]) for k in sd if k.startswith("flow_net.res_blocks.")),
                     default=-1)
     n_time = 1 + max((int(k.split(".")[2]) for k in sd if k.startswith("flow_net.time_embed.")),
@@ -92,6 +100,24 @@ def config_from_state_dict(sd: dict, num_heads: int | None = None,
                                 layer_scale=1.0 if ls else None),
         HeadConfig(width, depth, kind),
         latent_dim=C, text_bins=text, voice="speaker_proj_weight" in sd)
+
+
+def fold_z_proj(sd: dict) -> dict:
+    """``sd`` without its ``z_proj``: the head's ``cond_embed`` and ``out_eos`` read
+    z = P h (P: ``z_proj.weight`` [z_dim, d], h the normed backbone output) and nothing else
+    does, so their weights become W P, which read h itself (the same map, rounded once
+    differently: the products are summed in another order)."""
+    if "z_proj.weight" not in sd:
+        return sd
+    P = sd["z_proj.weight"].double()
+    out = {k: v for k, v in sd.items() if k != "z_proj.weight"}
+    for k in ("flow_net.cond_embed.weight", "out_eos.weight"):
+        if k not in sd or sd[k].shape[-1] != P.shape[0]:
+            raise CheckpointError(f"z_proj.weight is {tuple(P.shape)} but {k} is "
+                                  f"{None if k not in sd else tuple(sd[k].shape)}")
+        # in float64, so the folded weights are the exact product rounded once
+        out[k] = (sd[k].double() @ P).to(sd[k].dtype)
+    return out
 
 
 def one_step_head(sd: dict, flow_type: str) -> dict:
@@ -128,7 +154,7 @@ def load_pocket_flow_lm(src, config: CALMConfig | None = None, num_heads: int | 
     Every missing, unexpected or wrong-shape key is named in the CheckpointError.
     ``flow_type``: the package's (``FlowLMModel.flow_type``); needed only for a head with
     no time input (drifting / pointwise), which the weights alone cannot tell apart."""
-    sd = read_state_dict(src)
+    sd = fold_z_proj(read_state_dict(src))
     cfg = config or config_from_state_dict(sd, num_heads, flow_type=flow_type)
     if not any(k.startswith("flow_net.time_embed.") for k in sd) and "flow_net.input_proj.weight" in sd:
         sd = one_step_head(sd, flow_type)

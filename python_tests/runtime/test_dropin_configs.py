@@ -22,8 +22,8 @@ def _peer(tmp, config):
 
     lines = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
     model = random_tts_model(tmp, config=config, vocab_size=60, texts=lines)
-    with torch.no_grad():
-        model.flow_lm.out_eos.bias.fill_(-3.0)  # EOS after a few frames, not at once
+    with torch.no_grad():  # EOS after a few frames, not at once (nor never)
+        model.flow_lm.out_eos.bias.fill_(model.eos_threshold + 1.0)
     return model
 
 
@@ -49,6 +49,10 @@ def _same_audio_and_rng(peer, voice):
         assert want.abs().max() > 1e-3  # a silent peer would compare nothing
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
         assert torch.equal(torch.get_rng_state(), after_peer)
+    torch.manual_seed(12)  # the audio does depend on the draws: the comparison is not vacuous
+    other = fast.generate_audio(fast.get_state_for_audio_prompt(voice), text)
+    n = min(len(other), len(got))
+    assert (other[:n] - got[:n]).abs().max() > 1e-3
     return fast
 
 
@@ -58,3 +62,30 @@ def test_drifting_head_gives_the_package_audio(tmp_path, voice):
     assert peer.flow_lm.flow_type == "drifting" and peer.flow_lm.flow_net.num_time_conds == 0
     fast = _same_audio_and_rng(peer, voice)
     assert fast.engine.sched.head_steps == 1  # one step, whatever sampler_decode_steps says
+
+
+@pytest.mark.parametrize("config", ["english_18m_2026-10", "english_18m_refl_2026-10"])
+def test_z_space_drifting_models_with_their_own_decoder_give_the_package_audio(
+        tmp_path, voice, config):
+    """The 18M models: a drifting head and EOS layer reading a 64-dim z_proj of the
+    backbone, and a Mimi whose decoder side has its own SEANet and Transformer shapes."""
+    peer = _peer(tmp_path, config)
+    assert peer.flow_lm.z_proj is not None and peer.config.mimi.decoder_seanet is not None
+    fast = _same_audio_and_rng(peer, voice)
+    assert fast.vae is not fast.encoder
+    assert fast.vae.cfg.dimension == peer.config.mimi.decoder_seanet.dimension
+    assert fast.engine.sched.head_steps == 1
+
+
+@pytest.mark.parametrize("config", ["english_7m_2026-10", "english_7m_refl_2026-10",
+                                    "english_2m_2026-10", "english_2m_refl_2026-10"])
+def test_attention_wider_than_the_model_is_refused_by_name(tmp_path, config):
+    """The 7M and 2M models attend at a width (attn_dim) other than d_model, which calm_fast's
+    Transformer does not express: accelerate() says so in one line instead of running them."""
+    import calm_fast
+    from calm_fast.errors import CheckpointError
+
+    peer = _peer(tmp_path, config)
+    with pytest.raises(CheckpointError, match=r"attention width \(attn_dim \d+\) differs "
+                                              r"from d_model \d+ are not supported"):
+        calm_fast.accelerate(peer, max_streams=4, cache_mb=64)
