@@ -64,7 +64,10 @@ class AcceleratedTTS:
             # e.g. flow_matching: Euler steps of a one-time head, which no engine path runs
             raise CheckpointError(f"flow LMs of flow type {flow_type!r} are not supported "
                                   f"(supported: lsd, {', '.join(ONE_STEP_KINDS)})")
-        self.lm = load_pocket_flow_lm(sd, flow_type=flow_type)
+        tr = getattr(getattr(getattr(peer, "config", None), "flow_lm", None), "transformer", None)
+        # the head count is not in the tensors: the package's config says it
+        self.lm = load_pocket_flow_lm(sd, flow_type=flow_type,
+                                      num_heads=getattr(tr, "num_heads", None))
         # the package's one-step heads ignore its sampler_decode_steps
         head_steps = 1 if flow_type in ONE_STEP_KINDS else peer.sampler_decode_steps
         msd = {k: v.detach().float().cpu() for k, v in peer.mimi.state_dict().items()}

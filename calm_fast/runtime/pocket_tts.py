@@ -9,13 +9,16 @@ Three layouts are accepted, told apart by their key names:
 The prefix layout needs no mapping: Pocket TTS prefills [bos_before_voice, voice latents @
 speaker_proj^T, text embeddings] and then the BOS latent, exactly ``CALM.prefix`` and
 ``calm_fast.generate``. Shapes come from the tensors; only the head count cannot (Pocket
-TTS uses 64-dim heads: 16 at d_model 1024, the default here).
+TTS uses 64-dim heads: 16 at d_model 1024, the default here; the drop-in passes the
+package's own count).
 
 Heads without a time input (the package's ``drifting`` and ``pointwise`` flow types) run as
 one-step heads of calm_fast's own kinds, exactly (``one_step_head``): the state dict cannot
 tell the two apart, so their loader is given the package's ``flow_type``. A ``z_proj`` (a
 bias-free projection of the backbone output to a narrower z-space that the head and the EOS
-layer read) is folded into those two layers' weights (``fold_z_proj``).
+layer read) is folded into those two layers' weights (``fold_z_proj``), a low-rank text table
+into a full one (``fold_text_rank``), and attention at a width other than d_model (the
+package's ``attn_dim``) keeps its own head width (``WideAttentionConfig``).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from calm_fast.model.weights import load_weights, read_tensors
 from calm_fast.model.config import CALMConfig, HeadConfig, TransformerConfig
 from calm_fast.model.calm import CALM
 from calm_fast.model.head import TimestepEmbedder
+from calm_fast.model.wide_attention import WideAttentionConfig
 
 _SKIP_PREFIXES = ("flow.w_s_t.",)
 _SKIP_KEYS = {"condition_provider.conditioners.transcript_in_segment.learnt_padding",
@@ -67,14 +71,8 @@ def config_from_state_dict(sd: dict, num_heads: int | None = None,
         width = sd["flow_net.input_proj.weight"].shape[0]
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"not a Pocket TTS flow-LM state dict (missing {e})") from e
-    attn = sd.get("transformer.layers.0.self_attn.out_proj.weight")
-    if attn is not None and attn.shape[1] != d:
-        # calm_fast's Transformer (and its fast paths) make heads of d_model / num_heads
-        raise CheckpointError(f"flow LMs whose attention width (attn_dim {attn.shape[1]}) "
-                              f"differs from d_model {d} are not supported")
-    if "conditioner.proj.weight" in sd:
-        raise CheckpointError("flow LMs with a low-rank text table (lookup_table.rank) are "
-                              "not supported")
+    attn = sd["transformer.layers.0.self_attn.out_proj.weight"].shape[1] \
+        if "transformer.layers.0.self_attn.out_proj.weight" in sd else d
     depth = 1 + max((int(k.split(".")[2]) for k in sd if k.startswith("flow_net.res_blocks.")),
                     default=-1)
     n_time = 1 + max((int(k.split(".")[2]) for k in sd if k.startswith("flow_net.time_embed.")),
@@ -90,16 +88,38 @@ def config_from_state_dict(sd: dict, num_heads: int | None = None,
     else:
         raise CheckpointError(f"head with {n_time} time inputs: only LSD (2), "
                               "consistency/flow (1) and one-step (0) heads are supported")
-    heads = num_heads or max(1, d // 64)
-    head_dim = d // heads
+    heads = num_heads or max(1, attn // 64)
+    head_dim = attn // heads
     kv = (qkv // head_dim - heads) // 2
     ls = "transformer.layers.0.layer_scale_1.scale" in sd
     text = sd["conditioner.embed.weight"].shape[0] - 1 if "conditioner.embed.weight" in sd else None
+    shape = dict(num_kv_heads=kv if kv != heads else None, ffn_mult=ff / d,
+                 layer_scale=1.0 if ls else None)
+    # attention at another width than the residual stream (the package's attn_dim)
+    backbone = (TransformerConfig(d, layers, heads, **shape) if attn == d else
+                WideAttentionConfig(d, layers, heads, **shape, attn_dim=attn))
+    if backbone.dim_feedforward != ff:
+        raise CheckpointError(f"feed-forward width {ff} is not d_model {d} times a float")
     return CALMConfig(
-        name, TransformerConfig(d, layers, heads, kv if kv != heads else None, ff / d,
-                                layer_scale=1.0 if ls else None),
+        name, backbone,
         HeadConfig(width, depth, kind),
         latent_dim=C, text_bins=text, voice="speaker_proj_weight" in sd)
+
+
+def fold_text_rank(sd: dict) -> dict:
+    """``sd`` with a low-rank text table (``lookup_table.rank``: ``conditioner.embed`` of
+    rank-wide rows, then the bias-free ``conditioner.proj`` to d_model) as one full table:
+    each token's row is its embedding times the projection, computed once."""
+    if "conditioner.proj.weight" not in sd:
+        return sd
+    E, P = sd["conditioner.embed.weight"], sd["conditioner.proj.weight"]
+    if E.shape[1] != P.shape[1]:
+        raise CheckpointError(f"conditioner.embed.weight {tuple(E.shape)} does not fit "
+                              f"conditioner.proj.weight {tuple(P.shape)}")
+    out = {k: v for k, v in sd.items() if k != "conditioner.proj.weight"}
+    # in float64, so each row is the exact product rounded once
+    out["conditioner.embed.weight"] = (E.double() @ P.double().t()).to(E.dtype)
+    return out
 
 
 def fold_z_proj(sd: dict) -> dict:
@@ -154,7 +174,7 @@ def load_pocket_flow_lm(src, config: CALMConfig | None = None, num_heads: int | 
     Every missing, unexpected or wrong-shape key is named in the CheckpointError.
     ``flow_type``: the package's (``FlowLMModel.flow_type``); needed only for a head with
     no time input (drifting / pointwise), which the weights alone cannot tell apart."""
-    sd = fold_z_proj(read_state_dict(src))
+    sd = fold_text_rank(fold_z_proj(read_state_dict(src)))
     cfg = config or config_from_state_dict(sd, num_heads, flow_type=flow_type)
     if not any(k.startswith("flow_net.time_embed.") for k in sd) and "flow_net.input_proj.weight" in sd:
         sd = one_step_head(sd, flow_type)

@@ -56,9 +56,14 @@ def _same_audio_and_rng(peer, voice):
     return fast
 
 
-def test_drifting_head_gives_the_package_audio(tmp_path, voice):
+@pytest.fixture(scope="module")
+def drifting(tmp_path_factory):
+    return _peer(tmp_path_factory.mktemp("drifting"), "english_drifting_26-09")
+
+
+def test_drifting_head_gives_the_package_audio(drifting, voice):
     """english_drifting_26-09: a one-step head without time input (x = F(c, noise))."""
-    peer = _peer(tmp_path, "english_drifting_26-09")
+    peer = drifting
     assert peer.flow_lm.flow_type == "drifting" and peer.flow_lm.flow_net.num_time_conds == 0
     fast = _same_audio_and_rng(peer, voice)
     assert fast.engine.sched.head_steps == 1  # one step, whatever sampler_decode_steps says
@@ -79,13 +84,28 @@ def test_z_space_drifting_models_with_their_own_decoder_give_the_package_audio(
 
 @pytest.mark.parametrize("config", ["english_7m_2026-10", "english_7m_refl_2026-10",
                                     "english_2m_2026-10", "english_2m_refl_2026-10"])
-def test_attention_wider_than_the_model_is_refused_by_name(tmp_path, config):
-    """The 7M and 2M models attend at a width (attn_dim) other than d_model, which calm_fast's
-    Transformer does not express: accelerate() says so in one line instead of running them."""
+def test_small_models_with_wide_attention_give_the_package_audio(tmp_path, voice, config):
+    """The 7M (drifting) and 2M (pointwise) models: on top of the 18M ones' z_proj and
+    decoder side, attention wider than d_model (attn_dim) with grouped K/V heads, a
+    low-rank text table and (2M) a feed-forward narrower than d_model."""
+    from calm_fast.model.wide_attention import WideAttentionConfig
+
+    peer = _peer(tmp_path, config)
+    t = peer.config.flow_lm.transformer
+    assert t.attn_dim != t.d_model and peer.config.flow_lm.lookup_table.rank is not None
+    fast = _same_audio_and_rng(peer, voice)
+    c = fast.lm.cfg.backbone
+    assert isinstance(c, WideAttentionConfig) and c.attn_dim == t.attn_dim
+    assert (c.num_heads, c.kv_heads) == (t.num_heads, t.num_kv_heads)
+    assert c.dim_feedforward == (t.dim_feedforward or t.d_model * t.hidden_scale)
+
+
+def test_flow_matching_is_refused_by_name(drifting, monkeypatch):
+    """A flow-matching head (Euler steps of a one-time head) has no engine path: refused
+    in one line, not run as the consistency head its weights look like."""
     import calm_fast
     from calm_fast.errors import CheckpointError
 
-    peer = _peer(tmp_path, config)
-    with pytest.raises(CheckpointError, match=r"attention width \(attn_dim \d+\) differs "
-                                              r"from d_model \d+ are not supported"):
-        calm_fast.accelerate(peer, max_streams=4, cache_mb=64)
+    monkeypatch.setattr(drifting.flow_lm, "flow_type", "flow_matching")
+    with pytest.raises(CheckpointError, match="flow type 'flow_matching' are not supported"):
+        calm_fast.accelerate(drifting, max_streams=4, cache_mb=64)
