@@ -24,7 +24,8 @@ class WideAttentionConfig(TransformerConfig):
             raise ValueError(f"attn_dim {self.attn_dim} is not a positive multiple of "
                              f"{self.num_heads} heads")
         if self.num_heads % self.kv_heads:
-            raise ValueError(f"{self.num_heads} heads are not a multiple of {self.kv_heads} kv heads")
+            raise ValueError(f"{self.num_heads} heads are not a multiple of {self.kv_heads} "
+                             f"kv heads")
 
     @property
     def head_dim(self) -> int:

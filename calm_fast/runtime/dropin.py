@@ -11,7 +11,11 @@
 
 The package's own text handling (sentence split, punctuation, capitalisation), audio
 reading and prompt trimming are called as they are; the flow LM and Mimi run as calm_fast
-modules (the same weights) through the engine's fast paths. Randomness follows the
+modules (the same weights) through the engine's fast paths. The package's newer configs map
+onto the same modules (calm_fast.runtime.pocket_tts: one-step heads, z_proj, low-rank text
+tables, attention wider than the model; calm_fast.runtime.pocket_codec: a Mimi whose
+decoder side has its own shapes, which then encodes prompts and decodes frames with two
+VAEs). Randomness follows the
 package: the noise comes from torch's global generator, in the package's order (one draw
 per flow-LM call, the prompting calls included), so ``torch.manual_seed(s)`` before a call
 gives the package's output for the same seed, and leaves the global generator where the

@@ -176,7 +176,8 @@ def load_pocket_flow_lm(src, config: CALMConfig | None = None, num_heads: int | 
     no time input (drifting / pointwise), which the weights alone cannot tell apart."""
     sd = fold_text_rank(fold_z_proj(read_state_dict(src)))
     cfg = config or config_from_state_dict(sd, num_heads, flow_type=flow_type)
-    if not any(k.startswith("flow_net.time_embed.") for k in sd) and "flow_net.input_proj.weight" in sd:
+    if "flow_net.input_proj.weight" in sd \
+            and not any(k.startswith("flow_net.time_embed.") for k in sd):
         sd = one_step_head(sd, flow_type)
     model = CALM(cfg, tokenizer)
     sd = dict(sd)

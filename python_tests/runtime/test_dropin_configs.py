@@ -109,3 +109,23 @@ def test_flow_matching_is_refused_by_name(drifting, monkeypatch):
     monkeypatch.setattr(drifting.flow_lm, "flow_type", "flow_matching")
     with pytest.raises(CheckpointError, match="flow type 'flow_matching' are not supported"):
         calm_fast.accelerate(drifting, max_streams=4, cache_mb=64)
+
+
+def test_a_voice_exported_by_a_small_model_gives_its_audio(tmp_path, voice):
+    """The package's exported voice state (its attention cache: 64-wide heads, one K/V head,
+    under a 112-wide model) goes into the engine as is and gives the package's audio."""
+    import calm_fast
+    from pocket_tts.models.model_state import export_model_state
+
+    peer = _peer(tmp_path, "english_2m_2026-10")
+    fast = calm_fast.accelerate(peer, max_streams=4, cache_mb=64)
+    path = tmp_path / "voice.safetensors"
+    export_model_state(peer.get_state_for_audio_prompt(voice), path)
+    torch.manual_seed(11)
+    want = peer.generate_audio(peer.get_state_for_audio_prompt(path), TEXTS[1])
+    after_peer = torch.get_rng_state()
+    torch.manual_seed(11)
+    got = fast.generate_audio(fast.get_state_for_audio_prompt(path), TEXTS[1])
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert torch.equal(torch.get_rng_state(), after_peer)
