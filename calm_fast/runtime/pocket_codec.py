@@ -6,7 +6,7 @@ newer ones decode with their own SEANet and Transformer (``decoder_seanet``,
 quantizer / upsampler of ``outer_dim`` channels. Each side is then a calm_fast VAE of that
 side's shapes: voice prompts are encoded by one, frames decoded by the other (the engine's
 fast decode path takes the decoding one as it takes any VAE); the side a VAE does not use
-keeps its initial weights and is never run.
+keeps its initial weights and refuses to run (``OneSideVAE``).
 
 The shapes come from the package's ``MimiConfig`` (the head count and the attention window
 are not in the tensors); anything calm_fast's VAE cannot express is refused by name.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from calm_fast.codec.mimi import load_pocket_mimi
 from calm_fast.codec.vae import VAE, VAEConfig
-from calm_fast.errors import CheckpointError
+from calm_fast.errors import ArgumentError, CheckpointError
 from calm_fast.model.weights import load_weights
 
 # the tensors of each side, by key prefix (the package's names, which are calm_fast's)
@@ -51,8 +51,40 @@ def _side_config(mc, seanet, tr, name: str) -> VAEConfig:
         layer_scale=tr.layer_scale, context=tr.context)
 
 
+class OneSideVAE(VAE):
+    """A VAE of which one side only (``side``: "encoder" or "decoder") holds the
+    checkpoint's weights: a call that would run the other side is refused, so that a caller
+    given the wrong one (e.g. encoding a voice prompt with the decoding VAE) is told instead
+    of getting latents from random weights."""
+
+    def __init__(self, cfg: VAEConfig, side: str):
+        super().__init__(cfg)
+        self.side = side
+
+    def _need(self, side: str) -> None:
+        if self.side != side:
+            raise ArgumentError(f"this VAE holds only the {self.side} side of a Pocket TTS Mimi "
+                                f"whose sides have different shapes: use its {side} VAE "
+                                f"(calm_fast.runtime.pocket_codec.load_pocket_codecs)")
+
+    def encode(self, *a, **kw):
+        self._need("encoder")
+        return super().encode(*a, **kw)
+
+    def posterior(self, *a, **kw):
+        self._need("encoder")
+        return super().posterior(*a, **kw)
+
+    def decode(self, *a, **kw):
+        self._need("decoder")
+        return super().decode(*a, **kw)
+
+    def forward(self, *a, **kw):
+        raise ArgumentError("a one-sided VAE cannot run its training pass (encode + decode)")
+
+
 def _load_side(sd: dict, cfg: VAEConfig, side: tuple, what: str) -> VAE:
-    vae = VAE(cfg)
+    vae = OneSideVAE(cfg, "encoder" if side is ENCODER_SIDE else "decoder")
     own = vae.state_dict()
     mine = {k: v for k, v in sd.items() if k.startswith(side)}
     # the other side's tensors are the new VAE's own: that side is never run

@@ -79,6 +79,13 @@ def test_z_space_drifting_models_with_their_own_decoder_give_the_package_audio(
     fast = _same_audio_and_rng(peer, voice)
     assert fast.vae is not fast.encoder
     assert fast.vae.cfg.dimension == peer.config.mimi.decoder_seanet.dimension
+    from calm_fast.errors import ArgumentError
+
+    # each VAE holds one side's weights only: the other side is refused, not run at random
+    with pytest.raises(ArgumentError, match="only the decoder side"):
+        fast.vae.encode(torch.zeros(1, 1, 1920))
+    with pytest.raises(ArgumentError, match="only the encoder side"):
+        fast.encoder.decode(torch.zeros(1, 2, 32))
     assert fast.engine.sched.head_steps == 1
 
 
