@@ -87,7 +87,7 @@ def _load_side(sd: dict, cfg: VAEConfig, side: tuple, what: str) -> VAE:
     vae = OneSideVAE(cfg, "encoder" if side is ENCODER_SIDE else "decoder")
     own = vae.state_dict()
     mine = {k: v for k, v in sd.items() if k.startswith(side)}
-    # the other side's tensors are the new VAE's own: that side is never run
+    # the other side keeps the new VAE's own tensors: OneSideVAE refuses to run it
     mine.update({k: v for k, v in own.items() if not k.startswith(side)})
     load_weights(vae, mine, what)
     return vae.eval()

@@ -109,7 +109,8 @@ def config_from_state_dict(sd: dict, num_heads: int | None = None,
 def fold_text_rank(sd: dict) -> dict:
     """``sd`` with a low-rank text table (``lookup_table.rank``: ``conditioner.embed`` of
     rank-wide rows, then the bias-free ``conditioner.proj`` to d_model) as one full table:
-    each token's row is its embedding times the projection, computed once."""
+    each token's row is its embedding times the projection, computed once (equal to the
+    package's rows to float rounding)."""
     if "conditioner.proj.weight" not in sd:
         return sd
     E, P = sd["conditioner.embed.weight"], sd["conditioner.proj.weight"]
@@ -125,8 +126,9 @@ def fold_text_rank(sd: dict) -> dict:
 def fold_z_proj(sd: dict) -> dict:
     """``sd`` without its ``z_proj``: the head's ``cond_embed`` and ``out_eos`` read
     z = P h (P: ``z_proj.weight`` [z_dim, d], h the normed backbone output) and nothing else
-    does, so their weights become W P, which read h itself (the same map, rounded once
-    differently: the products are summed in another order)."""
+    does, so their weights become W P, which read h itself: the same map, whose outputs
+    agree with the package's to float rounding, not bit for bit (the products are summed in
+    another order)."""
     if "z_proj.weight" not in sd:
         return sd
     P = sd["z_proj.weight"].double()
