@@ -264,3 +264,45 @@ def prefill(p: PackedBackbone, cache: PagedKVCache, stream: int, x: torch.Tensor
             V.repeat_interleave(rep, 1).transpose(0, 1), attn_mask=mask)
         x = _finish(p, L, x, attn.transpose(0, 1))
     return x
+
+
+def prefill_many(p: PackedBackbone, cache: PagedKVCache, items, outputs: bool = False):
+    """Prefill several streams at once: ``items`` is [(stream, x [T_i, d])]. Each stream gets
+    the K/V (and, with ``outputs``, the rows) that ``prefill`` of its own rows gives. On the
+    native path the streams go through in rounds of equal row counts (a round takes the
+    shortest remaining count from every stream still open), each round one C++ call over all
+    of them: the weights are read once per round instead of once per stream, which is what a
+    prefill of a few text rows is bound by. Returns [out_i] (None each when not ``outputs``)."""
+    items = [(s, x) for s, x in items]
+    for _, x in items:
+        if x.dim() != 2 or x.shape[1] != p.d_model or x.shape[0] == 0:
+            raise ValueError(f"prefill input must be [T>0, {p.d_model}], got {tuple(x.shape)}")
+    if len({s for s, _ in items}) != len(items):
+        raise ValueError("prefill_many: each stream at most once")
+    layers = None
+    if items and ops.native_decode_step_ok(items[0][1], cache.k, windowed=True):
+        layers = native_layers(p)
+    if layers is None or len(items) < 2:
+        return [prefill(p, cache, s, x, outputs) for s, x in items]
+    done = [0] * len(items)
+    outs = [[] for _ in items]
+    while True:
+        open_ = [i for i, (_, x) in enumerate(items) if done[i] < x.shape[0]]
+        if not open_:
+            break
+        c = min(items[i][1].shape[0] - done[i] for i in open_)
+        streams = [items[i][0] for i in open_]
+        x = torch.cat([items[i][1][done[i]:done[i] + c] for i in open_])
+        pos = torch.cat([cache.position(s) + torch.arange(c) for s in streams]).to(x.device)
+        slots = cache.reserve(streams, c).reshape(-1)
+        cos, sin = rope_tables(p, pos)
+        # the last layer's full pass is needed for any stream whose outputs are asked for;
+        # the K/V alone otherwise
+        y = ops.native_decode_step(layers, p.heads, p.kv_heads, p.eps, x, cos[:, 0], sin[:, 0],
+                                   cache.k, cache.v, slots, cache.page_table(streams),
+                                   queries=c, window=0, last_kv_only=not outputs)
+        for j, i in enumerate(open_):
+            if outputs:
+                outs[i].append(y[j * c:(j + 1) * c])
+            done[i] += c
+    return [torch.cat(o) if outputs else None for o in outs]

@@ -263,6 +263,28 @@ class Engine:
         return self.sched.reserved
 
     def _admit(self) -> None:
+        """Admit, in order, every waiting request that fits; their prefixes are prefilled
+        together in one batched pass (``Scheduler.prefill_deferred``), so that requests
+        arriving at once reach their first frame together instead of one prefill after
+        another."""
+        pending, admitted = [], []
+        try:
+            self._admit_each(pending, admitted)
+            self.sched.prefill_deferred(pending)
+        except BaseException:
+            # rows may be partial: release them, and the requests wait again, in order (the
+            # one whose own admission raised is dropped with the error, as it always was)
+            for p, s in reversed(admitted):
+                self.sched.release(s)
+                self.free_rings.append(s.ring)
+                self.waiting.appendleft(p)
+            raise
+        for _, s in admitted:
+            self.active.append(s)
+            if self.decoder is not None:
+                self.decoder.open(s.ring)
+
+    def _admit_each(self, pending: list, admitted: list) -> None:
         while self.waiting and self.free_rings:
             p = self.waiting[0]
             null_t = None
@@ -278,13 +300,11 @@ class Engine:
             ntmpl = None if null_t is None else (null_t.stream, null_t.rows.shape[0])
             try:
                 s = self.sched.admit(p.rid, p.req, ring, shared=tmpl, shared_null=ntmpl,
-                                     need=p.need)
+                                     need=p.need, defer=pending)
             except BaseException:
                 self.free_rings.append(ring)
                 raise
-            self.active.append(s)
-            if self.decoder is not None:
-                self.decoder.open(ring)
+            admitted.append((p, s))
 
     def _forget(self, s: Stream) -> None:
         """Return a request's ring slot and decoder slot (its cache streams and promised

@@ -214,13 +214,15 @@ class Scheduler:
 
     # -- the core ----------------------------------------------------------------------------
     def admit(self, i: int, r: Request, ring_slot: int, shared=None, shared_null=None,
-              need: int | None = None) -> Stream:
+              need: int | None = None, defer: list | None = None) -> Stream:
         """Prefill request ``i`` into new cache streams (its cond stream and, with CFG, its
         null stream) and its short-context ring slot. ``shared`` / ``shared_null``: a
         prefilled template (stream id, rows) whose rows are this request's first prefix
         rows: the stream forks it (blocks shared by refcount) and prefills only the rest.
         ``need``: the blocks it may ever allocate (default ``blocks_for``); what it has not
-        allocated yet stays promised to it in ``reserved`` until ``release``."""
+        allocated yet stays promised to it in ``reserved`` until ``release``.
+        ``defer``: a list that receives (stream, cache stream, rows) for each cache stream
+        instead of prefilling it here; ``prefill_deferred`` then prefills them all at once."""
         before = self.cache.manager.num_free_blocks
         m, C, cache = self.model, self.cfg.latent_dim, self.cache
         bos = m.bos_emb.detach().to(self.device, self.dtype)
@@ -238,13 +240,16 @@ class Scheduler:
                 rows = prefix[template[1]:]
             try:
                 rows = torch.cat([dev(rows), lat_rows])
-                if len(rows):
+                if len(rows) and defer is not None:
+                    pending.append((sid, rows))
+                elif len(rows):
                     fb.prefill(self.backbone, cache, sid, rows, outputs=False)
             except BaseException:
                 cache.free(sid)
                 raise
             return sid
 
+        pending = []
         cond = open_stream(r.prefix, shared)
         null = None
         if r.cfg_scale != 1:
@@ -269,9 +274,24 @@ class Scheduler:
             need = self.blocks_for(r, 0 if shared is None else shared[1], shared_null is not None)
         used = before - self.cache.manager.num_free_blocks
         self.reserved += need - used
-        return Stream(i, r, cond, null, gen,
-                      EOSRule(r.eos_threshold, r.frames_after_eos, r.min_frames), prev,
-                      ring=ring_slot, need=need, held=used)
+        s = Stream(i, r, cond, null, gen,
+                   EOSRule(r.eos_threshold, r.frames_after_eos, r.min_frames), prev,
+                   ring=ring_slot, need=need, held=used)
+        if defer is not None:
+            defer.extend((s, sid, rows) for sid, rows in pending)
+        return s
+
+    def prefill_deferred(self, pending: list) -> None:
+        """Prefill what ``admit(..., defer=pending)`` left, every stream in one batched call
+        (``fast.backbone.prefill_many``); the blocks it allocates come out of each stream's
+        promise. On an error the caller releases the streams (their rows are partial)."""
+        if not pending:
+            return
+        for s, sid, rows in pending:
+            grew = self.cache.blocks_needed([sid], rows.shape[0])
+            s.held += grew
+            self.reserved -= grew
+        fb.prefill_many(self.backbone, self.cache, [(sid, rows) for _, sid, rows in pending])
 
     def setup(self, need: int, nstreams: int, nrequests: int):
         """The cache, the short-context ring and the frame compute. Made once and kept across

@@ -170,3 +170,51 @@ def test_packed_prefill_then_steps_equal_the_dense_module(kv, ls):
     torch.testing.assert_close(fb.prefill(p, cache2, s2, x[0]), want, rtol=1e-5, atol=1e-5)
 
 
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_prefill_many_equals_one_prefill_per_stream(native, monkeypatch):
+    """Several streams prefilled together (in rounds of equal row counts, one C++ call per
+    round) hold the K/V and give the outputs that one prefill per stream gives, forked
+    streams included; equal lengths are bit-identical."""
+    from calm_fast.fast import ops
+
+    calls = []
+    real = ops.native_decode_step
+    monkeypatch.setattr(ops, "native_decode_step",
+                        lambda *a, **k: calls.append(k.get("queries", 1)) or real(*a, **k))
+    p = fb.pack_transformer(random_sd(layers=2, d=64, heads=4, kv_heads=2, ff=128, seed=4),
+                            heads=4, kv_heads=2)
+    p = p.split() if native else p
+    assert (fb.native_layers(p) is not None) == native
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(5, 64, generator=g)
+    for lengths in ((6, 6, 6), (3, 9, 1, 17)):
+        xs = [torch.randn(n, 64, generator=g) for n in lengths]
+        caches, outs, sids = [], [], []
+        for together in (False, True):
+            cache = p.make_cache(64, 4)
+            t = cache.new_stream()
+            fb.prefill(p, cache, t, base, outputs=False)
+            ss = [cache.new_stream() if i % 2 else cache.fork(t) for i in range(len(xs))]
+            calls.clear()
+            if together:
+                got = fb.prefill_many(p, cache, list(zip(ss, xs)), outputs=True)
+                assert len(calls) == (len(set(lengths)) if native else 0)
+            else:
+                got = [fb.prefill(p, cache, s, x) for s, x in zip(ss, xs)]
+            caches.append(cache), outs.append(got), sids.append(ss)
+        exact = len(set(lengths)) == 1
+        tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-5)
+        for a, b in zip(outs[0], outs[1]):
+            torch.testing.assert_close(b, a, **tol)
+        for li in range(2):
+            for a, b in zip(sids[0], sids[1]):
+                for x, y in zip(caches[0].gather(li, a), caches[1].gather(li, b)):
+                    torch.testing.assert_close(y, x, **tol)
+        # the next step reads the same cache
+        nxt = torch.randn(len(xs), 64, generator=g)
+        torch.testing.assert_close(fb.step(p, caches[1], sids[1], nxt),
+                                   fb.step(p, caches[0], sids[0], nxt), **tol)
+    with pytest.raises(ValueError, match="at most once"):
+        fb.prefill_many(p, p.make_cache(8, 4), [(0, base), (0, base)])

@@ -254,3 +254,37 @@ def test_a_steps_streams_are_decoded_in_calls_of_at_most_decode_rows(tts):
         with torch.no_grad():
             ref = vae.decode(tts.denormalize(alone(tts, r))[None])[0]
         torch.testing.assert_close(torch.cat(chunks[i], -1), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_requests_arriving_together_are_prefilled_together(tts, monkeypatch):
+    """Requests admitted in one step go through one batched prefill (their first frames come
+    together); if that prefill fails, no block is lost and every request waits again, then
+    runs to the same frames as alone."""
+    from calm_fast.fast import backbone as fb
+
+    reqs = ragged_tts_requests(tts)
+    eng = Engine(tts, num_blocks=64, block_size=4, max_streams=8)
+    base = eng.cache.manager.num_free_blocks
+    ids = {eng.submit(r): k for k, r in enumerate(reqs)}
+    batches, real = [], fb.prefill_many
+
+    def failing_once(p, cache, items, outputs=False):
+        batches.append(len(items))
+        if len(batches) == 1:
+            raise MemoryError("no room for the prefill")
+        return real(p, cache, items, outputs)
+
+    monkeypatch.setattr(fb, "prefill_many", failing_once)
+    with pytest.raises(MemoryError):
+        eng.step()
+    assert eng.running == 0 and eng.queue_depth == len(reqs) and eng.reserved == 0
+    assert [p.rid for p in eng.waiting] == sorted(ids)  # in their order
+    assert eng.cache.manager.num_free_blocks == base - eng._templates  # (the CFG null row)
+    frames = {}
+    while eng.running or eng.queue_depth:
+        for ev in eng.step():
+            if ev.latent is not None:
+                frames.setdefault(ids[ev.request], []).append(ev.latent)
+    assert batches[1] >= len(reqs)  # all of them (and their CFG streams) in one call
+    for k, r in enumerate(reqs):
+        torch.testing.assert_close(torch.stack(frames[k]), alone(tts, r), rtol=1e-4, atol=1e-4)
