@@ -128,7 +128,7 @@ def _voice(synth, voice):
             return None
     if not synth.can_clone:
         raise ValueError(f"model {synth.name!r} takes no voice prompt")
-    return resolve_voice(voice, synth.vae, synth.lm.cfg.latent_dim, synth.lm)
+    return resolve_voice(voice, synth.encoder, synth.lm.cfg.latent_dim, synth.lm)
 
 
 def tts(synth, text: str, out: str, *, voice=None, temperature: float | None = None,
@@ -151,7 +151,7 @@ def continue_audio(synth, prompt, out: str, *, seconds: float = 5.0, temperature
 
     if seconds <= 0:
         raise ValueError(f"--seconds must be positive, got {seconds}")
-    lat = encode_prompt(synth.vae, prompt, max_seconds=prompt_seconds)
+    lat = encode_prompt(synth.encoder, prompt, max_seconds=prompt_seconds)
     job = Job([Segment()], prompt=synth.lm.normalize(lat), seed=seed, cfg_scale=cfg,
               temperature=synth.temperature if temperature is None else temperature,
               max_seconds=seconds, eos_threshold=None)
@@ -191,8 +191,8 @@ def export_voice(synth, audio, out, *, seconds: float = 10.0) -> dict:
     """Encode a prompt once and keep its latents in a voice file (loads with --voice)."""
     from calm_fast.runtime.voices import encode_prompt, save_voice
 
-    lat = encode_prompt(synth.vae, audio, max_seconds=seconds)
-    save_voice(out, lat, synth.vae)
+    lat = encode_prompt(synth.encoder, audio, max_seconds=seconds)
+    save_voice(out, lat, synth.encoder)
     return {"out": str(out), "frames": int(lat.shape[0]),
             "seconds": lat.shape[0] / synth.frame_rate}
 

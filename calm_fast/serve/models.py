@@ -42,13 +42,20 @@ class Synth:
     head_steps: int = 1
     temperature: float = 0.7
     default_voice: str | None = None  # the voice used when a request names none
+    # the VAE that encodes voice prompts; None: ``vae``. Newer Pocket TTS Mimis decode with
+    # their own shapes, and each side is then a VAE holding that side's weights only
+    encoder: object = None
 
     def __post_init__(self):
-        if self.lm.cfg.latent_dim != self.vae.cfg.latent_dim:
-            raise CheckpointError(f"the LM makes {self.lm.cfg.latent_dim}-dim latents, the "
-                                  f"VAE takes {self.vae.cfg.latent_dim}")
+        if self.encoder is None:
+            self.encoder = self.vae
+        for what, v in (("VAE", self.vae), ("encoding VAE", self.encoder)):
+            if self.lm.cfg.latent_dim != v.cfg.latent_dim:
+                raise CheckpointError(f"the LM makes {self.lm.cfg.latent_dim}-dim latents, "
+                                      f"the {what} takes {v.cfg.latent_dim}")
         self.lm.eval()
         self.vae.eval()
+        self.encoder.eval()
 
     @property
     def sample_rate(self) -> int:
@@ -103,10 +110,13 @@ def _tokenizer(path):
     return SentencePieceTokenizer(path)
 
 
-def _pocket_file(path: Path, tokenizer, name: str | None = None, temperature: float = 0.7
-                 ) -> Synth:
+def _pocket_file(path: Path, tokenizer, name: str | None = None, temperature: float = 0.7,
+                 config=None) -> Synth:
+    """``config``: the package's ``Config`` of the file, when known (a config name): the
+    newer models need it (the flow type of a head without time input, the head count of
+    attention wider than the model, the shapes of a Mimi's own decoder side)."""
     from calm_fast.codec.mimi import load_pocket_mimi
-    from calm_fast.runtime.pocket_tts import load_pocket_flow_lm
+    from calm_fast.runtime.pocket_tts import ONE_STEP_KINDS, load_pocket_flow_lm
 
     if tokenizer is None:
         for cand in ("tokenizer.model", "tokenizer.json"):
@@ -114,9 +124,24 @@ def _pocket_file(path: Path, tokenizer, name: str | None = None, temperature: fl
                 tokenizer = path.parent / cand
                 break
     tok = _tokenizer(tokenizer) if tokenizer is not None else None
-    lm = load_pocket_flow_lm(path, tokenizer=tok)
-    vae = load_pocket_mimi(path)
-    return Synth(lm, vae, name or path.stem, temperature=temperature)
+    if config is None:
+        lm = load_pocket_flow_lm(path, tokenizer=tok)
+        vae = load_pocket_mimi(path)
+        return Synth(lm, vae, name or path.stem, temperature=temperature)
+    from calm_fast.model.weights import read_tensors
+    from calm_fast.runtime.pocket_codec import load_pocket_codecs
+
+    flow_type = config.flow_lm.flow.type
+    if flow_type not in ("lsd", *ONE_STEP_KINDS):  # as accelerate() refuses it
+        raise CheckpointError(f"flow LMs of flow type {flow_type!r} are not supported "
+                              f"(supported: lsd, {', '.join(ONE_STEP_KINDS)})")
+    lm = load_pocket_flow_lm(path, tokenizer=tok, flow_type=flow_type,
+                             num_heads=config.flow_lm.transformer.num_heads)
+    encoder, vae = load_pocket_codecs(read_tensors(path, bundle_prefix="mimi."), config.mimi)
+    # one head step: the package's default for LSD, and what its one-step heads (drifting,
+    # pointwise) take whatever sampler_decode_steps says
+    return Synth(lm, vae, name or path.stem, temperature=temperature, encoder=encoder,
+                 head_steps=1)
 
 
 def _hf_cached(url: str) -> Path | None:
@@ -147,6 +172,9 @@ def _pocket_config(name: str) -> Synth:
         raise ModelNotFound(f"no checkpoint file {name!r} and no pocket-tts config of that "
                             f"name (known: {', '.join(known[:8])}...); {HOW}")
     cfg = yaml.safe_load(cfg_path.read_text())
+    from pocket_tts.utils.config import load_config
+
+    config = load_config(cfg_path)
     weights = None
     for key in ("weights_path", "weights_path_without_voice_cloning"):
         if cfg.get(key):
@@ -159,8 +187,9 @@ def _pocket_config(name: str) -> Synth:
         raise ModelNotFound(f"pocket-tts model {name!r} is not in the local Hugging Face "
                             f"cache (nothing is downloaded): fetch it once with the "
                             f"pocket-tts package, or {HOW}")
-    return _pocket_file(weights, tok, name=name,
-                        temperature=float(cfg.get("default_temperature", 0.7)))
+    # the package's default temperature where a config names none (0.3 in 4.0.1)
+    return _pocket_file(weights, tok, name=name, config=config,
+                        temperature=float(config.default_temperature))
 
 
 def bundle_info(folder: Path) -> dict:
@@ -234,6 +263,8 @@ def from_pocket_package(tts_model) -> Synth:
 
             acc.lm.conditioner.set_tokenizer(
                 SentencePieceTokenizer(sp.serialized_model_proto()))
-    return Synth(acc.lm, acc.vae, "pocket-package", head_steps=tts_model.sampler_decode_steps,
-                 temperature=float(tts_model.temp))
+    # the engine's head steps: 1 for the one-step heads (drifting, pointwise), which ignore
+    # the package's sampler_decode_steps; voice prompts go through the encoding VAE
+    return Synth(acc.lm, acc.vae, "pocket-package", head_steps=acc.engine.sched.head_steps,
+                 temperature=float(tts_model.temp), encoder=acc.encoder)
 

@@ -244,7 +244,7 @@ def create_app(synth, config: ServerConfig | None = None, service: Service | Non
             try:
                 if is_file:
                     return load_voice(t.name, synth.lm.cfg.latent_dim, synth.lm)
-                return encode_prompt(synth.vae, t.name)
+                return encode_prompt(synth.encoder, t.name)
             except (ValueError, OSError) as e:
                 what = "voice file" if is_file else "voice audio"
                 raise ApiError(400, f"the {what} cannot be used: "
@@ -404,7 +404,7 @@ def create_app(synth, config: ServerConfig | None = None, service: Service | Non
             if is_safetensors(data):  # a voice file is kept as it came (it loaded above)
                 Path(dst).write_bytes(data)
             else:
-                save_voice(dst, voice, synth.vae)
+                save_voice(dst, voice, synth.encoder)
         metrics.count("/v1/audio/voices", 200)
         # a K/V voice's rows are its whole [bos, voice] prefix: one more than its frames
         frames = voice.rows - 1 if isinstance(voice, KVVoice) else int(voice.shape[0])

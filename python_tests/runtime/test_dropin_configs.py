@@ -136,3 +136,42 @@ def test_a_voice_exported_by_a_small_model_gives_its_audio(tmp_path, voice):
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert torch.equal(torch.get_rng_state(), after_peer)
+
+
+def test_the_doors_speak_a_small_model_with_a_voice_prompt(tmp_path, voice, monkeypatch):
+    """`calm-fast tts`-level code on english_2m_2026-10 (a Mimi with its own decoder side,
+    a pointwise head): from the package's object (``from_pocket_package``) and from the
+    config name (``load_synth``, its files in the local hub cache), a voice prompt is
+    encoded by the encoding VAE and frames decoded by the decoding one, with one head
+    step; both routes give the same audio."""
+    import soundfile as sf
+    from safetensors.torch import save_file
+
+    from calm_fast.serve import models
+    from calm_fast.serve.commands import tts
+
+    name = "english_2m_2026-10"
+    peer = _peer(tmp_path, name)
+    synth = models.from_pocket_package(peer)
+    assert synth.encoder is not synth.vae and synth.head_steps == 1
+    sf.write(str(tmp_path / "me.wav"), voice[0].numpy(), 24_000)
+    got = []
+    for s in (synth, None):
+        if s is None:  # the same weights as the package's model file, found by config name
+            sd = {f"flow_lm.{k}": v for k, v in peer.flow_lm.state_dict().items()}
+            sd.update({f"mimi.{k}": v for k, v in peer.mimi.state_dict().items()})
+            save_file({k: v.detach().clone().contiguous() for k, v in sd.items()},
+                      str(tmp_path / "model.safetensors"))
+            files = {"model.safetensors": tmp_path / "model.safetensors",
+                     "tokenizer.model": tmp_path / "spm60.model"}
+            monkeypatch.setattr(models, "_hf_cached",
+                                lambda url: files[url.split("@")[0].rsplit("/", 1)[1]])
+            s = models.load_synth(name)
+            assert s.encoder is not s.vae and s.head_steps == 1 and s.name == name
+        out = tmp_path / f"{len(got)}.wav"
+        res = tts(s, "Hello world.", str(out), voice=str(tmp_path / "me.wav"), seed=0,
+                  quiet=True)
+        wav, sr = sf.read(str(out))
+        assert sr == 24_000 and len(wav) >= 1920 and abs(wav).max() > 1e-3, res
+        got.append(wav)
+    assert got[0].shape == got[1].shape and abs(got[0] - got[1]).max() < 1e-4
