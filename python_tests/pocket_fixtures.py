@@ -19,7 +19,9 @@ def random_tts_model(workdir, config: str = "english", seed: int = 0, vocab_size
     text (``texts``, default: the dataset builders' sentences) in ``workdir``, the config is pointed at it and stripped of weight paths, and every
     flow-LM weight is perturbed (the published init zeroes the head's modulations and the
     speaker projection). For parity tests and same-run benchmarks against the peer.
-    ``load_kw`` goes to ``TTSModel.load_model`` (eos_threshold, quantize, temp...)."""
+    ``load_kw`` goes to ``TTSModel.load_model`` (eos_threshold, quantize, temp...).
+    ``config``: a packaged config's name, or the path of a YAML file in the same format
+    (e.g. a packaged config doctored to stand for one a later release could add)."""
     from pocket_tts import TTSModel
     from pocket_tts.utils.config import CONFIGS_DIR
 
@@ -30,7 +32,9 @@ def random_tts_model(workdir, config: str = "english", seed: int = 0, vocab_size
         SentencePieceTokenizer.train(texts if texts is not None else collect(),
                                      vocab_size=vocab_size).save(spm)
     n = SentencePieceTokenizer(spm).vocab_size
-    cfg = yaml.safe_load((CONFIGS_DIR / f"{config}.yaml").read_text())
+    src = Path(config) if str(config).endswith(".yaml") else CONFIGS_DIR / f"{config}.yaml"
+    cfg = yaml.safe_load(src.read_text())
+    config = src.stem
     cfg["weights_path"] = cfg["weights_path_without_voice_cloning"] = None
     cfg["flow_lm"].pop("weights_path", None)
     cfg["mimi"].pop("weights_path", None)
