@@ -2,6 +2,8 @@
 config and the same random weights (``english.yaml`` = the `pocket` shapes, fp32, CPU).
 
     python benchmarks/bench_e2e.py [--threads 2] [--batches 1,4,16,64] [--runs 3]
+    python benchmarks/bench_e2e.py --config english_7m_2026-10     # any packaged config
+    python benchmarks/bench_e2e.py --families [NAME,NAME...]       # one config per family
 
 Both generate the same text with EOS disabled (the package's own length estimate sets the
 frames: ~10 s), from a voice state exported beforehand (so time to first audio excludes
@@ -15,6 +17,12 @@ voice encoding, for both). Reported:
     1-thread single-stream rate (an upper bound for the package);
   * int8: calm_fast's int8 weights vs the package's own quantize=True.
 With --record, appends to benchmarks/results/e2e.csv and draws benchmarks/results/e2e_throughput.png.
+``--config NAME``: the same on that packaged config's shapes (random weights; rows in
+e2e_configs.csv, with a config column, unless NAME is english); the per-frame
+breakdown times the LSD head of the older configs only (other heads: their rows are left out).
+``--families``: the first three rows (single-stream RTF, time to first audio, best
+throughput) for one config per model family (FAMILIES, or the comma-separated names given),
+one table, e2e_families.csv with --record.
 ``--shipped``: instead, the shipped default TTS model (a trained calm_fast model, its own
 iSTFT VAE), single stream as `calm-fast tts` runs it.
 """
@@ -39,6 +47,11 @@ from calm_fast.model.sampling import lsd_sample  # noqa: E402
 
 TEXT = ("Hello world. I am a small text to speech model, and I run on two CPU cores, "
         "faster than real time.")
+# one packaged config per model family: the 6- and 24-layer LSD models, the 18M / 7M
+# drifting models with a Mimi of their own decoder shapes, the 2M pointwise model, and the
+# 6-layer drifting one
+FAMILIES = ("english", "english_2026-09_24l", "english_18m_2026-10", "english_7m_refl_2026-10",
+            "english_2m_2026-10", "english_drifting_26-09")
 
 
 def voice_wav(seconds=5.0, sr=24_000):
@@ -58,9 +71,9 @@ def stream_run(model, state, text, sr):
     return t1 - t0, time.perf_counter() - t0, n / sr
 
 
-def single_stream(model, state, runs, sr):
-    stream_run(model, state, TEXT, sr)  # untimed: first-call allocations, for both models
-    res = [stream_run(model, state, TEXT, sr) for _ in range(runs)]
+def single_stream(model, state, runs, sr, text=TEXT):
+    stream_run(model, state, text, sr)  # untimed: first-call allocations, for both models
+    res = [stream_run(model, state, text, sr) for _ in range(runs)]
     ttfa = statistics.median(r[0] for r in res)
     rtf = statistics.median(r[2] / r[1] for r in res)
     return ttfa, rtf, res[0][2]
@@ -129,11 +142,76 @@ def ours_breakdown(fast, state):
             f"decoder, {n} frames per call": dn * 1e3}
 
 
-def throughput(fast, state, batch, sr):
+def throughput(fast, state, batch, sr, text=TEXT):
     t0 = time.perf_counter()
-    wavs = fast.generate_audio_batch(state, [TEXT] * batch, seed=1)
+    wavs = fast.generate_audio_batch(state, [text] * batch, seed=1)
     wall = time.perf_counter() - t0
     return sum(w.shape[-1] for w in wavs) / sr / wall
+
+
+def headline(config, args, batches, workdir):
+    """The models of one config and the first three rows (single-stream RTF, time to first
+    audio, best throughput) with what the rest of the table needs (dict)."""
+    peer = random_tts_model(workdir, config=config, eos_threshold=1e9)
+    # after the build: importing pocket_tts runs torch.set_num_threads(1) (tts_model.py)
+    torch.set_num_threads(args.threads)
+    sr = peer.sample_rate
+    fast = calm_fast.accelerate(peer, max_streams=max(batches), cache_mb=1536)
+    wav = voice_wav()
+    p_state, o_state = peer.get_state_for_audio_prompt(wav), fast.get_state_for_audio_prompt(wav)
+    text = args.text
+    p_ttfa, p_rtf, secs = single_stream(peer, p_state, args.runs, sr, text)
+    o_ttfa, o_rtf, o_secs = single_stream(fast, o_state, args.runs, sr, text)
+    torch.set_num_threads(1)
+    p_rtf1 = single_stream(peer, p_state, max(1, args.runs - 1), sr, text)[1]
+    torch.set_num_threads(args.threads)
+    thr = {b: throughput(fast, o_state, b, sr, text) for b in batches}
+    best_b = max(thr, key=thr.get)
+    # the package's best: one process per core, i.e. twice its 1-thread single-stream rate
+    # (an upper bound, as bench_batch.py takes it)
+    peer_best = max(p_rtf, 2 * p_rtf1)
+    rows = [
+        {"metric": "single-stream RTF (x real time)", "peer": p_rtf, "ours": o_rtf,
+         "ratio": o_rtf / p_rtf, "target": ">= 2x"},
+        {"metric": "time to first audio (ms)", "peer": p_ttfa * 1e3, "ours": o_ttfa * 1e3,
+         "ratio": p_ttfa / o_ttfa, "target": ">= 3x (ours <= 1/3)"},
+        {"metric": f"best throughput (x RT; ours at batch {best_b})", "peer": peer_best,
+         "ours": thr[best_b], "ratio": thr[best_b] / peer_best, "target": ">= 3.5x"},
+    ]
+    return dict(peer=peer, fast=fast, wav=wav, sr=sr, o_state=o_state, rows=rows, thr=thr,
+                p_rtf=p_rtf, p_rtf1=p_rtf1, peer_best=peer_best, secs=secs, o_secs=o_secs)
+
+
+def _finish(rows, args, secs, config):
+    for r in rows:
+        if config != "english":  # e2e.csv (english) keeps the columns it was started with
+            r["config"] = config
+        r["threads"], r["audio_s"] = args.threads, round(secs, 2)
+        for k in ("peer", "ours", "ratio"):
+            if isinstance(r[k], float):
+                r[k] = round(r[k], 2)
+
+
+def families(args, batches):
+    """--families: the headline rows of one config per family, against the package's own
+    generate_audio / generate_audio_stream on the same random weights."""
+    from pocket_tts.utils.config import CONFIGS_DIR
+
+    known = {p.stem for p in Path(CONFIGS_DIR).glob("*.yaml")}
+    names = args.families.split(",") if args.families else [f for f in FAMILIES if f in known]
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise SystemExit(f"not a packaged config: {', '.join(bad)} (known: "
+                         f"{', '.join(sorted(known))})")
+    rows = []
+    for name in names:
+        h = headline(name, args, batches, args.workdir)  # one tokenizer for all
+        _finish(h["rows"], args, h["secs"], name)
+        rows += h["rows"]
+        print_table(h["rows"], ["config", "metric", "peer", "ours", "ratio"])
+        del h  # the next config's models (a 24-layer one is large)
+    print_table(rows, ["config", "metric", "peer", "ours", "ratio", "target"])
+    print(f"appended to {write_rows('e2e_families', rows, args)}")
 
 
 def shipped(threads: int, runs: int, args=None):
@@ -188,37 +266,30 @@ def main():
     ap.add_argument("--no-int8", action="store_true")
     ap.add_argument("--shipped", action="store_true",
                     help="only the shipped default TTS model's single-stream rows")
+    ap.add_argument("--config", default="english",
+                    help="the packaged pocket-tts config whose shapes are run (default english)")
+    ap.add_argument("--families", nargs="?", const="", default=None, metavar="NAMES",
+                    help="the first three rows for one config per family (or for the "
+                         f"comma-separated NAMES): {', '.join(FAMILIES)}")
+    ap.add_argument("--text", default=TEXT, help="the text spoken (default: a ~10 s sentence)")
     record_args(ap)
     args = ap.parse_args()
     if args.shipped:
         return shipped(args.threads, args.runs, args)
     batches = [int(b) for b in args.batches.split(",")]
-    peer = random_tts_model(args.workdir, eos_threshold=1e9)
-    # after the build: importing pocket_tts runs torch.set_num_threads(1) (tts_model.py)
-    torch.set_num_threads(args.threads)
-    sr = peer.sample_rate
-    fast = calm_fast.accelerate(peer, max_streams=max(batches), cache_mb=1536)
-    wav = voice_wav()
-    p_state, o_state = peer.get_state_for_audio_prompt(wav), fast.get_state_for_audio_prompt(wav)
-
-    p_ttfa, p_rtf, secs = single_stream(peer, p_state, args.runs, sr)
-    o_ttfa, o_rtf, o_secs = single_stream(fast, o_state, args.runs, sr)
-    torch.set_num_threads(1)
-    p_rtf1 = single_stream(peer, p_state, max(1, args.runs - 1), sr)[1]
-    torch.set_num_threads(args.threads)
-    pb, ob = peer_breakdown(peer), ours_breakdown(fast, o_state)
-    thr = {b: throughput(fast, o_state, b, sr) for b in batches}
-    best_b = max(thr, key=thr.get)
-    peer_best = max(p_rtf, 2 * p_rtf1)
-
-    rows = [
-        {"metric": "single-stream RTF (x real time)", "peer": p_rtf, "ours": o_rtf,
-         "ratio": o_rtf / p_rtf, "target": ">= 2x"},
-        {"metric": "time to first audio (ms)", "peer": p_ttfa * 1e3, "ours": o_ttfa * 1e3,
-         "ratio": p_ttfa / o_ttfa, "target": ">= 3x (ours <= 1/3)"},
-        {"metric": f"best throughput (x RT; ours at batch {best_b})", "peer": peer_best,
-         "ours": thr[best_b], "ratio": thr[best_b] / peer_best, "target": ">= 3.5x"},
-    ]
+    if args.families is not None:
+        return families(args, batches)
+    h = headline(args.config, args, batches, args.workdir)
+    peer, fast, wav, sr, o_state = h["peer"], h["fast"], h["wav"], h["sr"], h["o_state"]
+    rows, thr, peer_best, secs = h["rows"], h["thr"], h["peer_best"], h["secs"]
+    p_rtf, p_rtf1, o_secs = h["p_rtf"], h["p_rtf1"], h["o_secs"]
+    # the per-frame breakdown calls the package's LSD head and its flow LM's step directly:
+    # the newer heads (one-step, z_proj) take other arguments there
+    lsd = (getattr(peer.flow_lm, "flow_type", "lsd") == "lsd"
+           and getattr(peer.flow_lm, "z_proj", None) is None)
+    pb, ob = (peer_breakdown(peer), ours_breakdown(fast, o_state)) if lsd else ({}, {})
+    if not lsd:
+        print(f"({args.config}: no per-frame breakdown; it times the LSD head only)")
     for k in ob:  # ours also times the decoder on its steady-state multi-frame chunks
         rows.append({"metric": f"batch-1 {k} ms/frame", "peer": pb.get(k, pb["decoder"]),
                      "ours": ob[k], "ratio": pb.get(k, pb["decoder"]) / ob[k], "target": ""})
@@ -226,27 +297,28 @@ def main():
         rows.append({"metric": f"throughput batch {b} (x RT)", "peer": "", "ours": thr[b],
                      "ratio": thr[b] / peer_best, "target": ""})
     if not args.no_int8:
-        qpeer = random_tts_model(args.workdir, eos_threshold=1e9, quantize=True)
+        qpeer = random_tts_model(args.workdir, config=args.config, eos_threshold=1e9,
+                                 quantize=True)
         torch.set_num_threads(args.threads)
         qfast = calm_fast.accelerate(peer, int8=True, max_streams=1, cache_mb=128)
-        q_p = single_stream(qpeer, qpeer.get_state_for_audio_prompt(wav), args.runs, sr)[1]
-        q_o = single_stream(qfast, qfast.get_state_for_audio_prompt(wav), args.runs, sr)[1]
+        q_p = single_stream(qpeer, qpeer.get_state_for_audio_prompt(wav), args.runs, sr,
+                            args.text)[1]
+        q_o = single_stream(qfast, qfast.get_state_for_audio_prompt(wav), args.runs, sr,
+                            args.text)[1]
         rows.append({"metric": "int8 single-stream RTF (peer quantize=True)", "peer": q_p,
                      "ours": q_o, "ratio": q_o / q_p, "target": "> 1x"})
-    for r in rows:
-        r["threads"], r["audio_s"] = args.threads, round(secs, 2)
-        for k in ("peer", "ours", "ratio"):
-            if isinstance(r[k], float):
-                r[k] = round(r[k], 2)
+    _finish(rows, args, secs, args.config)
     print_table(rows, ["metric", "peer", "ours", "ratio", "target"])
     print(f"(audio per call: peer {secs:.2f} s, ours {o_secs:.2f} s; peer 1-thread RTF "
           f"{p_rtf1:.2f})")
-    path = write_rows("e2e", rows, args)
+    other = args.config != "english"  # the other configs' rows: a table with their name
+    path = write_rows("e2e_configs" if other else "e2e", rows, args)
     print(f"appended to {path}")
-    plot(thr, p_rtf, peer_best, Path(path).with_name("e2e_throughput.png"), args.threads)
+    png = f"e2e_throughput_{args.config}.png" if other else "e2e_throughput.png"
+    plot(thr, p_rtf, peer_best, Path(path).with_name(png), args.threads, args.config)
 
 
-def plot(thr, p_rtf, peer_best, out, threads):
+def plot(thr, p_rtf, peer_best, out, threads, config="english"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,7 +332,8 @@ def plot(thr, p_rtf, peer_best, out, threads):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("audio seconds per wall second")
-    ax.set_title(f"Text to audio, pocket shapes, fp32 CPU, {threads} threads")
+    shapes = "pocket shapes" if config == "english" else config
+    ax.set_title(f"Text to audio, {shapes}, fp32 CPU, {threads} threads")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
