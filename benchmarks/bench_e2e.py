@@ -182,9 +182,10 @@ def headline(config, args, batches, workdir):
                 p_rtf=p_rtf, p_rtf1=p_rtf1, peer_best=peer_best, secs=secs, o_secs=o_secs)
 
 
-def _finish(rows, args, secs, config):
+def _finish(rows, args, secs, config, always_config=False):
     for r in rows:
-        if config != "english":  # e2e.csv (english) keeps the columns it was started with
+        # e2e.csv (english) keeps the columns it was started with; other tables name theirs
+        if config != "english" or always_config:
             r["config"] = config
         r["threads"], r["audio_s"] = args.threads, round(secs, 2)
         for k in ("peer", "ours", "ratio"):
@@ -206,7 +207,7 @@ def families(args, batches):
     rows = []
     for name in names:
         h = headline(name, args, batches, args.workdir)  # one tokenizer for all
-        _finish(h["rows"], args, h["secs"], name)
+        _finish(h["rows"], args, h["secs"], name, always_config=True)
         rows += h["rows"]
         print_table(h["rows"], ["config", "metric", "peer", "ours", "ratio"])
         del h  # the next config's models (a 24-layer one is large)

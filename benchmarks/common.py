@@ -117,7 +117,7 @@ def write_rows(name: str, rows: list[dict], args=None) -> Path:
         "threads": torch.get_num_threads(),
     }
     rows = [{**stamp, **r} for r in rows]
-    fields = list(rows[0].keys())
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # every row's columns, in order
     new = not path.exists()
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
