@@ -49,3 +49,12 @@ def random_tts_model(workdir, config: str = "english", seed: int = 0, vocab_size
         for p in model.flow_lm.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return model.eval()
+
+
+def voice_prompt(seconds: float = 2.0) -> torch.Tensor:
+    """A 24 kHz voice prompt [1, samples] (a modulated tone with a little noise): the
+    drop-in tests' shared prompt, the same samples every time."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.arange(round(24_000 * seconds)) / 24_000
+    wav = 0.3 * torch.sin(2 * torch.pi * 180 * t) * (1 + 0.5 * torch.sin(5 * t))
+    return (wav + 0.01 * torch.randn(wav.shape, generator=g))[None]

@@ -69,10 +69,9 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def voice():
-    g = torch.Generator().manual_seed(3)
-    t = torch.arange(24_000) / 24_000
-    wav = 0.3 * torch.sin(2 * torch.pi * 180 * t) * (1 + 0.5 * torch.sin(5 * t))
-    return (wav + 0.01 * torch.randn(wav.shape, generator=g))[None]
+    from pocket_fixtures import voice_prompt
+
+    return voice_prompt(1.0)
 
 
 def _peer(workdir, config):

@@ -29,10 +29,9 @@ def _peer(tmp, config):
 
 @pytest.fixture(scope="module")
 def voice():
-    g = torch.Generator().manual_seed(3)
-    t = torch.arange(24_000 * 2) / 24_000
-    wav = 0.3 * torch.sin(2 * torch.pi * 180 * t) * (1 + 0.5 * torch.sin(5 * t))
-    return (wav + 0.01 * torch.randn(wav.shape, generator=g))[None]
+    from pocket_fixtures import voice_prompt
+
+    return voice_prompt()
 
 
 def _same_audio_and_rng(peer, voice):
