@@ -105,6 +105,21 @@ def _report(res: dict, quiet: bool) -> None:
         print(f"wrote {res['out']}{extra}", file=sys.stderr)
 
 
+class _ModelDefault:
+    """--eos-threshold left unset: the model's own threshold (argparse does not convert a
+    default that is not a string, so the sentinel passes through as is)."""
+
+    def __str__(self):
+        return "the model's: -4 unless its config names one"
+
+
+MODEL_DEFAULT = _ModelDefault()
+
+
+def _eos(value, synth):
+    return synth.eos_threshold if value is MODEL_DEFAULT else value
+
+
 def _tts(a):
     from calm_fast.serve import commands
 
@@ -116,7 +131,8 @@ def _tts(a):
 
     job = Job.speech(synth, text, voice=commands._voice(synth, a.voice), seed=a.seed,
                      temperature=synth.temperature if a.temperature is None else a.temperature,
-                     cfg_scale=a.cfg, max_seconds=a.max_seconds, eos_threshold=a.eos_threshold)
+                     cfg_scale=a.cfg, max_seconds=a.max_seconds,
+                     eos_threshold=_eos(a.eos_threshold, synth))
     _report(commands.run_job(synth, job, a.output, a.format, a.speed, a.quiet, "speaking"),
             a.quiet)
 
@@ -197,7 +213,8 @@ def _serve(a):
                        max_queue=a.max_queue, queue_timeout=a.queue_timeout,
                        max_seconds=a.max_seconds, cache_mb=a.cache_mb,
                        decode_frames=a.decode_frames, sample_rate=a.sample_rate,
-                       eos_threshold=a.eos_threshold, default_voice=a.default_voice,
+                       eos_threshold=_eos(a.eos_threshold, synth),
+                       default_voice=a.default_voice,
                        voices_dir=a.voices_dir, int8=a.int8, max_upload_mb=a.max_upload_mb)
     print(f"calm-fast: serving {synth.name} on http://{a.host}:{a.port}/ "
           f"(max {a.max_streams} streams)", file=sys.stderr)
@@ -253,7 +270,7 @@ def _add_doors(sub):
                    help="speaking rate, 0.25 to 4 (pitch kept)")
     t.add_argument("--max-seconds", type=float, default=30.0,
                    help="most audio per sentence chunk")
-    t.add_argument("--eos-threshold", type=_number_or_off, default=-4.0,
+    t.add_argument("--eos-threshold", type=_number_or_off, default=MODEL_DEFAULT,
                    help="end-of-speech logit threshold, or 'off' to always make --max-seconds")
     _gen_flags(t)
     t.set_defaults(fn=_tts)
@@ -302,7 +319,7 @@ def _add_doors(sub):
                    help="frames per audio chunk, at most (chunks grow 1, 2, 4...)")
     s.add_argument("--sample-rate", type=int, default=None,
                    help="output sample rate (default: the model's)")
-    s.add_argument("--eos-threshold", type=_number_or_off, default=-4.0,
+    s.add_argument("--eos-threshold", type=_number_or_off, default=MODEL_DEFAULT,
                    help="end-of-speech logit threshold, or 'off'")
     s.add_argument("--steps", type=int, default=None,
                    help="head decoding steps per frame (default: the model's)")

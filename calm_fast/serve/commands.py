@@ -139,7 +139,7 @@ def tts(synth, text: str, out: str, *, voice=None, temperature: float | None = N
         synth.head_steps = steps
     job = Job.speech(synth, text, voice=_voice(synth, voice), seed=seed,
                      temperature=synth.temperature if temperature is None else temperature,
-                     cfg_scale=cfg, max_seconds=max_seconds)
+                     cfg_scale=cfg, max_seconds=max_seconds, eos_threshold=synth.eos_threshold)
     return run_job(synth, job, out, fmt, speed, quiet, "speaking")
 
 

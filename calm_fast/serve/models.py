@@ -42,6 +42,9 @@ class Synth:
     head_steps: int = 1
     temperature: float = 0.7
     default_voice: str | None = None  # the voice used when a request names none
+    # the end-of-speech logit threshold the doors use when none is asked for (None: off);
+    # Pocket TTS configs carry their own (default_eos_threshold)
+    eos_threshold: float | None = -4.0
     # the VAE that encodes voice prompts; None: ``vae``. Newer Pocket TTS Mimis decode with
     # their own shapes, and each side is then a VAE holding that side's weights only
     encoder: object = None
@@ -141,7 +144,7 @@ def _pocket_file(path: Path, tokenizer, name: str | None = None, temperature: fl
     # one head step: the package's default for LSD, and what its one-step heads (drifting,
     # pointwise) take whatever sampler_decode_steps says
     return Synth(lm, vae, name or path.stem, temperature=temperature, encoder=encoder,
-                 head_steps=1)
+                 head_steps=1, eos_threshold=float(config.default_eos_threshold))
 
 
 def _hf_cached(url: str) -> Path | None:
@@ -266,5 +269,6 @@ def from_pocket_package(tts_model) -> Synth:
     # the engine's head steps: 1 for the one-step heads (drifting, pointwise), which ignore
     # the package's sampler_decode_steps; voice prompts go through the encoding VAE
     return Synth(acc.lm, acc.vae, "pocket-package", head_steps=acc.engine.sched.head_steps,
-                 temperature=float(tts_model.temp), encoder=acc.encoder)
+                 temperature=float(tts_model.temp), encoder=acc.encoder,
+                 eos_threshold=float(tts_model.eos_threshold))
 

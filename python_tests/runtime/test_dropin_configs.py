@@ -153,6 +153,7 @@ def test_the_doors_speak_a_small_model_with_a_voice_prompt(tmp_path, voice, monk
     peer = _peer(tmp_path, name)
     synth = models.from_pocket_package(peer)
     assert synth.encoder is not synth.vae and synth.head_steps == 1
+    assert synth.eos_threshold == -1.0  # the config's default_eos_threshold, as the package
     sf.write(str(tmp_path / "me.wav"), voice[0].numpy(), 24_000)
     got = []
     for s in (synth, None):
@@ -167,6 +168,7 @@ def test_the_doors_speak_a_small_model_with_a_voice_prompt(tmp_path, voice, monk
                                 lambda url: files[url.split("@")[0].rsplit("/", 1)[1]])
             s = models.load_synth(name)
             assert s.encoder is not s.vae and s.head_steps == 1 and s.name == name
+            assert s.eos_threshold == -1.0
         out = tmp_path / f"{len(got)}.wav"
         res = tts(s, "Hello world.", str(out), voice=str(tmp_path / "me.wav"), seed=0,
                   quiet=True)
