@@ -234,19 +234,13 @@ def prefill(p: PackedBackbone, cache: PagedKVCache, stream: int, x: torch.Tensor
     feed-forward, ~12% of the prefill's FLOPs at `pocket` shapes. Returns None then."""
     if x.dim() != 2 or x.shape[1] != p.d_model or x.shape[0] == 0:
         raise ValueError(f"prefill input must be [T>0, {p.d_model}], got {tuple(x.shape)}")
-    T = x.shape[0]
-    start = cache.position(stream)
-    pos = start + torch.arange(T, device=x.device)
-    slots = cache.reserve([stream], T)[0]
     if ops.native_decode_step_ok(x, cache.k, windowed=True) and \
             (layers := native_layers(p)) is not None:
         # every layer in one C++ call: the T rows attend causally over the whole stream
-        cos, sin = rope_tables(p, pos)
-        out = ops.native_decode_step(layers, p.heads, p.kv_heads, p.eps, x, cos[:, 0],
-                                     sin[:, 0], cache.k, cache.v, slots,
-                                     cache.page_table([stream]), queries=T, window=0,
-                                     last_kv_only=not outputs)
-        return out if outputs else None
+        return _native_rounds(p, layers, cache, [(stream, x)], outputs)[0]
+    T = x.shape[0]
+    pos = cache.position(stream) + torch.arange(T, device=x.device)
+    slots = cache.reserve([stream], T)[0]
     rot = rope_rotation(p, pos)
     rep = p.heads // p.kv_heads
     for li, L in enumerate(p.layers):
@@ -273,7 +267,7 @@ def prefill_many(p: PackedBackbone, cache: PagedKVCache, items, outputs: bool = 
     shortest remaining count from every stream still open), each round one C++ call over all
     of them: the weights are read once per round instead of once per stream, which is what a
     prefill of a few text rows is bound by. Returns [out_i] (None each when not ``outputs``)."""
-    items = [(s, x) for s, x in items]
+    items = list(items)
     for _, x in items:
         if x.dim() != 2 or x.shape[1] != p.d_model or x.shape[0] == 0:
             raise ValueError(f"prefill input must be [T>0, {p.d_model}], got {tuple(x.shape)}")
@@ -282,8 +276,15 @@ def prefill_many(p: PackedBackbone, cache: PagedKVCache, items, outputs: bool = 
     layers = None
     if items and ops.native_decode_step_ok(items[0][1], cache.k, windowed=True):
         layers = native_layers(p)
-    if layers is None or len(items) < 2:
+    if layers is None:
         return [prefill(p, cache, s, x, outputs) for s, x in items]
+    return _native_rounds(p, layers, cache, items, outputs)
+
+
+def _native_rounds(p: PackedBackbone, layers, cache: PagedKVCache, items, outputs: bool):
+    """The native prefill of [(stream, x)]: rounds of the shortest remaining row count c
+    from every stream still open, each one ``decode_step(queries=c)`` call over them (one
+    stream: one call over its T rows)."""
     done = [0] * len(items)
     outs = [[] for _ in items]
     while True:
@@ -296,8 +297,7 @@ def prefill_many(p: PackedBackbone, cache: PagedKVCache, items, outputs: bool = 
         pos = torch.cat([cache.position(s) + torch.arange(c) for s in streams]).to(x.device)
         slots = cache.reserve(streams, c).reshape(-1)
         cos, sin = rope_tables(p, pos)
-        # the last layer's full pass is needed for any stream whose outputs are asked for;
-        # the K/V alone otherwise
+        # without outputs the last layer stops once its K/V are written
         y = ops.native_decode_step(layers, p.heads, p.kv_heads, p.eps, x, cos[:, 0], sin[:, 0],
                                    cache.k, cache.v, slots, cache.page_table(streams),
                                    queries=c, window=0, last_kv_only=not outputs)
