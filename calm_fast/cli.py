@@ -9,6 +9,7 @@
     calm-fast data speech OUT [--n 200 | --hours H] [--eval N] [--seed 0] [--workers 2]
     calm-fast data music OUT [--n 50] [--seed 0] [--seconds 30]
     calm-fast data latents MANIFEST VAE.safetensors OUT
+    calm-fast data align LATENTS MANIFEST [--steps 600]
     calm-fast train vae|lm|distill RECIPE.toml [--set section.key=value ...]
     calm-fast info
 
@@ -52,6 +53,17 @@ def _data_latents(a):
                              a.out, sample_rate=c.sample_rate, frame_rate=c.frame_rate,
                              latent_dim=c.latent_dim, encoder_name=str(a.vae), force=a.force)
     print(f"wrote {out}")
+
+
+def _data_align(a):
+    import torch
+
+    from calm_fast.model.phonemes import PhonemeTokenizer
+    from calm_fast.train.aligner import align_cache
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"wrote {align_cache(a.latents, a.manifest, PhonemeTokenizer(), steps=a.steps, seed=a.seed)}")
 
 
 def _train(a):
@@ -371,6 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("out")
     la.add_argument("--force", action="store_true", help="replace a cache already in OUT")
     la.set_defaults(fn=_data_latents)
+    al = data.add_parser("align", help="phoneme durations of a latent cache (for aligned-text "
+                                       "TTS models), learnt from its audio")
+    al.add_argument("latents", help="a latent cache made by `calm-fast data latents`")
+    al.add_argument("manifest", help="the manifest the cache was made from (its audio)")
+    al.add_argument("--steps", type=int, default=600, help="aligner training steps")
+    al.add_argument("--seed", type=int, default=0)
+    al.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    al.set_defaults(fn=_data_align)
     tr = sub.add_parser("train", help="run a training recipe (TOML file)")
     tr.add_argument("kind", choices=("vae", "lm", "distill"))
     tr.add_argument("recipe")

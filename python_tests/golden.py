@@ -24,9 +24,14 @@ def dense_generate(model, req, head_steps=1):
     null = model.null_prefix() if req.null_prefix is None else req.null_prefix
     F = module_head(model.flow_net)
     out = []
-    for _ in range(req.max_frames):
+    L = len(frames)
+    for s in range(req.max_frames):
         lat = torch.stack(frames + [torch.zeros(C)])[None]
-        z = model(lat, req.prefix[None])[0][0, -1:]
+        rows = None
+        if req.frame_cond is not None:  # aligned text: added to the generated frames' inputs
+            rows = torch.zeros(1, lat.shape[1], model.cfg.backbone.d_model)
+            rows[0, L:] = req.frame_cond[:s + 1]
+        z = model(lat, req.prefix[None], frame_rows=rows)[0][0, -1:]
         if req.cfg_scale != 1:
             zn = model(lat, null[None])[0][0, -1:]
             z = zn + req.cfg_scale * (z - zn)

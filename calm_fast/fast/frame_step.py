@@ -1,7 +1,7 @@
 """The compute of one generation frame, on any device, as one CUDA graph on GPU.
 
     rows  : backbone rows = [cond streams..., null streams of the CFG requests...]
-    x     = prev[row_src] @ W_in                                  (BOS already substituted)
+    x     = prev[row_src] @ W_in (+ add: aligned text rows)       (BOS already substituted)
     z     = out_norm(fast_backbone.step_rows(x))                  (paged KV cache)
     Z     = z[null] + alpha (z[cond] - z[null])                   (latent CFG; null = cond
                                                                    and alpha = 1 without CFG)
@@ -48,6 +48,7 @@ class FrameInputs:
     alpha: torch.Tensor  # [N, 1] CFG scale (1 without CFG)
     noise: torch.Tensor  # [steps, N, C]: the initial draw, then the consistency re-noisings
     ring: torch.Tensor | None = None  # [N] long: short-context ring slot per request
+    add: torch.Tensor | None = None  # [R, d]: rows added to the inputs (aligned-text models)
 
 
 class FrameStep:
@@ -91,6 +92,8 @@ class FrameStep:
         """(latents [N, C], eos logits [N]) of one frame; pure tensor ops."""
         d = self.cfg.backbone.d_model
         x = f.prev[f.row_src].to(self.w_in.dtype) @ self.w_in
+        if f.add is not None:
+            x = x + f.add.to(x.dtype)
         z = fb.step_rows(self.backbone, self.cache, x, f.pos, f.slots, f.table)
         z = F.layer_norm(z, (d,), *self.norm)
         Z = latent_cfg(z[f.cond], z[f.null], f.alpha.to(z.dtype))  # exactly z without CFG
@@ -148,7 +151,8 @@ class FrameStep:
                 last=torch.zeros(B, **i32), start=torch.zeros(B, **i32),
                 cond=torch.zeros(B, **long), null=torch.zeros(B, **long),
                 alpha=torch.ones(B, 1, device=dev), noise=torch.zeros(steps, B, C, device=dev),
-                ring=torch.zeros(B, **long))
+                ring=torch.zeros(B, **long), add=torch.zeros(B, self.cfg.backbone.d_model,
+                                                             device=dev))
         return self._static
 
     def _fill(self, f: FrameInputs, bucket: int) -> None:
@@ -167,6 +171,11 @@ class FrameStep:
             cp(name, src, N)
         if f.ring is not None:
             cp("ring", f.ring, N)
+        if f.add is not None:
+            cp("add", f.add, R)
+        else:
+            s["add"][:R] = 0
+        s["add"][R:bucket] = 0
         # padding: rows R.. read no pages and write the scratch slot; requests N.. read row 0
         s["row_src"][R:bucket] = 0
         s["pos"][R:bucket] = 0
@@ -186,7 +195,7 @@ class FrameStep:
         table = (s["indptr"][:bucket + 1], s["indices"], s["last"][b], s["start"][b])
         return FrameInputs(s["prev"][b], s["row_src"][b], s["pos"][b], s["slots"][b], table,
                            s["cond"][b], s["null"][b], s["alpha"][b], s["noise"][:, b],
-                           s["ring"][b] if self.ring is not None else None)
+                           s["ring"][b] if self.ring is not None else None, s["add"][b])
 
     def _capture(self, bucket: int) -> None:
         f = self._inputs(bucket)

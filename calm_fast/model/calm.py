@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from calm_fast.model.aligned_text import AlignedText
 from calm_fast.model.conditioning import TagConditioner, TextConditioner
 from calm_fast.model.config import CALMConfig
 from calm_fast.model.head import AdaLNHead
@@ -62,6 +63,8 @@ class CALM(nn.Module):
             self.speaker_proj_weight = nn.Parameter(0.02 * torch.randn(d, C))
         if cfg.short_context is not None:
             self.short = ShortContext(cfg.short_context, C, d)
+        if cfg.aligned_text:
+            self.aligned = AlignedText(d, C)
 
     # -- latent space ------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +103,9 @@ class CALM(nn.Module):
                 raise ValueError(f"preset {self.cfg.name!r} has no music tags")
             rows.append(self.tags(self.tags.encode(tags)))
         if text is not None or tokens is not None:
+            if self.cfg.aligned_text:
+                raise ValueError(f"model {self.cfg.name!r} reads its text as aligned frame rows, "
+                                 f"not in the prefix: use text_inputs()")
             if not self.cfg.text_bins:
                 raise ValueError(f"preset {self.cfg.name!r} has no text conditioning")
             ids = self.conditioner.tokenize(text) if tokens is None else tokens
@@ -112,16 +118,59 @@ class CALM(nn.Module):
                              f"{self.cfg.max_context} rows")
         return out
 
+    # -- aligned text (cfg.aligned_text) -----------------------------------------------------
+    def text_ids(self, text: str | None = None, tokens: torch.Tensor | None = None):
+        """The ids an aligned model reads: a word boundary at both ends (its silences)."""
+        ids = self.conditioner.tokenize(text) if tokens is None else tokens
+        if ids.numel() == 0:
+            raise ValueError("empty text: nothing to say")
+        edge = ids.new_zeros(1)
+        return torch.cat([edge, ids.to(edge.device), edge])
+
+    def text_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """Encoder states [P, d] of aligned ids [P]."""
+        return self.aligned.encode(self.conditioner(ids)[None])[0]
+
+    def text_inputs(self, text: str | None = None, voice: torch.Tensor | None = None,
+                    tokens: torch.Tensor | None = None, speed: float = 1.0,
+                    durations: torch.Tensor | None = None, max_frames: int | None = None):
+        """(prefix [P, d], frame rows [F, d]) of an aligned model: the prefix holds the
+        voice; the rows hold the text, on the durations predicted from the text and the
+        voice (or the ``durations`` given, in sub-frames). ``speed`` > 1 speaks faster."""
+        if not self.cfg.aligned_text:
+            raise ValueError(f"model {self.cfg.name!r} reads its text in the prefix: use prefix()")
+        if not (isinstance(speed, (int, float)) and 0.25 <= speed <= 4):
+            raise ValueError(f"speed must be a number in [0.25, 4], got {speed!r}")
+        ids = self.text_ids(text, tokens)
+        if ids.numel() > self.conditioner.max_tokens:
+            raise ValueError(f"text is {ids.numel()} phonemes long, more than "
+                             f"{self.conditioner.max_tokens}; split it into sentences")
+        prefix = self.prefix(voice=voice)
+        h = self.text_states(ids)
+        if durations is None:
+            vm = None if voice is None else voice[:self.cfg.max_voice_frames or None].mean(0)[None]
+            durations = self.aligned.durations(h[None], vm, speed)[0]
+        frames = AlignedText.frames_for(durations, self.aligned.sub)
+        limit = self.cfg.max_context - prefix.shape[0] - 1
+        if max_frames is not None:
+            limit = min(limit, max_frames)
+        if frames > limit:
+            raise ValueError(f"the text needs {frames} frames, more than the {limit} this "
+                             f"request may make; split it into sentences")
+        return prefix, self.aligned.frame_rows(h, durations, frames)
+
     def null_prefix(self) -> torch.Tensor:
         """The unconditioned prefix of latent CFG: [1, d]."""
         return self.bos_before_voice[0]
 
     # -- training / dense forward ----------------------------------------------------------
     def forward(self, latents: torch.Tensor, prefix: torch.Tensor,
-                prefix_mask: torch.Tensor | None = None, generator=None):
+                prefix_mask: torch.Tensor | None = None, generator=None,
+                frame_rows: torch.Tensor | None = None):
         """latents [B, S, C] (normalised, clean), prefix [B, P, d] (left-padded when ragged,
-        ``prefix_mask`` [B, P] True on real rows). Returns Z [B, S, d] and EOS logits [B, S];
-        Z^s predicts latents[:, s]."""
+        ``prefix_mask`` [B, P] True on real rows), frame_rows [B, S, d] (aligned text, added
+        to the frames' inputs). Returns Z [B, S, d] and EOS logits [B, S]; Z^s predicts
+        latents[:, s]."""
         self.check_latents("latents", latents)
         if latents.dim() != 3 or prefix.dim() != 3 or prefix.shape[0] != latents.shape[0]:
             raise ValueError(f"latents [B, S, C] and prefix [B, P, d] must share B, got "
@@ -137,7 +186,10 @@ class CALM(nn.Module):
         if self.training and self.cfg.vp_noise:
             noised = vp_noise_injection(latents[:, :-1], generator)
             noisy = torch.cat([inputs[:, :1], noised], 1)  # BOS stays clean
-        seq = torch.cat([prefix, self.input_linear(noisy)], 1)
+        rows = self.input_linear(noisy)
+        if frame_rows is not None:
+            rows = rows + frame_rows
+        seq = torch.cat([prefix, rows], 1)
         mask = None
         if prefix_mask is not None:
             T = P + S

@@ -80,10 +80,15 @@ class CALMConfig:
     # Voice prompts are cut to their first this many frames (0: no limit): a small model
     # trained on prompts of one length does not generalise to much longer ones.
     max_voice_frames: int = 0
+    # Text as aligned frame rows (model/aligned_text.py) instead of prefix rows: phoneme
+    # durations place the text on the time axis; the frame count follows from them.
+    aligned_text: bool = False
 
     def __post_init__(self):
         if self.latent_dim < 1 or self.max_context < 2:
             raise ValueError("latent_dim must be >= 1 and max_context >= 2")
+        if self.aligned_text and not self.text_bins:
+            raise ValueError("aligned_text needs a text vocabulary (text_bins)")
 
     def with_(self, **kw) -> "CALMConfig":
         return replace(self, **kw)

@@ -63,6 +63,9 @@ class Request:
     # The request's own noise generator (used as is, so the caller can read its state after
     # generation); None: a new one seeded with ``seed``.
     generator: torch.Generator | None = None
+    # Aligned-text models (CALM.text_inputs): [>= max_frames, d] finite rows, row s added to
+    # the input of frame s of the cond stream (the CFG null stream gets none); None: no text.
+    frame_cond: torch.Tensor | None = None
 
 
 @dataclass
@@ -179,6 +182,20 @@ class Scheduler:
         checks.real(f"{where}: noise_clamp", r.noise_clamp, 0.0, 100.0, none=True, lo_open=True)
         checks.instance(f"{where}: generator", r.generator, torch.Generator, "a torch.Generator",
                         none=True)
+        if r.frame_cond is not None:
+            checks.instance(f"{where}: frame_cond", r.frame_cond, torch.Tensor, "a torch.Tensor")
+            if not self.cfg.aligned_text:
+                raise ArgumentError(f"{where}: frame_cond is for aligned-text models; model "
+                                    f"{self.cfg.name!r} reads its text in the prefix")
+            fc = r.frame_cond
+            if fc.dim() != 2 or fc.shape[1] != d or not fc.is_floating_point():
+                raise ArgumentError(f"{where}: frame_cond must be float [frames, {d}], got "
+                                    f"{fc.dtype} {tuple(fc.shape)}")
+            if fc.shape[0] < r.max_frames:
+                raise ArgumentError(f"{where}: frame_cond has {fc.shape[0]} rows, fewer than "
+                                    f"max_frames={r.max_frames}")
+            if not torch.isfinite(fc).all():
+                raise ArgumentError(f"{where}: frame_cond holds NaN or Inf")
         P, L = self.prefix_rows(r), self.prompt_rows(r)
         need = self._rows(r)
         if need > self.cfg.max_context:
@@ -421,11 +438,17 @@ class Scheduler:
         noise = torch.stack([gaussian_noise(temps, C, generators=gens, clamp=clamps)
                              for _ in range(draws)])
         lng = dict(dtype=torch.long, device=dev)
+        add = None
+        if any(s.req.frame_cond is not None for s in streams):
+            add = torch.zeros(n + len(pick), self.cfg.backbone.d_model, device=dev, dtype=self.dtype)
+            for k, s in enumerate(streams):
+                if s.req.frame_cond is not None:
+                    add[k] = s.req.frame_cond[s.steps]
         f = FrameInputs(prev, torch.tensor(list(range(n)) + pick, **lng), pos, slots,
                         cache.page_table(ids), torch.arange(n, **lng), torch.tensor(null, **lng),
                         torch.tensor(alpha, device=dev)[:, None], noise.to(dev),
                         None if self.frame.ring is None else
-                        torch.tensor([s.ring for s in streams], **lng))
+                        torch.tensor([s.ring for s in streams], **lng), add)
         out, logits = self.frame(f)
         logits = logits.float().cpu()
         bad = (~torch.isfinite(out.float()).all(1)).cpu() | ~torch.isfinite(logits)

@@ -15,6 +15,7 @@ import torch
 from calm_fast.codec.audio import load_audio
 from calm_fast.runtime.export import load_model
 from calm_fast.runtime.generate import CALMGenerator, Request
+from calm_fast.runtime.voices import text_inputs
 from calm_fast.model.calm import CALM
 from calm_fast.codec.vae import VAE
 from calm_fast.fast import vae as fast_vae
@@ -63,10 +64,17 @@ class TTS:
             raise ValueError("no text to synthesize")
         v = None if voice is None else self.voice_latents(voice)
         frames = max(1, round(max_seconds * self.lm.cfg.frame_rate))
-        reqs = [Request(self.lm.prefix(text=t, voice=v), max_frames=frames,
-                        temperature=temperature, cfg_scale=cfg_scale, seed=seed + i,
-                        eos_threshold=eos_threshold, frames_after_eos=frames_after_eos)
-                for i, t in enumerate(texts)]
+        reqs = []
+        for i, t in enumerate(texts):
+            prefix, rows = text_inputs(self.lm, text=t, voice=v)
+            if rows is not None:  # aligned text: the durations fix the length
+                reqs.append(Request(prefix, max_frames=len(rows), temperature=temperature,
+                                    cfg_scale=cfg_scale, seed=seed + i, frame_cond=rows,
+                                    eos_threshold=None))
+                continue
+            reqs.append(Request(prefix, max_frames=frames, temperature=temperature,
+                                cfg_scale=cfg_scale, seed=seed + i, eos_threshold=eos_threshold,
+                                frames_after_eos=frames_after_eos))
         lats = self.gen.generate(reqs)
         # One VAE batch: the decoder is causal, so zero frames padded after a shorter
         # stream's end change none of its samples; each is cut back to its own length.

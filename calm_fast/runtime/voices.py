@@ -132,10 +132,26 @@ def voice_prefix(lm, *, text=None, voice=None, tags=None) -> torch.Tensor:
     """``lm.prefix`` rows [bos, voice, tags, text] for a voice given as latents or as a
     KVVoice; a KVVoice's [bos, voice] part is its zero placeholder rows (its engine template,
     ``Engine.share_kv``, holds their K/V)."""
+    return text_inputs(lm, text=text, voice=voice, tags=tags)[0]
+
+
+def text_inputs(lm, *, text=None, voice=None, tags=None):
+    """(prefix rows, frame rows or None) of a request: ``voice_prefix``'s rows for a
+    prefix-text model; for an aligned-text one (``cfg.aligned_text``) the prefix holds the
+    voice and the frame rows the text (``CALM.text_inputs``: their count is the request's
+    frame count)."""
+    if lm.cfg.aligned_text and text is not None:
+        if tags is not None:
+            raise ValueError("an aligned-text model takes no music tags")
+        if isinstance(voice, KVVoice):
+            _, rows = lm.text_inputs(text)  # durations without the prompt (not in a K/V state)
+            bos = lm.prefix()
+            return bos.new_zeros(voice.rows, bos.shape[1]), rows
+        return lm.text_inputs(text, voice=voice)
     if isinstance(voice, KVVoice):
         rows = lm.prefix(text=text, tags=tags)[1:]  # without its own BOS row
-        return torch.cat([rows.new_zeros(voice.rows, rows.shape[1]), rows])
-    return lm.prefix(text=text, voice=voice, tags=tags)
+        return torch.cat([rows.new_zeros(voice.rows, rows.shape[1]), rows]), None
+    return lm.prefix(text=text, voice=voice, tags=tags), None
 
 
 def load_voice(path, latent_dim: int | None = None, lm=None) -> "torch.Tensor | KVVoice":

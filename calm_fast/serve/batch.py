@@ -440,7 +440,7 @@ class Job:
 
     def _start(self, row: Row) -> None:
         from calm_fast.runtime.scheduler import Request
-        from calm_fast.runtime.voices import voice_prefix
+        from calm_fast.runtime.voices import text_inputs
 
         lm = self.lm
         voice = row.voice if row.voice is not None else (self.cfg.voice if row.text else None)
@@ -448,12 +448,18 @@ class Job:
         prompt = None
         if row.prompt is not None:
             prompt = lm.normalize(self._encode(row.prompt, self.cfg.max_seconds * 10))
-        prefix = voice_prefix(lm, text=row.text, voice=v, tags=row.caption).detach()
+        prefix, rows = text_inputs(lm, text=row.text, voice=v, tags=row.caption)
+        prefix = prefix.detach()
         frames = max(1, round(row.max_seconds * lm.cfg.frame_rate))
-        req = Request(prefix, max_frames=frames, temperature=row.temperature,
-                      cfg_scale=row.cfg, seed=row.seed, prompt_latents=prompt,
-                      eos_threshold=self.cfg.eos_threshold,
-                      frames_after_eos=self.cfg.frames_after_eos)
+        if rows is not None:  # aligned text: the durations fix the length
+            req = Request(prefix, max_frames=len(rows), temperature=row.temperature,
+                          cfg_scale=row.cfg, seed=row.seed, prompt_latents=prompt,
+                          frame_cond=rows.detach(), eos_threshold=None)
+        else:
+            req = Request(prefix, max_frames=frames, temperature=row.temperature,
+                          cfg_scale=row.cfg, seed=row.seed, prompt_latents=prompt,
+                          eos_threshold=self.cfg.eos_threshold,
+                          frames_after_eos=self.cfg.frames_after_eos)
         eng = self.engine(row.steps)
         key = shared = None
         if v is not None:

@@ -40,7 +40,7 @@ from calm_fast.runtime.decode_slots import DecodeSlots
 from calm_fast.runtime.engine import Engine
 from calm_fast.runtime.scheduler import Request
 from calm_fast.runtime.text_chunks import Say, plan
-from calm_fast.runtime.voices import KVVoice, voice_prefix
+from calm_fast.runtime.voices import KVVoice, text_inputs
 
 CONTEXT_SECONDS = 20.0  # at most this much of the previous chunk is its successor's prompt
 
@@ -327,26 +327,33 @@ class Service:
                 continue
             del self.templates[old]
 
-    def _prefix(self, text, voice, tags) -> torch.Tensor:
-        """[bos, voice, tags, text] rows; a KVVoice's [bos, voice] part is its placeholder
-        rows (its template holds the K/V)."""
-        return voice_prefix(self.synth.lm, text=text, voice=voice, tags=tags)
+    def _prefix(self, text, voice, tags):
+        """([bos, voice, tags, text] rows, None), or for an aligned-text model ([bos, voice]
+        rows, the text's frame rows); a KVVoice's [bos, voice] part is its placeholder rows
+        (its template holds the K/V)."""
+        return text_inputs(self.synth.lm, text=text, voice=voice, tags=tags)
 
     def _request(self, run: _Run, seg: Segment) -> Request:
         job, lm = run.job, self.synth.lm
         text = seg.text
         prompt = job.prompt if run.chunk == 0 else None
-        if job.continue_chunks and run.prev_frames is not None and text is not None:
+        # an aligned-text model speaks each chunk from its own durations: no text carried over
+        if (job.continue_chunks and run.prev_frames is not None and text is not None
+                and not lm.cfg.aligned_text):
             keep = int(CONTEXT_SECONDS * self.synth.frame_rate)
             text = f"{run.prev_text} {text}"
             prompt = run.prev_frames[-keep:]
-        prefix = self._prefix(text, job.voice, seg.tags)
+        prefix, rows = self._prefix(text, job.voice, seg.tags)
         if prompt is not None and prefix.shape[0] + prompt.shape[0] + 2 > lm.cfg.max_context:
-            prefix, prompt = self._prefix(seg.text, job.voice, seg.tags), None
+            (prefix, rows), prompt = self._prefix(seg.text, job.voice, seg.tags), None
         room = lm.cfg.max_context - prefix.shape[0] - (0 if prompt is None else prompt.shape[0])
         frames = min(max(1, math.ceil(job.max_seconds * self.synth.frame_rate)), room - 1)
         if frames < 1:
             raise JobError(f"the prompt fills the model's context of {lm.cfg.max_context} rows")
+        if rows is not None:  # the durations fix the length
+            return Request(prefix.detach(), len(rows), temperature=job.temperature,
+                           cfg_scale=job.cfg_scale, seed=job.seed + run.chunk,
+                           frame_cond=rows.detach(), eos_threshold=None)
         return Request(prefix.detach(), frames, temperature=job.temperature,
                        cfg_scale=job.cfg_scale, seed=job.seed + run.chunk,
                        prompt_latents=None if prompt is None else prompt.detach(),

@@ -355,3 +355,36 @@ def test_reruns_refuse_other_settings_and_keep_metrics_single(tmp_path):
     run_recipe(rec, sets=["train.steps=8"], force=True)  # asked for: it goes on
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9))
+
+
+def with_durations(lat, seed=0):
+    """durations.jsonl for a synthetic cache read with the bytes tokenizer: random
+    sub-frame counts over [0] + bytes + [0] that fill each utterance's frames."""
+    g = np.random.default_rng(seed)
+    rows = [json.loads(x) for x in (lat / "index.jsonl").read_text().splitlines()]
+    out = []
+    for i, r in enumerate(rows):
+        n = len(r["text"].encode()) + 2
+        cuts = np.sort(g.choice(np.arange(1, 8 * r["frames"]), n - 1, replace=False))
+        out.append({"row": i, "path": r["path"],
+                    "durations": np.diff(np.r_[0, cuts, 8 * r["frames"]]).tolist()})
+    (lat / "durations.jsonl").write_text("".join(json.dumps(o) + "\n" for o in out))
+    return lat
+
+
+def test_lm_recipe_aligned_text_trains_durations_and_exports(tmp_path):
+    lat = synthetic_cache(tmp_path / "lat")
+    text = LM_RECIPE.format(out=tmp_path / "a", lat=lat, steps=4, ckpt=4)
+    with pytest.raises(RecipeError, match="no durations.jsonl.*calm-fast data align"):
+        run_recipe(write_toml(tmp_path / "a.toml", text), sets=["model.aligned_text=true"])
+    with_durations(lat)
+    run_recipe(write_toml(tmp_path / "b.toml", text.replace(str(tmp_path / "a"), str(tmp_path / "b"))),
+               sets=["model.aligned_text=true", "train.lr=3e-3"])
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["dur"]) and r["dur"] > 0 for r in rows)
+    assert rows[-1]["dur"] < rows[0]["dur"]  # the duration predictor learns
+    m = load_model(tmp_path / "b" / "model.safetensors")
+    assert m.cfg.aligned_text and any(k.startswith("aligned.") for k in m.state_dict())
+    prefix, frames = m.text_inputs("say 3", voice=torch.randn(4, 8))
+    assert prefix.shape[0] == 5 and frames.shape[1] == 64

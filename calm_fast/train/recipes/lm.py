@@ -32,6 +32,7 @@ from calm_fast.model.calm import CALM
 from calm_fast.model.transformer import causal_mask
 from calm_fast.train.trainer import TrainConfig
 from calm_fast.train.recipes.common import batch_generator, train_and_export
+from calm_fast.train.aligner import read_durations
 from calm_fast.train.recipes.config import RecipeError, build, build_preset
 from calm_fast.runtime.export import load_model
 from calm_fast.runtime.generate import CALMGenerator, Request
@@ -64,6 +65,7 @@ class LMObjective:
     align_layer: int = 1
     align_heads: int = 1
     align_sigma: float = 0.2
+    duration_weight: float = 1.0  # aligned-text models: log-duration MSE of the predictor
 
     def check(self, head_kind: str) -> str:
         kind = head_kind if self.kind == "auto" else self.kind
@@ -108,7 +110,7 @@ class Utterances:
     """The whole utterances of a latent cache that fit ``max_frames``, with text ids and
     same-speaker voice prompts."""
 
-    def __init__(self, data: LMData, latent_dim: int):
+    def __init__(self, data: LMData, latent_dim: int, aligned: bool = False):
         self.cache = LatentCache(data.latents)
         if self.cache.meta["latent_dim"] != latent_dim:
             raise RecipeError(f"{data.latents} holds {self.cache.meta['latent_dim']}-dim "
@@ -116,6 +118,14 @@ class Utterances:
         self.data = data
         self.items = [i for i, r in enumerate(self.cache.index)
                       if r.get("split") in data.splits and 2 <= r["frames"] <= data.max_frames]
+        self.durations = None
+        if aligned:
+            self.durations = read_durations(data.latents)
+            if not self.durations:
+                raise RecipeError(f"{data.latents} has no durations.jsonl, which an aligned-text "
+                                  f"model trains on: run `calm-fast data align {data.latents} "
+                                  f"MANIFEST` first")
+            self.items = [i for i in self.items if i in self.durations]
         if not self.items:
             raise RecipeError(f"{data.latents}: no utterance in splits {list(data.splits)} has "
                               f"2..{data.max_frames} frames")
@@ -153,9 +163,14 @@ class Utterances:
         for b, x in enumerate(lats):
             latents[b, :len(x)] = x
         drop_text, drop_voice = obj.condition_dropout(n, obj_cfg.p_text, obj_cfg.p_voice, g)
+        voices = [None if dv else self.voice(i, g) for i, dv in zip(pick, drop_voice.tolist())]
+        if self.durations is not None:  # aligned: the text is always read (durations)
+            return {"latents": latents, "lengths": lengths, "voices": voices,
+                    "tokens": [torch.tensor(tokenizer.encode(self.text(i))) for i in pick],
+                    "durations": [torch.tensor(self.durations[i]) for i in pick],
+                    "drop_text": drop_text}
         tokens = [None if dt or not self.text(i) else torch.tensor(tokenizer.encode(self.text(i)))
                   for i, dt in zip(pick, drop_text.tolist())]
-        voices = [None if dv else self.voice(i, g) for i, dv in zip(pick, drop_voice.tolist())]
         return {"latents": latents, "lengths": lengths, "tokens": tokens, "voices": voices}
 
 
@@ -188,9 +203,40 @@ class LMTraining(nn.Module):
         self.weight = (obj.AdaptiveWeight(n_times)
                        if objective.adaptive_weight and self.kind != "flow" else None)
 
+    def aligned_rows(self, batch, S: int):
+        """Frame rows [B, S, d] of an aligned model on the aligner's durations (zero where
+        the text is dropped) and the duration predictor's loss."""
+        m = self.calm
+        ids = [m.text_ids(tokens=t) for t in batch["tokens"]]
+        B, P = len(ids), max(len(x) for x in ids)
+        pad = torch.full((B, P), m.cfg.text_bins, dtype=torch.long)
+        mask = torch.zeros(B, P, dtype=torch.bool)
+        for b, x in enumerate(ids):
+            if len(x) != len(batch["durations"][b]):
+                raise RecipeError(f"durations.jsonl holds {len(batch['durations'][b])} "
+                                  f"durations for a text of {len(x)} tokens: it was made with "
+                                  f"another tokenizer; rerun `calm-fast data align`")
+            pad[b, :len(x)], mask[b, :len(x)] = x, True
+        h = m.aligned.encode(m.conditioner(pad), mask)
+        voices = batch["voices"]
+        present = torch.tensor([v is not None for v in voices])
+        C = m.cfg.latent_dim
+        vm = torch.stack([v.mean(0) if v is not None else torch.zeros(C) for v in voices])
+        logd = m.aligned.log_durations(h, vm, present, mask)
+        target = torch.zeros(B, P)
+        for b, d in enumerate(batch["durations"]):
+            target[b, :len(d)] = torch.log1p(d.float())
+        dur_loss = ((logd - target) ** 2)[mask].mean()
+        rows = torch.stack([m.aligned.frame_rows(h[b, :len(x)], batch["durations"][b], S)
+                            for b, x in enumerate(ids)])
+        keep = (~batch["drop_text"]).to(rows.dtype)[:, None, None]
+        return rows * keep, dur_loss
+
     def forward(self, batch):
         m, o = self.calm, self.objective
         latents = m.normalize(batch["latents"])
+        if m.cfg.aligned_text:
+            return self.forward_aligned(batch, latents)
         prefix, mask = prefix_batch(m, batch["tokens"], batch["voices"])
         layer = m.transformer.layers[o.align_layer]
         seen = {}
@@ -221,6 +267,24 @@ class LMTraining(nn.Module):
             logs["align"] = align.detach()
         return loss, logs
 
+    def forward_aligned(self, batch, latents):
+        m, o = self.calm, self.objective
+        rows, dur_loss = self.aligned_rows(batch, latents.shape[1])
+        prefix, mask = prefix_batch(m, [None] * len(rows), batch["voices"])
+        z, eos_logits = m(latents, prefix, mask, frame_rows=rows)
+        valid = frame_mask(batch["lengths"], latents.shape[1], include_end=False)
+        c, x = obj.head_batch_multiplier(z[valid], latents[valid], o.head_mult)
+        if self.kind == "lsd":
+            head = obj.lsd_loss(m.flow_net, c, x, weight=self.weight)
+        elif self.kind == "consistency":
+            r = min(1.0, batch["step"] / o.tangent_warmup) if o.tangent_warmup else 1.0
+            head = obj.consistency_loss(m.flow_net, c, x, weight=self.weight, warmup=r)
+        else:
+            head = obj.flow_matching_loss(m.flow_net, c, x)
+        eos = obj.eos_loss(eos_logits, batch["lengths"])
+        loss = head + o.eos_weight * eos + o.duration_weight * dur_loss
+        return loss, {"head": head.detach(), "eos": eos.detach(), "dur": dur_loss.detach()}
+
     def align_loss(self, layer, layer_in, P: int, text_len, audio_len):
         """The guided-attention penalty of the chosen heads, from that layer's own input
         (x, cos, sin, mask) as the forward pass saw it."""
@@ -245,7 +309,7 @@ def run(recipe: dict) -> Path:
     cfg = build_preset(CALMConfig, model_table, "model", preset)
     objective = build(LMObjective, recipe["objective"], "objective")
     train_cfg = build(TrainConfig, recipe["train"], "train", out_dir=recipe["out_dir"])
-    utts = Utterances(data, cfg.latent_dim)
+    utts = Utterances(data, cfg.latent_dim, aligned=cfg.aligned_text)
     if data.voice_frames and not cfg.voice:
         raise RecipeError(f"data.voice_frames > 0 but model {cfg.name!r} has no voice input")
     if data.voice_frames and not cfg.max_voice_frames:
@@ -297,10 +361,15 @@ def _sampler(utts: Utterances, data: LMData, tokenizer):
         g = torch.Generator().manual_seed(0)
         text = utts.text(i) if m.cfg.text_bins else None
         with torch.no_grad():
-            prefix = m.prefix(text=text, voice=utts.voice(i, g))
-            lat = CALMGenerator(m).generate([Request(
-                prefix, max_frames=data.max_frames, seed=0,
-                min_frames=round(m.cfg.frame_rate))])[0]  # an untrained EOS fires at once
+            if m.cfg.aligned_text:
+                prefix, rows = m.text_inputs(text, voice=utts.voice(i, g))
+                req = Request(prefix, max_frames=len(rows), seed=0, frame_cond=rows,
+                              eos_threshold=None)
+            else:
+                prefix = m.prefix(text=text, voice=utts.voice(i, g))
+                req = Request(prefix, max_frames=data.max_frames, seed=0,
+                              min_frames=round(m.cfg.frame_rate))  # an untrained EOS fires at once
+            lat = CALMGenerator(m).generate([req])[0]
         d = Path(out) / "samples"
         d.mkdir(parents=True, exist_ok=True)
         np.save(d / f"latents_{step:07d}.npy", m.denormalize(lat).numpy())
