@@ -36,9 +36,7 @@ def test_without_a_trained_default_the_doors_say_what_to_pass():
         models.load_synth()
 
 
-@pytest.fixture
-def bundle(tmp_path, monkeypatch):
-    """A tiny random LM + the shipped VAE + bundle.json, in the default bundle's place."""
+def make_bundle(tmp_path, monkeypatch, aligned=False):
     from golden import perturbed
 
     from calm_fast.model.calm import CALM
@@ -50,7 +48,7 @@ def bundle(tmp_path, monkeypatch):
     d.mkdir()
     torch.manual_seed(0)
     cfg = preset("tiny").with_(latent_dim=32, text_bins=PhonemeTokenizer.vocab_size,
-                               max_voice_frames=50)
+                               max_voice_frames=50, aligned_text=aligned)
     export_model(d / "lm.safetensors", perturbed(CALM(cfg, PhonemeTokenizer())),
                  dtype=torch.float16)
     (d / "vae.safetensors").symlink_to(ASSETS / "default" / "vae.safetensors")
@@ -58,6 +56,41 @@ def bundle(tmp_path, monkeypatch):
                                                "temperature": 0.5}))
     monkeypatch.setattr(models, "DEFAULT_BUNDLE", d)
     return d
+
+
+@pytest.fixture
+def bundle(tmp_path, monkeypatch):
+    """A tiny random LM + the shipped VAE + bundle.json, in the default bundle's place."""
+    return make_bundle(tmp_path, monkeypatch)
+
+
+def test_an_aligned_text_default_speaks_through_every_door(tmp_path, monkeypatch):
+    """The doors on an aligned-text LM (the shipped TTS kind): the frame count comes from
+    the predicted durations, not from --max-seconds or an EOS, and a longer text makes
+    longer audio."""
+    import soundfile as sf
+
+    from calm_fast.cli import main
+    from calm_fast.serve.batch import run_batch
+
+    make_bundle(tmp_path, monkeypatch, aligned=True)
+    synth = models.load_synth()
+    assert synth.lm.cfg.aligned_text
+    lens = []
+    for text in ("Hi.", "Hello there, this is a much longer sentence than the first one."):
+        out = tmp_path / f"{len(text)}.wav"
+        assert main(["tts", text, "-o", str(out), "-q", "--max-seconds", "30"]) == 0
+        lens.append(sf.info(str(out)).frames)
+    prefix, rows = synth.lm.text_inputs("Hi.", voice=load_voice(builtin_voices()["kal"]))
+    assert lens[0] == len(rows) * synth.frame_size and lens[1] > 2 * lens[0]
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"id": "a", "text": "Hi."}) + "\n"
+                 + json.dumps({"id": "b", "text": "Good night.", "voice": "awb"}) + "\n")
+    s = run_batch(m, tmp_path / "out", progress=False)
+    assert (s["ok"], s["failed"]) == (2, 0)
+    rows_out = {json.loads(x)["id"]: json.loads(x)
+                for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()}
+    assert rows_out["a"]["frames"] == len(rows)
 
 
 def test_no_checkpoint_loads_the_bundle_with_its_voice(bundle, tmp_path):

@@ -67,26 +67,44 @@ def mas(logp: torch.Tensor) -> torch.Tensor:
     durations [P] (ints >= 1, summing to T) of the best path that starts at phoneme 0, ends
     at phoneme P-1 and advances by 0 or 1 phoneme per frame. Needs T >= P."""
     P, T = logp.shape
-    if T < P:
-        raise AlignerError(f"{T} frames cannot hold {P} phonemes (each needs one)")
-    neg = torch.tensor(-1e9, dtype=logp.dtype)
-    v = torch.full((P,), -1e9, dtype=logp.dtype)
-    v[0] = logp[0, 0]
-    came = torch.zeros(T, P, dtype=torch.bool)  # True: frame t entered phoneme p from p-1
-    for t in range(1, T):
-        stay = v
-        move = torch.cat([neg[None], v[:-1]])
-        came[t] = move > stay
-        v = torch.maximum(stay, move) + logp[:, t]
-    dur = torch.zeros(P, dtype=torch.long)
-    p = P - 1
-    for t in range(T - 1, -1, -1):
-        dur[p] += 1
-        if t > 0 and came[t, p]:
-            p -= 1
-    if p != 0:
-        raise AlignerError("alignment search did not reach the first phoneme")
-    return dur
+    return mas_batch(logp[None], [P], [T])[0]
+
+
+def mas_batch(logp: torch.Tensor, P_len, T_len) -> list[torch.Tensor]:
+    """``mas`` of a padded batch: logp [B, P, T], utterance b's real part [:P_len[b],
+    :T_len[b]]. One pass over the frames for the whole batch, then a backtrack each."""
+    B, Pm, Tm = logp.shape
+    for p, t in zip(P_len, T_len):
+        if t < p:
+            raise AlignerError(f"{t} frames cannot hold {p} phonemes (each needs one)")
+    neg = -1e9
+    logp = logp.detach().double().clone()
+    for b, p in enumerate(P_len):
+        logp[b, p:] = neg
+    v = torch.full((B, Pm), neg, dtype=torch.float64)
+    v[:, 0] = logp[:, 0, 0]
+    came = torch.zeros(B, Tm, Pm, dtype=torch.bool)  # frame t entered phoneme p from p-1
+    pad = torch.full((B, 1), neg, dtype=torch.float64)
+    T_len_t = torch.tensor(list(T_len))
+    for t in range(1, Tm):
+        move = torch.cat([pad, v[:, :-1]], 1)
+        c = move > v
+        active = (t < T_len_t)[:, None]
+        v = torch.where(active, torch.maximum(v, move) + logp[:, :, t], v)
+        came[:, t] = c & active
+    came = came.numpy()
+    out = []
+    for b in range(B):
+        dur = np.zeros(P_len[b], dtype=np.int64)
+        p = P_len[b] - 1
+        for t in range(T_len[b] - 1, -1, -1):
+            dur[p] += 1
+            if t > 0 and came[b, t, p]:
+                p -= 1
+        if p != 0:
+            raise AlignerError("alignment search did not reach the first phoneme")
+        out.append(torch.from_numpy(dur))
+    return out
 
 
 class MelEncoder(nn.Module):
@@ -121,6 +139,16 @@ def _load(index_rows, root: Path, tokenizer, sub: int, sample_rate: int):
     return items
 
 
+def _align(mu: torch.Tensor, part) -> list[torch.Tensor]:
+    """Durations of a batch: mu [B, P, 80] of the items (row, ids, mel) of ``part``."""
+    with torch.no_grad():
+        T = max(mel.shape[0] for _, _, mel in part)
+        logp = torch.full((len(part), mu.shape[1], T), -1e9)
+        for b, (_, x, mel) in enumerate(part):
+            logp[b, :len(x), :mel.shape[0]] = -0.5 * torch.cdist(mu[b, :len(x)], mel) ** 2
+        return mas_batch(logp, [len(x) for _, x, _ in part], [mel.shape[0] for _, _, mel in part])
+
+
 def align_cache(latents_dir, manifest, tokenizer, *, steps: int = 600, batch: int = 16, kernel: int = 1,
                 lr: float = 2e-3, seed: int = 0, log=print) -> Path:
     """Train the aligner on every utterance of a latent cache and write
@@ -152,13 +180,10 @@ def align_cache(latents_dir, manifest, tokenizer, *, steps: int = 600, batch: in
         for b, (_, x, _) in enumerate(pick):
             ids[b, :len(x)] = x
         mu = enc(ids)
+        durs = _align(mu, pick)
         loss = 0.0
-        for b, (_, x, mel) in enumerate(pick):
-            m = mu[b, :len(x)]
-            with torch.no_grad():
-                logp = -0.5 * torch.cdist(m, mel) ** 2
-                dur = mas(logp)
-            target = torch.repeat_interleave(m, dur, 0)
+        for b, ((_, x, mel), dur) in enumerate(zip(pick, durs)):
+            target = torch.repeat_interleave(mu[b, :len(x)], dur, 0)
             loss = loss + ((target - mel) ** 2).mean()
         loss = loss / len(pick)
         opt.zero_grad()
@@ -171,10 +196,15 @@ def align_cache(latents_dir, manifest, tokenizer, *, steps: int = 600, batch: in
     out = Path(latents_dir) / "durations.jsonl"
     tmp = out.with_suffix(".jsonl.tmp")
     with torch.no_grad(), open(tmp, "w") as f:
-        for i, ids, mel in items:
-            dur = mas(-0.5 * torch.cdist(enc(ids[None])[0], mel) ** 2)
-            f.write(json.dumps({"row": i, "path": cache.index[i]["path"],
-                                "durations": dur.tolist()}) + "\n")
+        for k in range(0, len(items), batch):
+            part = items[k:k + batch]
+            P = max(len(ids) for _, ids, _ in part)
+            ids = torch.zeros(len(part), P, dtype=torch.long)
+            for b, (_, x, _) in enumerate(part):
+                ids[b, :len(x)] = x
+            for (i, _, _), dur in zip(part, _align(enc(ids), part)):
+                f.write(json.dumps({"row": i, "path": cache.index[i]["path"],
+                                    "durations": dur.tolist()}) + "\n")
     tmp.replace(out)
     log(f"aligner: wrote {out} ({time.time() - t0:.0f} s)")
     return out

@@ -92,3 +92,15 @@ def test_align_cache_recovers_known_durations(tmp_path):
     err = [abs(a - b) for i, d in enumerate(truth) for a, b in zip(got[i], d)]
     assert all(sum(got[i]) == sum(truth[i]) for i in range(24))
     assert np.mean(err) < 1.5 and np.percentile(err, 95) <= 4, (np.mean(err), max(err))
+
+
+def test_mas_batch_equals_each_alone():
+    g = torch.Generator().manual_seed(7)
+    shapes = [(3, 9), (5, 6), (2, 2), (4, 11)]
+    logp = torch.full((4, 5, 11), 123.0)  # padding garbage must not matter
+    for b, (P, T) in enumerate(shapes):
+        logp[b, :P, :T] = torch.randn(P, T, generator=g)
+    from calm_fast.train.aligner import mas_batch
+    got = mas_batch(logp, [P for P, _ in shapes], [T for _, T in shapes])
+    for b, (P, T) in enumerate(shapes):
+        assert got[b].tolist() == mas(logp[b, :P, :T]).tolist() == brute_force(logp[b, :P, :T])
