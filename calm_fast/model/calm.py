@@ -54,13 +54,14 @@ class CALM(nn.Module):
         self.register_buffer("emb_std", torch.ones(C))
         self.register_buffer("emb_mean", torch.zeros(C))
         self.bos_emb = nn.Parameter(torch.randn(C))
-        self.bos_before_voice = nn.Parameter(torch.randn(1, 1, d))
+        if cfg.bos_before_voice:
+            self.bos_before_voice = nn.Parameter(torch.randn(1, 1, d))
         self.input_linear = nn.Linear(C, d, bias=False)
         self.transformer = Transformer(cfg.backbone)
         self.out_norm = nn.LayerNorm(d, eps=1e-5)
         self.out_eos = nn.Linear(d, 1)
         if cfg.voice:
-            self.speaker_proj_weight = nn.Parameter(0.02 * torch.randn(d, C))
+            self.speaker_proj_weight = nn.Parameter(0.02 * torch.randn(d, cfg.prompt_dim))
         if cfg.short_context is not None:
             self.short = ShortContext(cfg.short_context, C, d)
         if cfg.aligned_text:
@@ -88,13 +89,17 @@ class CALM(nn.Module):
 
         voice: raw (un-normalised) VAE latents [T, latent_dim], as Pocket TTS projects them;
         text: a string (needs a tokenizer) or ``tokens`` (ids); tags: music tag names."""
-        rows = [self.bos_before_voice[0]]
+        rows = [self.bos_before_voice[0]] if self.cfg.bos_before_voice else []
         if voice is not None:
             if not self.cfg.voice:
                 raise ValueError(f"preset {self.cfg.name!r} has no voice conditioning")
-            self.check_latents("voice prompt", voice)
-            if voice.dim() != 2:
-                raise ValueError(f"voice prompt must be [frames, {self.cfg.latent_dim}]")
+            V = self.cfg.prompt_dim
+            if voice.dim() != 2 or voice.shape[1] != V:
+                raise ValueError(f"voice prompt must be [frames, {V}] features, got "
+                                 f"{tuple(voice.shape)}")
+            if voice.shape[0] == 0:
+                raise ValueError("voice prompt is empty (0 frames)")
+            check_finite("voice prompt", voice)
             if self.cfg.max_voice_frames:  # the prompt length the model was trained on
                 voice = voice[:self.cfg.max_voice_frames]
             rows.append(voice @ self.speaker_proj_weight.t())
@@ -112,6 +117,9 @@ class CALM(nn.Module):
             if ids.numel() == 0:
                 raise ValueError("empty text: nothing to say")
             rows.append(self.conditioner(ids))
+        if not rows:
+            raise ValueError(f"model {self.cfg.name!r} has no BOS row before the voice: give a "
+                             f"voice prompt or a text (an empty prefix conditions on nothing)")
         out = torch.cat(rows)
         if out.shape[0] >= self.cfg.max_context:
             raise ValueError(f"prefix of {out.shape[0]} rows does not fit the context of "
@@ -161,6 +169,10 @@ class CALM(nn.Module):
 
     def null_prefix(self) -> torch.Tensor:
         """The unconditioned prefix of latent CFG: [1, d]."""
+        if not self.cfg.bos_before_voice:
+            raise ValueError(f"model {self.cfg.name!r} was trained without a BOS row before the "
+                             f"voice, so it has no unconditioned prefix for latent CFG: use "
+                             f"cfg_scale 1, or pass the request's null_prefix")
         return self.bos_before_voice[0]
 
     # -- training / dense forward ----------------------------------------------------------

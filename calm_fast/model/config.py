@@ -83,12 +83,23 @@ class CALMConfig:
     # Text as aligned frame rows (model/aligned_text.py) instead of prefix rows: phoneme
     # durations place the text on the time axis; the frame count follows from them.
     aligned_text: bool = False
+    # A learnt row before the voice (Pocket TTS's insert_bos_before_voice; english_2026-01
+    # was trained without it): the first prefix row, and the null prefix of latent CFG.
+    bos_before_voice: bool = True
+    # Channels of the voice features the speaker projection reads (0: latent_dim). The
+    # first Pocket TTS (english_2026-01) conditions on its Mimi encoder's 512-dim output.
+    voice_dim: int = 0
 
     def __post_init__(self):
         if self.latent_dim < 1 or self.max_context < 2:
             raise ValueError("latent_dim must be >= 1 and max_context >= 2")
         if self.aligned_text and not self.text_bins:
             raise ValueError("aligned_text needs a text vocabulary (text_bins)")
+
+    @property
+    def prompt_dim(self) -> int:
+        """Channels of a voice prompt's features (CALM.prefix's ``voice``)."""
+        return self.voice_dim or self.latent_dim
 
     def with_(self, **kw) -> "CALMConfig":
         return replace(self, **kw)

@@ -23,7 +23,7 @@ ENCODER_SIDE = ("encoder.", "encoder_transformer.", "downsample.")
 DECODER_SIDE = ("decoder.", "decoder_transformer.", "quantizer.", "upsample.")
 
 
-def _side_config(mc, seanet, tr, name: str) -> VAEConfig:
+def _side_config(mc, seanet, tr, name: str, latent_dim: int | None = None) -> VAEConfig:
     """The VAEConfig of one side of the package's MimiConfig ``mc``."""
     bad = []
     if seanet.pad_mode != "constant":
@@ -41,7 +41,8 @@ def _side_config(mc, seanet, tr, name: str) -> VAEConfig:
         raise CheckpointError(f"Mimi {name} side not supported: {'; '.join(bad)}")
     return VAEConfig(
         f"pocket_{name}", sample_rate=mc.sample_rate, frame_rate=mc.frame_rate,
-        latent_dim=mc.quantizer.dimension, channels=mc.channels, dimension=seanet.dimension,
+        latent_dim=latent_dim or mc.quantizer.dimension, channels=mc.channels,
+        dimension=seanet.dimension,
         n_filters=seanet.n_filters, n_residual_layers=seanet.n_residual_layers,
         ratios=tuple(seanet.ratios), kernel_size=seanet.kernel_size,
         residual_kernel_size=seanet.residual_kernel_size,
@@ -102,12 +103,12 @@ def load_pocket_codecs(sd: dict, mimi_config) -> tuple[VAE, VAE]:
             and mc.inner_dim in (None, mc.quantizer.dimension):
         vae = load_pocket_mimi(sd)
         return vae, vae
-    enc = _side_config(mc, mc.seanet, mc.transformer, "encoder")
+    # inner_dim: the encoder's output channels, which only the voice conditioning reads
+    # (english_2026-01: 512, its LM's speaker projection takes them); the LM's latents are
+    # the quantizer's
+    enc = _side_config(mc, mc.seanet, mc.transformer, "encoder", mc.inner_dim)
     dec = _side_config(mc, mc.decoder_seanet or mc.seanet,
                        mc.decoder_transformer or mc.transformer, "decoder")
-    if mc.inner_dim not in (None, mc.quantizer.dimension):
-        raise CheckpointError(f"Mimi inner_dim {mc.inner_dim} differs from its latent "
-                              f"dimension {mc.quantizer.dimension}: not supported")
     # the decoder side reads the latents through a quantizer and an upsampler of
     # outer_dim (else its SEANet's) channels, which calm_fast's VAE ties to its SEANet's
     width = mc.outer_dim or dec.dimension

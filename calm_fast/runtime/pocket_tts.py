@@ -103,7 +103,10 @@ def config_from_state_dict(sd: dict, num_heads: int | None = None,
     return CALMConfig(
         name, backbone,
         HeadConfig(width, depth, kind),
-        latent_dim=C, text_bins=text, voice="speaker_proj_weight" in sd)
+        latent_dim=C, text_bins=text, voice="speaker_proj_weight" in sd,
+        bos_before_voice="bos_before_voice" in sd,
+        voice_dim=(sd["speaker_proj_weight"].shape[1] if "speaker_proj_weight" in sd
+                   and sd["speaker_proj_weight"].shape[1] != C else 0))
 
 
 def fold_text_rank(sd: dict) -> dict:
@@ -183,8 +186,5 @@ def load_pocket_flow_lm(src, config: CALMConfig | None = None, num_heads: int | 
         sd = one_step_head(sd, flow_type)
     model = CALM(cfg, tokenizer)
     sd = dict(sd)
-    if "bos_before_voice" not in sd and "bos_before_voice" in model.state_dict():
-        raise CheckpointError("checkpoint has no bos_before_voice: this model was trained "
-                              "without insert_bos_before_voice, which calm_fast requires")
     load_weights(model, sd, "Pocket TTS flow-LM checkpoint")
     return model.eval()

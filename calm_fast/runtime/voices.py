@@ -149,7 +149,7 @@ def text_inputs(lm, *, text=None, voice=None, tags=None):
             return bos.new_zeros(voice.rows, bos.shape[1]), rows
         return lm.text_inputs(text, voice=voice)
     if isinstance(voice, KVVoice):
-        rows = lm.prefix(text=text, tags=tags)[1:]  # without its own BOS row
+        rows = lm.prefix(text=text, tags=tags)[int(lm.cfg.bos_before_voice):]  # less its BOS
         return torch.cat([rows.new_zeros(voice.rows, rows.shape[1]), rows]), None
     return lm.prefix(text=text, voice=voice, tags=tags), None
 

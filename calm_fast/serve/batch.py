@@ -380,9 +380,9 @@ class Job:
             self.voice_lat.move_to_end(path)
             return self.voice_lat[path]
         if path in builtin_voices():
-            v = load_voice(builtin_voices()[path], self.lm.cfg.latent_dim)
+            v = load_voice(builtin_voices()[path], self.lm.cfg.prompt_dim)
         elif path.endswith(".safetensors"):
-            v = load_voice(self._path(path), self.lm.cfg.latent_dim, self.lm)
+            v = load_voice(self._path(path), self.lm.cfg.prompt_dim, self.lm)
         else:
             v = self._encode(path, self.cfg.voice_seconds)
         self.voice_lat[path] = v

@@ -128,7 +128,7 @@ def _voice(synth, voice):
             return None
     if not synth.can_clone:
         raise ValueError(f"model {synth.name!r} takes no voice prompt")
-    return resolve_voice(voice, synth.encoder, synth.lm.cfg.latent_dim, synth.lm)
+    return resolve_voice(voice, synth.encoder, synth.lm.cfg.prompt_dim, synth.lm)
 
 
 def tts(synth, text: str, out: str, *, voice=None, temperature: float | None = None,

@@ -52,10 +52,13 @@ class Synth:
     def __post_init__(self):
         if self.encoder is None:
             self.encoder = self.vae
-        for what, v in (("VAE", self.vae), ("encoding VAE", self.encoder)):
-            if self.lm.cfg.latent_dim != v.cfg.latent_dim:
-                raise CheckpointError(f"the LM makes {self.lm.cfg.latent_dim}-dim latents, "
-                                      f"the {what} takes {v.cfg.latent_dim}")
+        if self.lm.cfg.latent_dim != self.vae.cfg.latent_dim:
+            raise CheckpointError(f"the LM makes {self.lm.cfg.latent_dim}-dim latents, "
+                                  f"the VAE takes {self.vae.cfg.latent_dim}")
+        if self.encoder.cfg.latent_dim not in (self.lm.cfg.latent_dim, self.lm.cfg.prompt_dim):
+            raise CheckpointError(f"the encoding VAE makes {self.encoder.cfg.latent_dim}-dim "
+                                  f"latents; the LM takes {self.lm.cfg.latent_dim}-dim ones "
+                                  f"and {self.lm.cfg.prompt_dim}-dim voice features")
         self.lm.eval()
         self.vae.eval()
         self.encoder.eval()

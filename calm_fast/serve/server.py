@@ -161,7 +161,7 @@ def create_app(synth, config: ServerConfig | None = None, service: Service | Non
         Path(cfg.voices_dir).mkdir(parents=True, exist_ok=True)
         for p in Path(cfg.voices_dir).glob("*.safetensors"):
             try:
-                uploaded[p.stem] = load_voice(p, synth.lm.cfg.latent_dim, synth.lm)
+                uploaded[p.stem] = load_voice(p, synth.lm.cfg.prompt_dim, synth.lm)
             except ValueError:
                 pass
 
@@ -215,7 +215,7 @@ def create_app(synth, config: ServerConfig | None = None, service: Service | Non
             return uploaded[name]
         builtin = builtin_voices()
         if name in builtin:
-            return load_voice(builtin[name], synth.lm.cfg.latent_dim)
+            return load_voice(builtin[name], synth.lm.cfg.prompt_dim)
         if name in OPENAI_VOICES:  # OpenAI clients always send one: the default voice
             return None if default_voice in (None, name) else voice_latents(None)
         known = sorted(set(builtin) | set(uploaded))
@@ -243,7 +243,7 @@ def create_app(synth, config: ServerConfig | None = None, service: Service | Non
             t.flush()
             try:
                 if is_file:
-                    return load_voice(t.name, synth.lm.cfg.latent_dim, synth.lm)
+                    return load_voice(t.name, synth.lm.cfg.prompt_dim, synth.lm)
                 return encode_prompt(synth.encoder, t.name)
             except (ValueError, OSError) as e:
                 what = "voice file" if is_file else "voice audio"

@@ -128,3 +128,20 @@ def test_load_weights_lists_bad_keys(tts):
     msg = str(e.value)
     assert "missing keys ['bos_emb']" in msg and "unexpected keys ['stray']" in msg
     assert "out_eos.weight: (3, 3) vs (1, 64)" in msg
+
+
+def test_a_model_without_a_bos_row_before_the_voice():
+    """english_2026-01's layout: the prefix starts at the voice (of voice_dim features),
+    an empty prefix or latent CFG's null prefix are refused by name."""
+    m = CALM(preset("tiny").with_(bos_before_voice=False, voice_dim=12))
+    assert "bos_before_voice" not in m.state_dict()
+    assert m.speaker_proj_weight.shape == (64, 12)
+    v = torch.randn(3, 12)
+    torch.testing.assert_close(m.prefix(voice=v), v @ m.speaker_proj_weight.t())
+    assert m.prefix(voice=v, tokens=torch.tensor([1, 2])).shape == (5, 64)
+    with pytest.raises(ValueError, match=r"voice prompt must be \[frames, 12\]"):
+        m.prefix(voice=torch.randn(3, 8))
+    with pytest.raises(ValueError, match="no BOS row before the voice: give a voice"):
+        m.prefix()
+    with pytest.raises(ValueError, match="no unconditioned prefix for latent CFG"):
+        m.null_prefix()

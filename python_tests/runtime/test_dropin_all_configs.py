@@ -32,11 +32,8 @@ ALL = os.environ.get("CALM_FAST_ALL_CONFIGS", "0") not in ("", "0")
 HEAVY_LAYERS = 8  # more layers than this: heavy (the 24-layer configs)
 REPRESENTATIVE = "english_2026-09_24l"
 # config -> the words of its one-line refusal (why: see the README's drop-in section)
-REFUSED = {
-    # trained without insert_bos_before_voice: its prefix has no BOS row before the voice,
-    # which calm_fast's conditioning layout (CALM.prefix) always has
-    "english_2026-01": "no bos_before_voice",
-}
+REFUSED: dict[str, str] = {}  # none in pocket-tts 4.0.1 (english_2026-01, without a BOS
+# row before the voice, runs since CALMConfig.bos_before_voice)
 TEXTS = ["Hello world.", "The quick brown fox."]
 WORDS = ("hello world the quick brown fox jumps over a lazy dog and then some more text "
          "to say out loud in a sentence with numbers one two three").split()
