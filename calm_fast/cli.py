@@ -327,7 +327,7 @@ def _add_doors(sub):
     s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest voice upload")
     s.add_argument("--max-seconds", type=float, default=30.0, help="most audio per sentence")
     s.add_argument("--cache-mb", type=float, default=256.0, help="KV-cache budget")
-    s.add_argument("--decode-frames", type=int, default=4,
+    s.add_argument("--decode-frames", type=int, default=8,
                    help="frames per audio chunk, at most (chunks grow 1, 2, 4...)")
     s.add_argument("--sample-rate", type=int, default=None,
                    help="output sample rate (default: the model's)")

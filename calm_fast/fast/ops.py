@@ -78,6 +78,22 @@ def cuda_graphs(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+# Below this many bytes of LM weights a frame is too little work to split: on a CPU, from
+# the engine's own thread, one thread ran every batch size of the shipped 6.6M-parameter
+# TTS faster than two (benchmarks/results/design_notes.md, "engine threads"), while the
+# Pocket TTS models (>= 100M parameters, bound by reading their weights) need every core.
+SMALL_MODEL_BYTES = 64 << 20
+
+
+def engine_threads(model, device="cpu") -> int | None:
+    """The intra-op thread count an engine thread should run ``model`` with on ``device``:
+    1 for a small model on CPU, None (leave torch's setting) otherwise."""
+    if torch.device(device).type != "cpu":
+        return None
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 1 if nbytes < SMALL_MODEL_BYTES else None
+
+
 def kv_manager(num_blocks: int, block_size: int, backend: str = "auto"):
     """The block manager: the C++ one (``backend`` "cpp", or "auto" when built and not
     forced to the reference), else the pure-Python twin."""

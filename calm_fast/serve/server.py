@@ -62,7 +62,7 @@ class ServerConfig:
     max_seconds: float = 30.0  # per sentence chunk
     chunk_chars: int = 300  # sentences are packed into chunks of at most this many chars
     cache_mb: float = 256.0
-    decode_frames: int = 4
+    decode_frames: int = 8
     sample_rate: int | None = None  # output rate (None: the model's)
     eos_threshold: float | None = -4.0
     default_voice: str | None = None

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from calm_fast.errors import ArgumentError, CacheFullError
+from calm_fast.fast import ops
 from calm_fast.runtime.decode_slots import DecodeSlots
 from calm_fast.runtime.engine import Engine
 from calm_fast.runtime.scheduler import Request
@@ -119,7 +120,7 @@ class _Run:
 
 class Service:
     def __init__(self, synth, *, max_streams: int = 16, cache_mb: float = 256.0,
-                 decode_frames: int = 4, int8: bool = False, block_size: int = 16,
+                 decode_frames: int = 8, int8: bool = False, block_size: int = 16,
                  max_templates: int = 8):
         self.synth = synth
         lm = synth.lm
@@ -210,6 +211,9 @@ class Service:
     # -- the thread --------------------------------------------------------------------------
     def _loop(self):
         torch.set_grad_enabled(False)
+        threads = ops.engine_threads(self.synth.lm, self.engine.sched.device)
+        if threads is not None:  # torch's setting is per process: the engine owns the CPU
+            torch.set_num_threads(threads)
         try:
             while True:
                 with self._lock:
