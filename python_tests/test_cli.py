@@ -105,7 +105,8 @@ def _one_line_error(res, *words):
 
 def test_errors_are_one_line_exit_1_and_usage_exit_2(models, tmp_path, capsys):
     # through the console entry point: exit codes and stderr as a shell sees them
-    _one_line_error(_cli("tts", "hi", "-o", tmp_path / "x.wav"), "--checkpoint")
+    _one_line_error(_cli("tts", "hi", "-o", tmp_path / "x.wav", "--checkpoint",
+                         tmp_path / "no_such.safetensors"), "no_such.safetensors")
     res = _cli("tts", "hi", "-o", "x.wav", "--seed", "one")
     assert res.returncode == 2 and b"usage:" in res.stderr and b"--seed" in res.stderr
     # the rest in process (the same main())
