@@ -125,7 +125,8 @@ def test_errors_are_one_line_exit_1_and_usage_exit_2(models, tmp_path, capsys):
                         models / "vae.safetensors"), "--vae")
     _one_line_error(run("continue", tmp_path / "nope.wav", "-o", tmp_path / "x.wav",
                         *_ck(models)), "nope.wav")
-    _one_line_error(run("serve", "--port", 1), "--checkpoint")
+    _one_line_error(run("serve", "--port", 1, "--checkpoint", tmp_path / "no_such.safetensors"),
+                    "no_such.safetensors")  # refused before anything binds
     import torch
     from safetensors.torch import save_file
 
