@@ -247,16 +247,7 @@ class LMTraining(nn.Module):
         finally:
             if hook is not None:
                 hook.remove()
-        valid = frame_mask(batch["lengths"], latents.shape[1], include_end=False)
-        c, x = obj.head_batch_multiplier(z[valid], latents[valid], o.head_mult)
-        if self.kind == "lsd":
-            head = obj.lsd_loss(m.flow_net, c, x, weight=self.weight)
-        elif self.kind == "consistency":
-            r = min(1.0, batch["step"] / o.tangent_warmup) if o.tangent_warmup else 1.0
-            head = obj.consistency_loss(m.flow_net, c, x, weight=self.weight, warmup=r)
-        else:
-            head = obj.flow_matching_loss(m.flow_net, c, x)
-        eos = obj.eos_loss(eos_logits, batch["lengths"])
+        head, eos = self.frame_losses(z, eos_logits, latents, batch)
         loss = head + o.eos_weight * eos
         logs = {"head": head.detach(), "eos": eos.detach()}
         if o.align_weight:
@@ -267,11 +258,9 @@ class LMTraining(nn.Module):
             logs["align"] = align.detach()
         return loss, logs
 
-    def forward_aligned(self, batch, latents):
+    def frame_losses(self, z, eos_logits, latents, batch):
+        """(head loss, EOS loss) of the backbone outputs z [B, S, d] on the real frames."""
         m, o = self.calm, self.objective
-        rows, dur_loss = self.aligned_rows(batch, latents.shape[1])
-        prefix, mask = prefix_batch(m, [None] * len(rows), batch["voices"])
-        z, eos_logits = m(latents, prefix, mask, frame_rows=rows)
         valid = frame_mask(batch["lengths"], latents.shape[1], include_end=False)
         c, x = obj.head_batch_multiplier(z[valid], latents[valid], o.head_mult)
         if self.kind == "lsd":
@@ -281,7 +270,14 @@ class LMTraining(nn.Module):
             head = obj.consistency_loss(m.flow_net, c, x, weight=self.weight, warmup=r)
         else:
             head = obj.flow_matching_loss(m.flow_net, c, x)
-        eos = obj.eos_loss(eos_logits, batch["lengths"])
+        return head, obj.eos_loss(eos_logits, batch["lengths"])
+
+    def forward_aligned(self, batch, latents):
+        m, o = self.calm, self.objective
+        rows, dur_loss = self.aligned_rows(batch, latents.shape[1])
+        prefix, mask = prefix_batch(m, [None] * len(rows), batch["voices"])
+        z, eos_logits = m(latents, prefix, mask, frame_rows=rows)
+        head, eos = self.frame_losses(z, eos_logits, latents, batch)
         loss = head + o.eos_weight * eos + o.duration_weight * dur_loss
         return loss, {"head": head.detach(), "eos": eos.detach(), "dur": dur_loss.detach()}
 
