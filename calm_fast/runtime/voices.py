@@ -128,25 +128,18 @@ def pocket_kv_voice(tensors: dict, backbone, source: str = "") -> KVVoice:
     return KVVoice(k, v, key, source)
 
 
-def voice_prefix(lm, *, text=None, voice=None, tags=None) -> torch.Tensor:
-    """``lm.prefix`` rows [bos, voice, tags, text] for a voice given as latents or as a
-    KVVoice; a KVVoice's [bos, voice] part is its zero placeholder rows (its engine template,
-    ``Engine.share_kv``, holds their K/V)."""
-    return text_inputs(lm, text=text, voice=voice, tags=tags)[0]
-
-
 def text_inputs(lm, *, text=None, voice=None, tags=None):
-    """(prefix rows, frame rows or None) of a request: ``voice_prefix``'s rows for a
-    prefix-text model; for an aligned-text one (``cfg.aligned_text``) the prefix holds the
-    voice and the frame rows the text (``CALM.text_inputs``: their count is the request's
-    frame count)."""
+    """(prefix rows, frame rows or None) of a request. A prefix-text model: ``lm.prefix``
+    rows [bos, voice, tags, text] and None. An aligned-text one (``cfg.aligned_text``): the
+    prefix holds the voice, the frame rows the text (``CALM.text_inputs``: their count is the
+    request's frame count). A KVVoice's [bos, voice] part is its zero placeholder rows (its
+    engine template, ``Engine.share_kv``, holds their K/V)."""
     if lm.cfg.aligned_text and text is not None:
         if tags is not None:
             raise ValueError("an aligned-text model takes no music tags")
         if isinstance(voice, KVVoice):
             _, rows = lm.text_inputs(text)  # durations without the prompt (not in a K/V state)
-            bos = lm.prefix()
-            return bos.new_zeros(voice.rows, bos.shape[1]), rows
+            return rows.new_zeros(voice.rows, rows.shape[1]), rows
         return lm.text_inputs(text, voice=voice)
     if isinstance(voice, KVVoice):
         rows = lm.prefix(text=text, tags=tags)[int(lm.cfg.bos_before_voice):]  # less its BOS
