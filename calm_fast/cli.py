@@ -159,8 +159,10 @@ def _continue(a):
 
 def _music(a):
     from calm_fast.serve import commands
+    from calm_fast.serve.models import load_synth
 
-    _report(commands.music(_synth(a), a.caption, a.output, seconds=a.seconds,
+    synth = load_synth(a.checkpoint, vae=a.vae, tokenizer=a.tokenizer, music=True)
+    _report(commands.music(synth, a.caption, a.output, seconds=a.seconds,
                            temperature=a.temperature, cfg=a.cfg, seed=a.seed, fmt=a.format,
                            quiet=a.quiet), a.quiet)
 
@@ -238,8 +240,9 @@ def _model_flags(p):
     g.add_argument("--checkpoint", default=None, metavar="PATH|NAME",
                    help="the model: a calm_fast LM export (with --vae), a folder holding "
                         "lm.safetensors + vae.safetensors, a Pocket TTS model file, or a "
-                        "pocket-tts config name in the local Hugging Face cache; default: the "
-                        "shipped default model, calm_fast/assets/default/")
+                        "pocket-tts config name in the local Hugging Face cache, or a shipped "
+                        "model by name: 'default' (speech) or 'music'; default: the shipped "
+                        "speech model (the music model for `music`)")
     g.add_argument("--vae", default=None, metavar="VAE.safetensors",
                    help="the VAE export of a calm_fast LM (default: vae.safetensors beside it)")
     g.add_argument("--tokenizer", default=None, metavar="FILE",
@@ -288,13 +291,16 @@ def _add_doors(sub):
     t.set_defaults(fn=_tts)
     c = sub.add_parser("continue", help="continue an audio prompt", formatter_class=fmt,
                        description="Make --seconds of audio that continue PROMPT (the "
-                                   "continuation only is written).")
+                                   "continuation only is written). Speech by default; "
+                                   "--checkpoint music continues music.")
     c.add_argument("prompt", help="prompt audio file (its first 10 s are used)")
     _gen_flags(c, seconds=5.0)
     c.set_defaults(fn=_continue)
     m = sub.add_parser("music", help="music from a caption", formatter_class=fmt,
-                       description="Music from CAPTION: the words naming the model's tags "
-                                   "(e.g. 'slow jazz piano') condition it.")
+                       description="Music from CAPTION, read for the tags of the shipped "
+                                   "music model: key ('in D minor'), tempo ('96 BPM', slow, "
+                                   "fast), style ('Bach chorale', 'fiddle tune', "
+                                   "'accompaniment') and instruments ('for violin and cello').")
     m.add_argument("caption")
     _gen_flags(m, seconds=10.0)
     m.set_defaults(fn=_music)

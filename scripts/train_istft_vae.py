@@ -39,6 +39,7 @@ from calm_fast.codec.istft import (ISTFTVAE, ISTFTVAEConfig, ISTFTVAELossConfig,
 LOG_FIELDS = ["step", "wall_s", "loss", "mel", "stft", "kl", "kl_weight", "lr", "s_per_step"]
 EVAL_FIELDS = ["step", "wall_s", "set", "speaker", "n", "wer_gt", "wer_rt", "stoi", "mel_l1",
                "kl"]
+MUSIC_FIELDS = ["step", "wall_s", "set", "n", "chroma", "key_agree", "mel_l1", "kl"]
 
 
 def parse_args(argv=None):
@@ -62,10 +63,18 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-minutes", type=float, default=5.0)
     p.add_argument("--eval-minutes", type=float, default=20.0)
     p.add_argument("--eval-n", type=int, default=20)
+    p.add_argument("--eval-kind", choices=("speech", "music"), default="speech",
+                   help="speech: whisper WER + STOI on held-out sentences and voices; music: "
+                        "chroma correlation and key agreement on the test works")
+    p.add_argument("--eval-seconds", type=float, default=10.0,
+                   help="music eval: the first seconds of each test file")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="train the decoder only: the latents, and any LM trained on them, "
+                        "stay valid")
     return p.parse_args(argv)
 
 
@@ -215,17 +224,52 @@ def evaluate(model: ISTFTVAE, data: Path, run: Path, n: int, step: int, t0: floa
     return results
 
 
+@torch.no_grad()
+def evaluate_music(model: ISTFTVAE, data: Path, n: int, seconds: float, step: int, t0: float):
+    """Round trip of the first ``seconds`` of n test-split files (works never trained on):
+    chroma correlation (evaluate/music.py) and how often the estimated key of the round trip
+    equals that of the original."""
+    from calm_fast.codec.istft import multi_res_mel_loss
+    from calm_fast.evaluate.music import chroma_correlation, estimate_key
+
+    model.eval()
+    rows = sorted((r for r in load_rows(data) if r["split"] == "test"), key=lambda r: r["path"])
+    chromas, agree, mels, kls = [], [], [], []
+    for r in rows[:n]:
+        x, _ = sf.read(data / r["path"], dtype="float32", frames=int(seconds * 24_000))
+        xt = torch.from_numpy(x)[None]
+        mean, logvar = model.posterior(xt)
+        y, xa = model.align(model.decoder(mean), xt)
+        chromas.append(chroma_correlation(xa[0], y[0], 24_000))
+        agree.append(estimate_key(xa[0], 24_000) == estimate_key(y[0], 24_000))
+        mels.append(multi_res_mel_loss(y, xa, 24_000, ((1024, 256, 80),)).item())
+        kls.append((0.5 * (mean ** 2 + logvar.exp() - 1 - logvar)).mean().item())
+    res = {"step": step, "wall_s": round(time.time() - t0), "set": "test works",
+           "n": len(chromas), "chroma": round(float(np.mean(chromas)), 4),
+           "key_agree": round(float(np.mean(agree)), 4),
+           "mel_l1": round(float(np.mean(mels)), 4), "kl": round(float(np.mean(kls)), 3)}
+    print(f"eval {res}", flush=True)
+    model.train()
+    return [res]
+
+
 def append_eval(run: Path, report: Path, results):
     path = run / "eval.csv"
     new = not path.exists()
+    fields = MUSIC_FIELDS if "chroma" in results[0] else EVAL_FIELDS
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, EVAL_FIELDS)
+        w = csv.DictWriter(f, fields)
         if new:
             w.writeheader()
         w.writerows(results)
     with open(report, "a") as f:
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         for r in results:
+            if "chroma" in r:
+                f.write(f"| {stamp} | {r['step']} | {r['set']} | {r['n']} | chroma "
+                        f"{r['chroma']:.3f} | key agreement {r['key_agree']:.2f} | "
+                        f"{r['mel_l1']:.3f} | {r['kl']:.2f} |\n")
+                continue
             f.write(f"| {stamp} | {r['step']} | {r['set']} ({r['speaker']}) | {r['n']} | "
                     f"{r['wer_gt']:.3f} | {r['wer_rt']:.3f} | {r['stoi']:.3f} | "
                     f"{r['mel_l1']:.3f} | {r['kl']:.2f} |\n")
@@ -270,11 +314,19 @@ def main(argv=None):
         model.load_state_dict(init.state_dict())
         print(f"warm start from {a.init}", flush=True)
 
+    if a.freeze_encoder:  # AdamW skips parameters without gradients
+        model.encoder.requires_grad_(False)
+
     def wall():
         return wall_prev + time.time() - t_start
 
+    def run_eval():
+        if a.eval_kind == "music":
+            return evaluate_music(model, data, a.eval_n, a.eval_seconds, step, t_start)
+        return evaluate(model, data, run, a.eval_n, step, t_start)
+
     if a.eval_only:
-        append_eval(run, Path(a.report), evaluate(model, data, run, a.eval_n, step, t_start))
+        append_eval(run, Path(a.report), run_eval())
         return 0
 
     # a second trainer on the same run directory would fight over ckpt.pt
@@ -322,7 +374,7 @@ def main(argv=None):
     def export_and_eval(do_eval=True):
         export(model, step, loss_dict, kl_ctl.weight, run / "export")
         if do_eval:
-            append_eval(run, Path(a.report), evaluate(model, data, run, a.eval_n, step, t_start))
+            append_eval(run, Path(a.report), run_eval())
 
     model.train()
     last_ckpt = last_eval = time.time()

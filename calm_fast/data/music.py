@@ -118,7 +118,7 @@ def render_work(rel_path: str, rng: random.Random, max_seconds: float = 30.0):
     names = sorted({INSTRUMENTS[p] for p in programs})
     meta = {
         "work": rel_path, "collection": rel_path.split("/")[0], "transpose": semis,
-        "bpm": bpm, "key": f"{key.tonic.name} {key.mode}",
+        "bpm": bpm, "key": f"{key.tonic.name.replace('-', 'b')} {key.mode}",  # music21: E- = Eb
         "meter": ts.ratioString if ts is not None else "unknown", "instruments": names,
         "n_parts": len(note_tracks),
     }

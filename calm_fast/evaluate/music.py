@@ -45,12 +45,13 @@ def estimate_key(wav: torch.Tensor, sample_rate: int) -> str:
 
 
 def parse_key(text: str) -> str | None:
-    """The key a caption names ('... in A minor', 'key: Eb major'), as estimate_key writes
-    it (sharps only), or None."""
-    m = re.search(r"\b([A-Ga-g])([#b]?)\s*(major|minor|maj|min)\b", text)
+    """The key a caption names ('... in A minor', 'key: Eb major', music21's 'E- major'),
+    as estimate_key writes it (sharps only), or None."""
+    # music21 writes flats as '-' ("E- major")
+    m = re.search(r"\b([A-Ga-g])([#b]|-(?=\s))?\s*(major|minor|maj|min)\b", text)
     if not m:
         return None
-    note = m.group(1).upper() + m.group(2)
+    note = m.group(1).upper() + (m.group(2) or "").replace("-", "b")
     note = _ENHARMONIC.get(note, note)
     mode = "major" if m.group(3).startswith("maj") else "minor"
     return f"{note} {mode}"

@@ -9,8 +9,9 @@ A manifest row is one JSON object per line:
      "cfg": 1.5, "steps": 1, "format": "flac", "max_seconds": 12}
 
 ``id`` (a file-name-safe string, unique) and one of ``text``, ``prompt`` (audio to continue:
-a wav whose VAE latents the stream continues) or ``caption`` (music tags, a list or a
-comma-separated string) are required; ``text`` may be combined with ``voice`` (a
+a wav whose VAE latents the stream continues) or ``caption`` (music: a list of the
+model's tags, or words read for them, model/music_tags.py: "slow Bach chorale for violin
+in D minor") are required; ``text`` may be combined with ``voice`` (a
 built-in name, prompt audio, a voice file, or a pocket-tts voice state exported from the
 job's model) and ``prompt``. Unknown fields, wrong types and duplicate ids are errors that name the row
 (its line and id). Relative audio paths are resolved against the manifest's folder.
@@ -134,7 +135,7 @@ class Row:
     id: str
     text: str | None = None
     prompt: str | None = None
-    caption: list | None = None
+    caption: list | str | None = None  # exact tags, or a caption to read for them
     voice: str | None = None
     seed: int = 0
     temperature: float = 0.7
@@ -195,11 +196,10 @@ def parse_row(line: int, raw: str, cfg: JobConfig) -> Row:
             raise RowError(f"{where}: {k} must be a string")
     cap = d.get("caption")
     if cap is not None:
-        if isinstance(cap, str):
-            cap = [t.strip() for t in cap.split(",") if t.strip()]
-        if not isinstance(cap, list) or not cap or not all(isinstance(t, str) for t in cap):
-            raise RowError(f"{where}: caption must be a non-empty list of tags or a "
-                           "comma-separated string")
+        if not (isinstance(cap, str) and cap.strip() or isinstance(cap, list) and cap
+                and all(isinstance(t, str) for t in cap)):
+            raise RowError(f"{where}: caption must be a non-empty string (words naming the "
+                           "model's tags) or a non-empty list of tags")
     if d.get("text") is None and d.get("prompt") is None and cap is None:
         raise RowError(f"{where}: needs one of text, prompt or caption")
     fmt = d.get("format", cfg.format)
@@ -448,7 +448,17 @@ class Job:
         prompt = None
         if row.prompt is not None:
             prompt = lm.normalize(self._encode(row.prompt, self.cfg.max_seconds * 10))
-        prefix, rows = text_inputs(lm, text=row.text, voice=v, tags=row.caption)
+        tags = row.caption
+        if isinstance(tags, str):
+            from calm_fast.model.music_tags import caption_tags
+
+            if not lm.cfg.music_tags:
+                raise ValueError(f"model {lm.cfg.name!r} has no music tags")
+            tags = caption_tags(tags, lm.cfg.music_tags)
+            if not tags:
+                raise ValueError(f"caption {row.caption!r} names none of this model's "
+                                 f"tags: {', '.join(lm.cfg.music_tags)}")
+        prefix, rows = text_inputs(lm, text=row.text, voice=v, tags=tags)
         prefix = prefix.detach()
         frames = max(1, round(row.max_seconds * lm.cfg.frame_rate))
         if rows is not None:  # aligned text: the durations fix the length

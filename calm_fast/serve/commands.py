@@ -159,11 +159,12 @@ def continue_audio(synth, prompt, out: str, *, seconds: float = 5.0, temperature
 
 
 def caption_tags(synth, caption: str) -> tuple:
-    """The model's tags named in a caption ("slow jazz piano" -> tempo:slow, genre:jazz,
-    instrument:piano); a tag may also be written in full ("genre:jazz")."""
-    vocab = synth.music_tags
-    words = {w.strip(",.;!?").lower() for w in caption.split()}
-    return tuple(t for t in vocab if t.lower() in words or t.split(":")[-1].lower() in words)
+    """The model's tags a caption names (model/music_tags.py: "slow Bach chorale for
+    violin in D minor" -> tonic:D, mode:minor, tempo:slow, style:bach, instrument:violin);
+    a tag may also be written in full ("genre:jazz")."""
+    from calm_fast.model.music_tags import caption_tags as read
+
+    return read(caption, synth.music_tags)
 
 
 def music(synth, caption: str, out: str, *, seconds: float = 10.0, temperature=None,

@@ -1,7 +1,9 @@
 """Which model the doors run: ``--checkpoint`` (and ``--vae`` / ``--tokenizer``) -> a Synth.
 
 Accepted, tried in this order:
-* nothing: the shipped default, ``calm_fast/assets/default/`` (a bundle, as below);
+* nothing: the shipped default, ``calm_fast/assets/default/`` (a bundle, as below), or
+  for music (``calm-fast music``) ``calm_fast/assets/music/``;
+* ``default`` or ``music``: those shipped bundles by name;
 * a folder holding ``lm.safetensors`` + ``vae.safetensors`` (a calm_fast bundle), and
   optionally ``bundle.json`` (``name``, ``default_voice``, ``temperature``);
 * a calm_fast LM export (``runtime/export.py``) with ``--vae VAE.safetensors`` (or a
@@ -23,6 +25,7 @@ from calm_fast.model.weights import read_safetensors
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_BUNDLE = ASSETS / "default"
+MUSIC_BUNDLE = ASSETS / "music"
 HOW = ("pass --checkpoint: a calm_fast LM export with --vae VAE.safetensors, a folder "
        "holding lm.safetensors + vae.safetensors, a Pocket TTS model file, or a pocket-tts "
        "config name already in the local Hugging Face cache")
@@ -214,16 +217,19 @@ def bundle_info(folder: Path) -> dict:
     return info
 
 
-def load_synth(checkpoint=None, vae=None, tokenizer=None) -> Synth:
-    """The Synth for a --checkpoint / --vae / --tokenizer triple (see the module docstring)."""
+def load_synth(checkpoint=None, vae=None, tokenizer=None, music: bool = False) -> Synth:
+    """The Synth for a --checkpoint / --vae / --tokenizer triple (see the module docstring);
+    ``music``: with no checkpoint, the shipped music model instead of the speech one."""
     from calm_fast.runtime.export import load_model
 
+    shipped = {"default": DEFAULT_BUNDLE, "music": MUSIC_BUNDLE}
     if checkpoint is None or checkpoint == "":
-        if (DEFAULT_BUNDLE / "lm.safetensors").is_file():
-            checkpoint = DEFAULT_BUNDLE
-        else:
-            raise ModelNotFound(f"no model given and no trained default ships with calm_fast "
-                                f"yet: {HOW}")
+        checkpoint = "music" if music else "default"
+    if checkpoint in shipped:
+        if not (shipped[checkpoint] / "lm.safetensors").is_file():
+            raise ModelNotFound(f"no model given and no trained {checkpoint} model ships with "
+                                f"calm_fast yet: {HOW}")
+        checkpoint = shipped[checkpoint]
     p = Path(checkpoint)
     if p.is_dir():
         lm_p, vae_p = p / "lm.safetensors", Path(vae) if vae else p / "vae.safetensors"

@@ -45,6 +45,17 @@ def fake_speech(root, n=12):
     return root / "manifest.jsonl"
 
 
+def write_cache(root, frames, index):
+    """A latent cache in the documented layout from per-file frames and index rows."""
+    np.concatenate(frames).tofile(root / "latents.f32")
+    (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
+    total = sum(len(x) for x in frames)
+    (root / "meta.json").write_text(json.dumps({"latent_dim": frames[0].shape[1],
+                                                "frame_rate": 12.5, "total_frames": total,
+                                                "files": len(frames)}))
+    return root
+
+
 def synthetic_cache(root, n=24, dim=8, seed=0):
     """A latent cache in the documented layout: per utterance a smooth random walk whose
     drift depends on the speaker, with text."""
@@ -59,11 +70,7 @@ def synthetic_cache(root, n=24, dim=8, seed=0):
         index.append({"path": f"{i}.flac", "text": f"say {i}", "split": "train",
                       "speaker_id": f"s{i % 2}", "offset": off, "frames": L})
         off += L
-    np.concatenate(frames).tofile(root / "latents.f32")
-    (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
-    (root / "meta.json").write_text(json.dumps({"latent_dim": dim, "frame_rate": 12.5,
-                                                "total_frames": off, "files": n}))
-    return root
+    return write_cache(root, frames, index)
 
 
 LM_RECIPE = """
@@ -388,3 +395,87 @@ def test_lm_recipe_aligned_text_trains_durations_and_exports(tmp_path):
     assert m.cfg.aligned_text and any(k.startswith("aligned.") for k in m.state_dict())
     prefix, frames = m.text_inputs("say 3", voice=torch.randn(4, 8))
     assert prefix.shape[0] == 5 and frames.shape[1] == 64
+
+
+def music_cache(root, n=16, dim=8, seed=0):
+    """A latent cache of 'renders' longer than a training window, with the music builder's
+    index fields; channel 0 sits at +1 for pieces in G and -1 for pieces in C."""
+    g = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    frames, index, off = [], [], 0
+    for i in range(n):
+        L = int(g.integers(30, 60))
+        key = "G major" if i % 2 else "C minor"
+        x = 0.3 * g.standard_normal((L, dim)).astype(np.float32)
+        x[:, 0] += 1.0 if i % 2 else -1.0
+        frames.append(x)
+        index.append({"path": f"{i}.flac", "split": "train", "key": key, "bpm": 70 + 5 * i,
+                      "collection": "bach", "instruments": ["violin", "cello"],
+                      "caption": f"Bach chorale, in {key}", "offset": off, "frames": L})
+        off += L
+    return write_cache(root, frames, index)
+
+
+MUSIC_RECIPE = """
+kind = "lm"
+out_dir = "{out}"
+[data]
+latents = "{lat}"
+batch = 8
+max_frames = 12
+crop = true
+tags = true
+[model]
+preset = "tiny_music"
+music_tags = []
+[objective]
+head_mult = 2
+p_text = 0.1
+p_tag = 0.2
+eos_weight = 0.0
+[train]
+steps = {steps}
+lr = 3e-3
+warmup = 5
+ema_decay = 0.9
+log_every = 10
+ckpt_every = 1000
+progress = false
+"""
+
+
+def test_music_recipe_learns_what_its_tags_say(tmp_path):
+    """Windows of max_frames cut from longer files, the tags of each index row (with
+    dropout) in the prefix, the builder's vocabulary in the export; and the trained model
+    follows the key tag: generated frames sit where that key's training frames were."""
+    from calm_fast.model import music_tags
+    from calm_fast.runtime.generate import CALMGenerator, Request
+
+    lat = music_cache(tmp_path / "lat")
+    data = LMData(latents=str(lat), batch=64, max_frames=12, crop=True, tags=True)
+    utts = Utterances(data, 8)
+    assert len(utts.items) == 16  # every file, though all are longer than a window
+    b = utts.batch(64, None, LMObjective(p_text=0.25, p_tag=0.5), torch.Generator().manual_seed(0))
+    assert b["latents"].shape[1] == 13 and (b["lengths"] == 12).all()  # + the EOS slot
+    n_tags = [0 if t is None else len(t) for t in b["tags"]]
+    full = len(music_tags.row_tags(utts.cache.index[0]))
+    assert 0 in n_tags and full in n_tags and any(0 < k < full for k in n_tags)
+    assert all(set(t) <= set(music_tags.VOCAB) for t in b["tags"] if t)
+
+    text = MUSIC_RECIPE.format(out=tmp_path / "m", lat=lat, steps=200)
+    with pytest.raises(RecipeError, match="eos_weight = 0"):
+        run_recipe(write_toml(tmp_path / "bad.toml", text.replace("eos_weight = 0.0",
+                                                                  "eos_weight = 1.0")))
+    run_recipe(write_toml(tmp_path / "m.toml", text))
+    m = load_model(tmp_path / "m" / "model.safetensors").float().eval()
+    assert m.cfg.music_tags == music_tags.VOCAB
+    gen = CALMGenerator(m)
+    means = {}
+    for key in ("G major", "C minor"):
+        tags = music_tags.caption_tags(f"a chorale in {key}")
+        reqs = [Request(m.prefix(tags=tags), max_frames=24, seed=s, eos_threshold=None)
+                for s in range(4)]
+        with torch.no_grad():
+            out = gen.generate(reqs)
+        means[key] = float(torch.cat([m.denormalize(x) for x in out])[:, 0].mean())
+    assert means["G major"] > 0.4 and means["C minor"] < -0.4, means

@@ -1,7 +1,8 @@
 """Recipe ``lm``: train a CALM (backbone + short context + head + EOS) on a latent cache.
 
     [data]      latents = "runs/latents" (``calm-fast data latents``), splits, batch,
-                max_frames, voice_frames, tokenizer, vae (optional, for audio samples)
+                max_frames, voice_frames, tokenizer, vae (optional, for audio samples),
+                crop, tags (music: random windows of long files, tags from the index)
     [model]     preset = "tiny" (+ any CALMConfig field, nested tables for backbone/head);
                 init = an LM export to start from (a warm start of the same architecture)
     [objective] kind, head_mult, p_text, p_voice, eos_weight, adaptive_weight, tangent_warmup
@@ -9,7 +10,10 @@
 One training example is one whole utterance (text and audio must match, so nothing is
 cropped; longer ones than ``max_frames`` are skipped) with its text, and a voice prompt of
 ``voice_frames`` frames cut from another utterance of the same speaker. Text and voice are
-dropped independently for CFG. Per frame: the head loss (LSD, consistency or flow
+dropped independently for CFG. Music (``crop``, ``tags``): a random window of
+``max_frames`` of any file (no end, so no EOS loss), conditioned on the tags of its index
+row (model/music_tags.py), all dropped with ``p_text`` for CFG and each with ``p_tag`` so
+that a caption naming a few of them is in the training distribution. Per frame: the head loss (LSD, consistency or flow
 matching, ``head_mult`` noise/time draws per backbone output) on the real frames and the EOS
 loss up to the end frame. The model's latent normalisation (emb_mean/emb_std) is measured on
 the training latents. At the end the EMA model is exported to ``out_dir/model.safetensors``.
@@ -26,6 +30,7 @@ import torch.nn as nn
 from calm_fast.train import objectives as obj
 from calm_fast.model.conditioning import ByteTokenizer, SentencePieceTokenizer
 from calm_fast.model.phonemes import PhonemeTokenizer
+from calm_fast.model import music_tags
 from calm_fast.model.config import CALMConfig, preset
 from calm_fast.data.latents import LatentCache
 from calm_fast.model.calm import CALM
@@ -48,6 +53,8 @@ class LMData:
     voice_frames: int = 0  # 0: no voice prompt
     tokenizer: str = "bytes"  # "bytes" | "phonemes" | "spm:<pieces>" (trained on the text) | a .model path
     vae: str = ""  # a VAE export: periodic samples are decoded to audio
+    crop: bool = False  # random windows of max_frames from longer files (music), no EOS
+    tags: bool = False  # music tags of each index row (model/music_tags.py) in the prefix
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class LMObjective:
     head_mult: int = 4  # noise/time draws per backbone output (paper: head batch multiplier)
     p_text: float = 0.1
     p_voice: float = 0.1
+    p_tag: float = 0.0  # each music tag dropped on its own (all of them: p_text)
     eos_weight: float = 1.0
     adaptive_weight: bool = True
     tangent_warmup: int = 0  # consistency: steps over which the tangent weight r goes 0 -> 1
@@ -116,8 +124,9 @@ class Utterances:
             raise RecipeError(f"{data.latents} holds {self.cache.meta['latent_dim']}-dim "
                               f"latents, the model takes {latent_dim}")
         self.data = data
+        longest = float("inf") if data.crop else data.max_frames
         self.items = [i for i, r in enumerate(self.cache.index)
-                      if r.get("split") in data.splits and 2 <= r["frames"] <= data.max_frames]
+                      if r.get("split") in data.splits and 2 <= r["frames"] <= longest]
         self.durations = None
         if aligned:
             self.durations = read_durations(data.latents)
@@ -154,9 +163,25 @@ class Utterances:
         start = int(torch.randint(0, max(1, frames - n + 1), (1,), generator=g))
         return torch.from_numpy(np.array(self.cache.latents(j)[start:start + n]))
 
+    def tags(self, i: int, drop: bool, p_tag: float, g: torch.Generator):
+        """The music tags of item i, each kept with probability 1 - p_tag (None: dropped)."""
+        if drop:
+            return None
+        tags = music_tags.row_tags(self.cache.index[i])
+        keep = torch.rand(len(tags), generator=g) >= p_tag
+        return [t for t, k in zip(tags, keep.tolist()) if k] or None
+
+    def frames(self, i: int, g: torch.Generator) -> torch.Tensor:
+        """Item i's latents, or with ``crop`` a random window of at most max_frames."""
+        n, frames = self.data.max_frames, self.cache.index[i]["frames"]
+        if not self.data.crop or frames <= n:
+            return torch.from_numpy(np.array(self.cache.latents(i)))
+        start = int(torch.randint(0, frames - n + 1, (1,), generator=g))
+        return torch.from_numpy(np.array(self.cache.window(i, start, n)))
+
     def batch(self, n: int, tokenizer, obj_cfg: LMObjective, g: torch.Generator) -> dict:
         pick = [self.items[k] for k in torch.randint(len(self.items), (n,), generator=g)]
-        lats = [torch.from_numpy(np.array(self.cache.latents(i))) for i in pick]
+        lats = [self.frames(i, g) for i in pick]
         lengths = torch.tensor([len(x) for x in lats])
         S = int(lengths.max()) + 1  # one frame past the longest end: its EOS frame
         latents = torch.zeros(n, S, lats[0].shape[1])
@@ -169,14 +194,19 @@ class Utterances:
                     "tokens": [torch.tensor(tokenizer.encode(self.text(i))) for i in pick],
                     "durations": [torch.tensor(self.durations[i]) for i in pick],
                     "drop_text": drop_text}
+        if self.data.tags:  # music: the tags are the text
+            tags = [self.tags(i, dt, obj_cfg.p_tag, g) for i, dt in zip(pick, drop_text.tolist())]
+            return {"latents": latents, "lengths": lengths, "tokens": [None] * n,
+                    "voices": voices, "tags": tags}
         tokens = [None if dt or not self.text(i) else torch.tensor(tokenizer.encode(self.text(i)))
                   for i, dt in zip(pick, drop_text.tolist())]
         return {"latents": latents, "lengths": lengths, "tokens": tokens, "voices": voices}
 
 
-def prefix_batch(model: CALM, tokens, voices):
+def prefix_batch(model: CALM, tokens, voices, tags=None):
     """Left-padded conditioning rows [B, P, d] and their mask [B, P] (True = real row)."""
-    rows = [model.prefix(voice=v, tokens=t) for t, v in zip(tokens, voices)]
+    tags = tags or [None] * len(tokens)
+    rows = [model.prefix(voice=v, tokens=t, tags=a) for t, v, a in zip(tokens, voices, tags)]
     P = max(r.shape[0] for r in rows)
     out = rows[0].new_zeros(len(rows), P, rows[0].shape[1])
     mask = torch.zeros(len(rows), P, dtype=torch.bool, device=out.device)
@@ -237,7 +267,7 @@ class LMTraining(nn.Module):
         latents = m.normalize(batch["latents"])
         if m.cfg.aligned_text:
             return self.forward_aligned(batch, latents)
-        prefix, mask = prefix_batch(m, batch["tokens"], batch["voices"])
+        prefix, mask = prefix_batch(m, batch["tokens"], batch["voices"], batch.get("tags"))
         layer = m.transformer.layers[o.align_layer]
         seen = {}
         hook = (layer.register_forward_pre_hook(lambda mod, args: seen.setdefault("in", args))
@@ -305,6 +335,11 @@ def run(recipe: dict) -> Path:
     cfg = build_preset(CALMConfig, model_table, "model", preset)
     objective = build(LMObjective, recipe["objective"], "objective")
     train_cfg = build(TrainConfig, recipe["train"], "train", out_dir=recipe["out_dir"])
+    if data.tags and not cfg.music_tags:
+        cfg = replace(cfg, music_tags=music_tags.VOCAB)
+    if data.crop and objective.eos_weight:
+        raise RecipeError("data.crop trains on windows that have no end: set "
+                          "objective.eos_weight = 0")
     utts = Utterances(data, cfg.latent_dim, aligned=cfg.aligned_text)
     if data.voice_frames and not cfg.voice:
         raise RecipeError(f"data.voice_frames > 0 but model {cfg.name!r} has no voice input")
@@ -349,8 +384,8 @@ def _warm_start(calm: CALM, path: str) -> None:
 
 
 def _sampler(utts: Utterances, data: LMData, tokenizer):
-    """Periodic samples: the first utterance's text (and voice), as latents and, with a VAE,
-    as audio."""
+    """Periodic samples: the first utterance's text (and voice), or its music tags, as
+    latents and, with a VAE, as audio."""
     def sample(module, step, out):
         m = module.calm
         i = utts.items[0]
@@ -361,6 +396,9 @@ def _sampler(utts: Utterances, data: LMData, tokenizer):
                 prefix, rows = m.text_inputs(text, voice=utts.voice(i, g))
                 req = Request(prefix, max_frames=len(rows), seed=0, frame_cond=rows,
                               eos_threshold=None)
+            elif data.tags:  # music: the first item's tags, a window's length, no EOS
+                prefix = m.prefix(tags=music_tags.row_tags(utts.cache.index[i]) or None)
+                req = Request(prefix, max_frames=data.max_frames, seed=0, eos_threshold=None)
             else:
                 prefix = m.prefix(text=text, voice=utts.voice(i, g))
                 req = Request(prefix, max_frames=data.max_frames, seed=0,
