@@ -146,3 +146,46 @@ def test_the_shipped_default_tts_says_its_words():
     heard = normalize_text(WhisperASR(threads=2).transcribe(torch.from_numpy(wav), sr)).split()
     said = normalize_text(text).split()
     assert sum(w in heard for w in said) >= 4, heard
+
+
+def test_the_shipped_music_model_composes_from_a_caption_and_continues(tmp_path):
+    """The trained music bundle (configs/music_lm.toml, benchmarks/results/training.md):
+    `calm-fast music` with no checkpoint reads the caption for its tags and makes music of
+    the asked length; `continue --checkpoint music` goes on from a prompt. Tonal audio: its
+    mean chroma fits a rotated key profile far better than noise does."""
+    if not (models.MUSIC_BUNDLE / "lm.safetensors").is_file():
+        pytest.skip("no music model ships in this checkout")
+    pytest.importorskip("librosa")
+    import numpy as np
+    import soundfile as sf
+
+    from calm_fast.cli import main
+    from calm_fast.evaluate.music import chroma
+    from calm_fast.model.music_tags import VOCAB
+    from calm_fast.serve.commands import caption_tags
+
+    synth = models.load_synth(music=True)
+    assert synth.music_tags == VOCAB and not synth.can_speak
+    assert caption_tags(synth, "Bach chorale for violin and cello in D minor") == (
+        "tonic:D", "mode:minor", "style:bach", "instrument:violin", "instrument:cello")
+
+    def tonality(wav, sr):  # best key-profile correlation of the mean chroma
+        from calm_fast.evaluate.music import _MAJOR, _MINOR
+
+        c = chroma(torch.from_numpy(wav), sr).mean(1)
+        return max(np.corrcoef(c, np.roll(p, k))[0, 1] for p in (_MAJOR, _MINOR)
+                   for k in range(12))
+
+    out = tmp_path / "tune.wav"
+    assert main(["music", "Bach chorale for string ensemble, 90 BPM, in G major", "-o",
+                 str(out), "--seconds", "4", "-q"]) == 0
+    wav, sr = sf.read(out, dtype="float32")
+    assert len(wav) == 4 * sr and np.isfinite(wav).all() and np.abs(wav).max() > 0.05
+    assert tonality(wav, sr) > 0.6
+    noise = np.random.default_rng(0).standard_normal(len(wav)).astype(np.float32)
+    assert tonality(noise, sr) < 0.5
+    more = tmp_path / "more.wav"
+    assert main(["continue", str(out), "--checkpoint", "music", "--seconds", "2", "-o",
+                 str(more), "-q"]) == 0
+    assert sf.info(str(more)).frames == 2 * sr
+    assert main(["music", "something nobody trained", "-o", str(tmp_path / "x.wav"), "-q"]) == 1
