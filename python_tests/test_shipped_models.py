@@ -161,12 +161,11 @@ def test_the_shipped_music_model_composes_from_a_caption_and_continues(tmp_path)
 
     from calm_fast.cli import main
     from calm_fast.evaluate.music import chroma
-    from calm_fast.model.music_tags import VOCAB
-    from calm_fast.serve.commands import caption_tags
+    from calm_fast.model.music_tags import VOCAB, caption_tags
 
     synth = models.load_synth(music=True)
     assert synth.music_tags == VOCAB and not synth.can_speak
-    assert caption_tags(synth, "Bach chorale for violin and cello in D minor") == (
+    assert caption_tags("Bach chorale for violin and cello in D minor", synth.music_tags) == (
         "tonic:D", "mode:minor", "style:bach", "instrument:violin", "instrument:cello")
 
     def tonality(wav, sr):  # best key-profile correlation of the mean chroma

@@ -94,3 +94,15 @@ def caption_tags(caption: str, vocab=VOCAB) -> tuple[str, ...]:
     words = set(re.findall(r"[a-z0-9#]+", text))
     found.update(t for t in vocab if t not in VOCAB and t.split(":")[-1].lower() in words)
     return tuple(t for t in vocab if t in found)
+
+
+def required_tags(caption: str, vocab, model: str) -> tuple[str, ...]:
+    """``caption_tags``, refusing a model without tags or a caption that names none (what
+    the doors and batch rows say to the user)."""
+    if not vocab:
+        raise ValueError(f"model {model!r} has no music tags")
+    tags = caption_tags(caption, vocab)
+    if not tags:
+        raise ValueError(f"caption {caption!r} names none of this model's tags: "
+                         f"{', '.join(vocab)}")
+    return tags

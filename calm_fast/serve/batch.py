@@ -450,14 +450,9 @@ class Job:
             prompt = lm.normalize(self._encode(row.prompt, self.cfg.max_seconds * 10))
         tags = row.caption
         if isinstance(tags, str):
-            from calm_fast.model.music_tags import caption_tags
+            from calm_fast.model.music_tags import required_tags
 
-            if not lm.cfg.music_tags:
-                raise ValueError(f"model {lm.cfg.name!r} has no music tags")
-            tags = caption_tags(tags, lm.cfg.music_tags)
-            if not tags:
-                raise ValueError(f"caption {row.caption!r} names none of this model's "
-                                 f"tags: {', '.join(lm.cfg.music_tags)}")
+            tags = required_tags(tags, lm.cfg.music_tags, lm.cfg.name)
         prefix, rows = text_inputs(lm, text=row.text, voice=v, tags=tags)
         prefix = prefix.detach()
         frames = max(1, round(row.max_seconds * lm.cfg.frame_rate))

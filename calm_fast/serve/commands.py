@@ -158,27 +158,16 @@ def continue_audio(synth, prompt, out: str, *, seconds: float = 5.0, temperature
     return run_job(synth, job, out, fmt, 1.0, quiet, "continuing", total_s=seconds)
 
 
-def caption_tags(synth, caption: str) -> tuple:
-    """The model's tags a caption names (model/music_tags.py: "slow Bach chorale for
-    violin in D minor" -> tonic:D, mode:minor, tempo:slow, style:bach, instrument:violin);
-    a tag may also be written in full ("genre:jazz")."""
-    from calm_fast.model.music_tags import caption_tags as read
-
-    return read(caption, synth.music_tags)
-
-
 def music(synth, caption: str, out: str, *, seconds: float = 10.0, temperature=None,
           cfg: float = 1.0, seed: int | None = 0, fmt=None, quiet=False) -> dict:
     """``seconds`` of music for a caption (matched against the model's tags; a model with
     text input reads the caption as text)."""
     if seconds <= 0:
         raise ValueError(f"--seconds must be positive, got {seconds}")
-    if synth.music_tags:
-        tags = caption_tags(synth, caption)
-        if not tags:
-            raise ValueError(f"the caption names none of this model's tags: "
-                             f"{', '.join(synth.music_tags)}")
-        seg = Segment(tags=tags)
+    if synth.music_tags:  # model/music_tags.py reads the caption
+        from calm_fast.model.music_tags import required_tags
+
+        seg = Segment(tags=required_tags(caption, synth.music_tags, synth.name))
     elif synth.can_speak:
         seg = Segment(text=caption)
     else:

@@ -227,8 +227,8 @@ def load_synth(checkpoint=None, vae=None, tokenizer=None, music: bool = False) -
         checkpoint = "music" if music else "default"
     if checkpoint in shipped:
         if not (shipped[checkpoint] / "lm.safetensors").is_file():
-            raise ModelNotFound(f"no model given and no trained {checkpoint} model ships with "
-                                f"calm_fast yet: {HOW}")
+            raise ModelNotFound(f"no trained {checkpoint} model ships with calm_fast yet: "
+                                f"{HOW}")
         checkpoint = shipped[checkpoint]
     p = Path(checkpoint)
     if p.is_dir():

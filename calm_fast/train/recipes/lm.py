@@ -159,9 +159,13 @@ class Utterances:
         if n <= 0 or not others:
             return None
         j = others[int(torch.randint(len(others), (1,), generator=g))]
-        frames = self.cache.index[j]["frames"]
+        return self.window(j, n, g)
+
+    def window(self, i: int, n: int, g: torch.Generator) -> torch.Tensor:
+        """A random window of at most n frames of item i (all of it when shorter)."""
+        frames = self.cache.index[i]["frames"]
         start = int(torch.randint(0, max(1, frames - n + 1), (1,), generator=g))
-        return torch.from_numpy(np.array(self.cache.latents(j)[start:start + n]))
+        return torch.from_numpy(np.array(self.cache.latents(i)[start:start + n]))
 
     def tags(self, i: int, drop: bool, p_tag: float, g: torch.Generator):
         """The music tags of item i, each kept with probability 1 - p_tag (None: dropped)."""
@@ -173,11 +177,9 @@ class Utterances:
 
     def frames(self, i: int, g: torch.Generator) -> torch.Tensor:
         """Item i's latents, or with ``crop`` a random window of at most max_frames."""
-        n, frames = self.data.max_frames, self.cache.index[i]["frames"]
-        if not self.data.crop or frames <= n:
+        if not self.data.crop or self.cache.index[i]["frames"] <= self.data.max_frames:
             return torch.from_numpy(np.array(self.cache.latents(i)))
-        start = int(torch.randint(0, frames - n + 1, (1,), generator=g))
-        return torch.from_numpy(np.array(self.cache.window(i, start, n)))
+        return self.window(i, self.data.max_frames, g)
 
     def batch(self, n: int, tokenizer, obj_cfg: LMObjective, g: torch.Generator) -> dict:
         pick = [self.items[k] for k in torch.randint(len(self.items), (n,), generator=g)]
