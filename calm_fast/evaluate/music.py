@@ -2,14 +2,11 @@
 a reconstruction, the key (Krumhansl-Schmuckler on mean chroma) and the tempo."""
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import torch
 
-NOTES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
-_ENHARMONIC = {"Db": "C#", "Eb": "D#", "Gb": "F#", "Ab": "G#", "Bb": "A#", "Cb": "B", "Fb": "E",
-               "E#": "F", "B#": "C"}
+from calm_fast.model.music_tags import NOTES
+
 # Krumhansl-Kessler key profiles
 _MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
 _MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
@@ -42,19 +39,6 @@ def estimate_key(wav: torch.Tensor, sample_rate: int) -> str:
             if r > best:
                 best, name = r, f"{NOTES[tonic]} {mode}"
     return name
-
-
-def parse_key(text: str) -> str | None:
-    """The key a caption names ('... in A minor', 'key: Eb major', music21's 'E- major'),
-    as estimate_key writes it (sharps only), or None."""
-    # music21 writes flats as '-' ("E- major")
-    m = re.search(r"\b([A-Ga-g])([#b]|-(?=\s))?\s*(major|minor|maj|min)\b", text)
-    if not m:
-        return None
-    note = m.group(1).upper() + (m.group(2) or "").replace("-", "b")
-    note = _ENHARMONIC.get(note, note)
-    mode = "major" if m.group(3).startswith("maj") else "minor"
-    return f"{note} {mode}"
 
 
 def tempo(wav: torch.Tensor, sample_rate: int) -> float:

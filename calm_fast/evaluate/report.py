@@ -30,6 +30,7 @@ import torch
 
 from calm_fast.codec.audio import AUDIO_SUFFIXES, read_audio
 from calm_fast.errors import ArgumentError
+from calm_fast.model.music_tags import parse_key
 from calm_fast.provenance import code_commit
 
 METRICS = ("wer", "sim", "signal", "music", "dnsmos")
@@ -145,7 +146,7 @@ class Scorer:
                 out["mel_dist"] = signal.mel_distance(ref, deg, sr)
         if "music" in self.metrics and is_music:
             out["key"] = music.estimate_key(wav, sr)
-            want = music.parse_key(row.get("caption", "") or "")
+            want = parse_key(row.get("caption", "") or "")
             if want:
                 out["key_wanted"], out["key_match"] = want, float(out["key"] == want)
             out["tempo"] = music.tempo(wav, sr)

@@ -11,7 +11,23 @@ from __future__ import annotations
 
 import re
 
-from calm_fast.evaluate.music import NOTES, parse_key
+NOTES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
+_ENHARMONIC = {"Db": "C#", "Eb": "D#", "Gb": "F#", "Ab": "G#", "Bb": "A#", "Cb": "B", "Fb": "E",
+               "E#": "F", "B#": "C"}
+
+
+def parse_key(text: str) -> str | None:
+    """The key a caption names ('... in A minor', 'key: Eb major', music21's 'E- major'),
+    as estimate_key writes it (sharps only), or None."""
+    # music21 writes flats as '-' ("E- major")
+    m = re.search(r"\b([A-Ga-g])([#b]|-(?=\s))?\s*(major|minor|maj|min)\b", text)
+    if not m:
+        return None
+    note = m.group(1).upper() + (m.group(2) or "").replace("-", "b")
+    note = _ENHARMONIC.get(note, note)
+    mode = "major" if m.group(3).startswith("maj") else "minor"
+    return f"{note} {mode}"
+
 
 INSTRUMENTS = ("piano", "harpsichord", "church organ", "nylon guitar", "violin", "viola",
                "cello", "double bass", "harp", "string ensemble", "choir", "trumpet",
