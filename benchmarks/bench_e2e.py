@@ -16,6 +16,8 @@ voice encoding, for both). Reported:
     batch per frame), against the package's best: one process per core, i.e. twice its
     1-thread single-stream rate (an upper bound for the package);
   * int8: calm_fast's int8 weights vs the package's own quantize=True.
+  * bf16: calm_fast's bf16 weights (fp32 math) vs the package's fp32 and quantize=True,
+    and its next-frame latent error against our fp32.
 With --record, appends to benchmarks/results/e2e.csv and draws benchmarks/results/e2e_throughput.png.
 ``--config NAME``: the same on that packaged config's shapes (random weights; rows in
 e2e_configs.csv, with a config column, unless NAME is english); the per-frame
@@ -265,6 +267,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "calm_fast_e2e"))
     ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--shipped", action="store_true",
                     help="only the shipped default TTS model's single-stream rows")
     ap.add_argument("--config", default="english",
@@ -308,6 +311,8 @@ def main():
                             args.text)[1]
         rows.append({"metric": "int8 single-stream RTF (peer quantize=True)", "peer": q_p,
                      "ours": q_o, "ratio": q_o / q_p, "target": "> 1x"})
+    if not args.no_bf16:
+        rows += bf16_rows(peer, fast, wav, sr, args, p_rtf, None if args.no_int8 else q_p)
     _finish(rows, args, secs, args.config)
     print_table(rows, ["metric", "peer", "ours", "ratio", "target"])
     print(f"(audio per call: peer {secs:.2f} s, ours {o_secs:.2f} s; peer 1-thread RTF "
@@ -317,6 +322,39 @@ def main():
     print(f"appended to {path}")
     png = f"e2e_throughput_{args.config}.png" if other else "e2e_throughput.png"
     plot(thr, p_rtf, peer_best, Path(path).with_name(png), args.threads, args.config)
+
+
+def bf16_rows(peer, fast, wav, sr, args, p_rtf, q_p):
+    """precision="bf16" (bf16 weights, fp32 math): single stream against the package's fp32
+    and quantize=True, and its latent error against fp32 (teacher-forced at temperature 0:
+    the next frame after the fp32 model's own first t frames, t = 10, 20, ... 90)."""
+    from calm_fast.runtime.generate import CALMGenerator, Request
+
+    bfast = calm_fast.accelerate(peer, precision="bf16", max_streams=1, cache_mb=128)
+    b_ttfa, b_o, _ = single_stream(bfast, bfast.get_state_for_audio_prompt(wav), args.runs, sr,
+                                   args.text)
+    rows = [{"metric": "bf16 single-stream RTF (peer fp32)", "peer": p_rtf, "ours": b_o,
+             "ratio": b_o / p_rtf, "target": ">= 3x"}]
+    if q_p is not None:
+        rows.append({"metric": "bf16 single-stream RTF (peer quantize=True)", "peer": q_p,
+                     "ours": b_o, "ratio": b_o / q_p, "target": ">= 1.7x"})
+    rows.append({"metric": "bf16 time to first audio (ms)", "peer": "", "ours": b_ttfa * 1e3,
+                 "ratio": "", "target": ""})
+    lm = fast.lm
+    state = fast.get_state_for_audio_prompt(wav)
+    ids = fast._chunks(args.text, 50, None)[0][0]
+    prefix = torch.cat([state.rows, lm.conditioner(ids)])
+    fp = CALMGenerator(lm).generate([Request(prefix, 100, temperature=0.0,
+                                             eos_threshold=None)])[0]
+    bg = CALMGenerator(lm, precision="bf16")
+    errs = []
+    for t in range(10, 100, 10):
+        x = bg.generate([Request(prefix, 1, temperature=0.0, eos_threshold=None,
+                                 prompt_latents=fp[:t])])[0][0]
+        errs.append(100 * float((x - fp[t]).norm() / fp[t].norm()))
+    rows.append({"metric": "bf16 next-frame latent error vs fp32 (% relative, median of 9)",
+                 "peer": "", "ours": statistics.median(errs), "ratio": "", "target": ""})
+    return rows
 
 
 def plot(thr, p_rtf, peer_best, out, threads, config="english"):

@@ -75,3 +75,18 @@ def out_folder(name: str, v) -> Path:
     if p.exists() and not p.is_dir():
         raise ArgumentError(f"{name} {str(p)!r} is a file, not a folder: choose a folder path")
     return p
+
+
+PRECISIONS = ("fp32", "bf16", "int8")  # the CPU weight modes of the LM and its head
+
+
+def precision(value, int8: bool = False) -> str:
+    """A CPU weight mode: ``value`` one of PRECISIONS; the older ``int8=True`` flag means
+    "int8" and must not contradict it."""
+    instance("int8", int8, bool)
+    if value not in PRECISIONS:
+        raise ArgumentError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                            f"{_show(value)}")
+    if int8 and value not in ("fp32", "int8"):
+        raise ArgumentError(f"int8 and precision={value!r} disagree: pass one of them")
+    return "int8" if int8 else value

@@ -22,6 +22,8 @@ import argparse
 import json
 import sys
 
+from calm_fast import checks
+
 
 def _data_speech(a):
     from .data.speech import build_speech_dataset
@@ -229,7 +231,8 @@ def _serve(a):
                        decode_frames=a.decode_frames, sample_rate=a.sample_rate,
                        eos_threshold=_eos(a.eos_threshold, synth),
                        default_voice=a.default_voice,
-                       voices_dir=a.voices_dir, int8=a.int8, max_upload_mb=a.max_upload_mb)
+                       voices_dir=a.voices_dir, precision=checks.precision(a.precision, a.int8),
+                       max_upload_mb=a.max_upload_mb)
     print(f"calm-fast: serving {synth.name} on http://{a.host}:{a.port}/ "
           f"(max {a.max_streams} streams)", file=sys.stderr)
     serve(synth, a.host, a.port, cfg, log_level=a.log_level)
@@ -344,7 +347,11 @@ def _add_doors(sub):
     s.add_argument("--default-voice", default=None, help="voice name used when none is given")
     s.add_argument("--voices-dir", default=None,
                    help="keep uploaded voices in this folder (default: memory only)")
-    s.add_argument("--int8", action="store_true", help="int8 weights (CPU)")
+    s.add_argument("--precision", choices=checks.PRECISIONS, default="fp32",
+                   help="weights of the LM and its head: fp32 (default), bf16 (half the "
+                   "bytes, fp32 math) or int8 (CPU)")
+    s.add_argument("--int8", action="store_true",
+                   help="the same as --precision int8 (default: off)")
     s.add_argument("--log-level", default="info", help="uvicorn log level")
     _model_flags(s)
     s.set_defaults(fn=_serve)

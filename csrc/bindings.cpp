@@ -42,6 +42,19 @@ std::string shape_str(const py::array& a) {
   return s + ")";
 }
 
+// Packed weight panels: float32, or int16 holding bf16 bit patterns (numpy has no bf16).
+calm_fast::Panels checked_panels(py::array& a, const char* name) {
+  if (a.dtype().is(py::dtype::of<int16_t>())) {
+    return {checked<int16_t>(a, name, -1, false), true};
+  }
+  if (!a.dtype().is(py::dtype::of<float>())) {
+    throw std::invalid_argument(std::string(name) + " has dtype " +
+                                std::string(py::str(a.dtype())) +
+                                ", expected float32 (or int16 holding bf16)");
+  }
+  return {checked<float>(a, name, -1, false), false};
+}
+
 
 // A [B, rows, C] float32 view whose rows are contiguous (row stride C, element stride 1) and
 // whose batch stride is free: a slice of a longer buffer (rows after a causal context) or
@@ -232,10 +245,10 @@ void window_attention(py::array q, py::array k_cache, py::array v_cache, py::arr
 
 void linear(py::array x, py::array panels, py::object bias, py::array y, int threads) {
   const float* xp = checked<float>(x, "x", 2, false);
-  const float* wp = checked<float>(panels, "panels", 3, false);
+  const calm_fast::Panels wp = checked_panels(panels, "panels");
   float* yp = checked<float>(y, "y", 2, true);
   const int64_t M = x.shape(0), K = x.shape(1), N = y.shape(1);
-  if (panels.shape(0) != (N + kPanel - 1) / kPanel || panels.shape(1) != K ||
+  if (panels.ndim() != 3 || panels.shape(0) != (N + kPanel - 1) / kPanel || panels.shape(1) != K ||
       panels.shape(2) != kPanel || y.shape(0) != M) {
     throw std::invalid_argument("linear shapes: x " + shape_str(x) + ", panels " +
                                 shape_str(panels) + ", y " + shape_str(y) +
@@ -249,7 +262,7 @@ void linear(py::array x, py::array panels, py::object bias, py::array y, int thr
     if (b_arr.shape(0) != N) throw std::invalid_argument("bias must have N entries");
   }
   py::gil_scoped_release nogil;
-  calm_fast::gemm_panels_f32(xp, M, K, wp, N, bp, yp, threads);
+  calm_fast::gemm_panels_any(xp, M, K, wp, N, bp, yp, threads);
 }
 
 
@@ -381,7 +394,7 @@ void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, p
                  py::array cos, py::array sin, py::array k_cache, py::array v_cache,
                  py::array slots, py::array indptr, py::array indices, py::array last_page_len,
                  py::object start, int64_t queries, int64_t window, bool last_kv_only,
-                 int threads) {
+                 bool last_rows_only, int threads) {
   float* xp = checked<float>(x, "x", 2, true);
   const int64_t B = x.shape(0), d = x.shape(1);
   if (B < 1) throw std::invalid_argument("decode_step needs at least one row");
@@ -389,6 +402,10 @@ void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, p
     throw std::invalid_argument("decode_step: " + std::to_string(B) + " rows are not streams "
                                 "of " + std::to_string(queries) + " queries (window " +
                                 std::to_string(window) + ")");
+  }
+  if (last_rows_only && (last_kv_only || window > 0)) {
+    throw std::invalid_argument("decode_step: last_rows_only takes neither last_kv_only nor a "
+                                "window");
   }
   float* kp = checked<float>(k_cache, "k_cache", 5, true);
   float* vp = checked<float>(v_cache, "v_cache", 5, true);
@@ -439,35 +456,43 @@ void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, p
       throw std::invalid_argument(std::string(name) + " is missing");
     }
     py::array a = o.cast<py::array>();
-    // vectors (c < 0) are [r]; projections [r, c] are packed as panels [ceil(c / 32), r, 32]
-    const float* p = checked<float>(a, name, c < 0 ? 1 : 3, false);
-    const int64_t np = (c + kPanel - 1) / kPanel;
-    const bool ok = c < 0 ? a.shape(0) == r
-                          : (a.shape(0) == np && a.shape(1) == r && a.shape(2) == kPanel);
-    if (!ok) {
-      throw std::invalid_argument(
-          std::string(name) + " has shape " + shape_str(a) + ", expected (" +
-          (c < 0 ? std::to_string(r)
-                 : std::to_string(np) + ", " + std::to_string(r) + ", " + std::to_string(kPanel)) +
-          ")");
+    const float* p = checked<float>(a, name, 1, false);
+    if (a.shape(0) != r) {
+      throw std::invalid_argument(std::string(name) + " has shape " + shape_str(a) +
+                                  ", expected (" + std::to_string(r) + ")");
     }
     keep.push_back(a);
     return p;
+  };
+  // a projection [r, c] packed as panels [ceil(c / 32), r, 32]: fp32, or int16 holding bf16
+  auto panels = [&](py::handle t, size_t i, const char* name, int64_t r, int64_t c) -> Panels {
+    py::array a = t.cast<py::tuple>()[i].cast<py::array>();
+    const Panels w = checked_panels(a, name);
+    const int64_t np = (c + kPanel - 1) / kPanel;
+    if (a.ndim() != 3 || a.shape(0) != np || a.shape(1) != r || a.shape(2) != kPanel) {
+      throw std::invalid_argument(std::string(name) + " has shape " + shape_str(a) +
+                                  ", expected (" + std::to_string(np) + ", " +
+                                  std::to_string(r) + ", " + std::to_string(kPanel) + ")");
+    }
+    keep.push_back(a);
+    return w;
   };
   for (py::handle t : layers) {
     if (py::len(t) != 10) throw std::invalid_argument("a layer is a tuple of 10 arrays");
     py::array w2 = t.cast<py::tuple>()[7].cast<py::array>();
     if (w2.ndim() != 3) throw std::invalid_argument("w2 must be panels (ceil(d / 32), ff, 32)");
     if (ff < 0) ff = w2.shape(1);
-    ws.push_back({get(t, 0, "ln1_w", d, -1), get(t, 1, "ln1_b", d, -1),
-                  get(t, 2, "w_qkv", d, nqkv), get(t, 3, "w_o", attn, d),
-                  get(t, 4, "ln2_w", d, -1), get(t, 5, "ln2_b", d, -1), get(t, 6, "w1", d, ff),
-                  get(t, 7, "w2", ff, d), get(t, 8, "ls1", d, -1), get(t, 9, "ls2", d, -1)});
+    DecodeLayerWeights L{get(t, 0, "ln1_w", d, -1), get(t, 1, "ln1_b", d, -1),
+                         panels(t, 2, "w_qkv", d, nqkv), panels(t, 3, "w_o", attn, d),
+                         get(t, 4, "ln2_w", d, -1), get(t, 5, "ln2_b", d, -1),
+                         panels(t, 6, "w1", d, ff), panels(t, 7, "w2", ff, d),
+                         get(t, 8, "ls1", d, -1), get(t, 9, "ls2", d, -1)};
+    ws.push_back(L);
   }
   const DecodeShape shape{d, heads, kv_heads, D, ff, BS, static_cast<float>(eps)};
   py::gil_scoped_release nogil;
   decode_step_f32(ws, shape, xp, B, cp, sp, kp, vp, NB, sl, t.ip, t.ix, t.lp, t.st, queries,
-                  window, last_kv_only, threads);
+                  window, last_kv_only, last_rows_only, threads);
 }
 
 }  // namespace
@@ -499,7 +524,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("linear", &linear, py::arg("x"), py::arg("panels"), py::arg("bias"), py::arg("y"),
         py::arg("threads") = 0,
-        "y = x W (+ bias) for fp32 rows, W packed as panels (ceil(N / 32), K, 32)");
+        "y = x W (+ bias) for fp32 rows, W packed as panels (ceil(N / 32), K, 32): fp32, or "
+        "int16 holding bf16 (fp32 products and sums)");
 
 
   m.def("conv_rows", &conv_rows, py::arg("x"), py::arg("panels"), py::arg("taps"),
@@ -524,11 +550,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("eps"), py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("slots"), py::arg("indptr"), py::arg("indices"),
         py::arg("last_page_len"), py::arg("start"), py::arg("queries") = 1,
-        py::arg("window") = 0, py::arg("last_kv_only") = false, py::arg("threads") = 0,
+        py::arg("window") = 0, py::arg("last_kv_only") = false,
+        py::arg("last_rows_only") = false, py::arg("threads") = 0,
         "Every layer of a pre-LN Transformer for a batch of fp32 rows (x updated in place); "
         "writes the rows' K/V at `slots` and attends over the page table (one query per "
         "stream, or `queries` rows per stream over its last `window` rows; last_kv_only: "
-        "the last layer stops after its K/V)");
+        "the last layer stops after its K/V; last_rows_only: it finishes only each stream's "
+        "last row)");
 
 #ifdef CALM_FAST_OPENMP
   m.attr("has_openmp") = true;

@@ -2,8 +2,8 @@
 // `pocket` shapes, ~9-10 ms at this host's 30-35 GB/s. Run op by op from Python, the ~20
 // small torch calls per layer around the four projections (LayerNorm, RoPE, cache writes,
 // residual adds, GELU, dispatch) cost 2.5-3.5 ms per frame on top. Here the whole step is
-// one call: the projections are gemm_panels_f32, attention is the paged CPU kernel, and the
-// rest is a few loops over B x d floats.
+// one call: the projections are gemm_panels_any (fp32 panels, or bf16 ones: half the
+// bytes), attention is the paged CPU kernel, and the rest is a few loops over B x d floats.
 #include "decode_step_cpu.h"
 
 #include <algorithm>
@@ -70,7 +70,7 @@ void decode_step_f32(const std::vector<DecodeLayerWeights>& layers, const Decode
                      float* v_cache, int64_t num_blocks, const int64_t* slots,
                      const int32_t* indptr, const int32_t* indices,
                      const int32_t* last_page_len, const int32_t* start, int64_t queries,
-                     int64_t window, bool last_kv_only, int threads) {
+                     int64_t window, bool last_kv_only, bool last_rows_only, int threads) {
   const int nt = team(threads, B);
   const int64_t d = s.d_model, H = s.heads, Hk = s.kv_heads, D = s.head_dim, half = D / 2;
   const int64_t nqkv = (H + 2 * Hk) * D, row = Hk * D;
@@ -88,7 +88,7 @@ void decode_step_f32(const std::vector<DecodeLayerWeights>& layers, const Decode
     float* kc = k_cache + static_cast<int64_t>(li) * layer_floats;
     float* vc = v_cache + static_cast<int64_t>(li) * layer_floats;
     layer_norm(x, L.ln1_w, L.ln1_b, h.data(), B, d, s.eps, nt);
-    gemm_panels_f32(h.data(), B, d, L.w_qkv, nqkv, nullptr, qkv.data(), threads);
+    gemm_panels_any(h.data(), B, d, L.w_qkv, nqkv, nullptr, qkv.data(), threads);
     // the buffers are thread_local: inside the parallel loop their names would be the
     // worker threads' own (empty) vectors, so the loop sees plain pointers
     const float* qkv_p = qkv.data();
@@ -113,6 +113,32 @@ void decode_step_f32(const std::vector<DecodeLayerWeights>& layers, const Decode
       for (int64_t i = 0; i < row; ++i) vdst[i] = vsrc[i];
     });
     if (last_kv_only && li + 1 == layers.size()) break;  // a prefix: nobody reads its output
+    if (last_rows_only && li + 1 == layers.size()) {
+      // Only each stream's last row is read (a prefill that also computes the first frame):
+      // the rest of the layer runs on those S rows alone, as the one-query step runs it.
+      const int64_t S = B / queries;
+      thread_local std::vector<float> xl;
+      xl.resize(S * d);
+      for (int64_t b = 0; b < S; ++b) {
+        const int64_t r = b * queries + queries - 1;
+        if (r != b) std::copy(q.data() + r * H * D, q.data() + (r + 1) * H * D, q.data() + b * H * D);
+        std::copy(x + r * d, x + (r + 1) * d, xl.data() + b * d);
+      }
+      paged_decode_attention_cpu(q.data(), kc, vc, indptr, indices, last_page_len, start, S, H,
+                                 Hk, D, s.block_size, scale, attn.data());
+      gemm_panels_any(attn.data(), S, H * D, L.w_o, d, nullptr, upd.data(), threads);
+      residual(xl.data(), upd.data(), L.ls1, S, d, nt);
+      layer_norm(xl.data(), L.ln2_w, L.ln2_b, h.data(), S, d, s.eps, nt);
+      gemm_panels_any(h.data(), S, d, L.w1, s.ff, nullptr, ff.data(), threads);
+      gelu_tanh(ff.data(), S, s.ff, nt);
+      gemm_panels_any(ff.data(), S, s.ff, L.w2, d, nullptr, upd.data(), threads);
+      residual(xl.data(), upd.data(), L.ls2, S, d, nt);
+      for (int64_t b = 0; b < S; ++b) {
+        const int64_t r = b * queries + queries - 1;
+        std::copy(xl.data() + b * d, xl.data() + (b + 1) * d, x + r * d);
+      }
+      break;
+    }
     if (queries == 1 && window == 0) {
       paged_decode_attention_cpu(q.data(), kc, vc, indptr, indices, last_page_len, start, B, H,
                                  Hk, D, s.block_size, scale, attn.data());
@@ -122,12 +148,12 @@ void decode_step_f32(const std::vector<DecodeLayerWeights>& layers, const Decode
                                  window > 0 ? window : (int64_t{1} << 40), scale, attn.data(),
                                  threads);
     }
-    gemm_panels_f32(attn.data(), B, H * D, L.w_o, d, nullptr, upd.data(), threads);
+    gemm_panels_any(attn.data(), B, H * D, L.w_o, d, nullptr, upd.data(), threads);
     residual(x, upd.data(), L.ls1, B, d, nt);
     layer_norm(x, L.ln2_w, L.ln2_b, h.data(), B, d, s.eps, nt);
-    gemm_panels_f32(h.data(), B, d, L.w1, s.ff, nullptr, ff.data(), threads);
+    gemm_panels_any(h.data(), B, d, L.w1, s.ff, nullptr, ff.data(), threads);
     gelu_tanh(ff.data(), B, s.ff, nt);
-    gemm_panels_f32(ff.data(), B, s.ff, L.w2, d, nullptr, upd.data(), threads);
+    gemm_panels_any(ff.data(), B, s.ff, L.w2, d, nullptr, upd.data(), threads);
     residual(x, upd.data(), L.ls2, B, d, nt);
   }
 }

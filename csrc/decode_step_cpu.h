@@ -4,12 +4,17 @@
 #include <cstdint>
 #include <vector>
 
+#include "gemm_cpu.h"
+
 namespace calm_fast {
 
-// Weights of one pre-LN layer; projections packed as panels [ceil(out / 32), in, 32]
-// (gemm_cpu.h), no biases (as published).
+// Weights of one pre-LN layer; projections packed as fp32 or bf16 panels
+// [ceil(out / 32), in, 32] (gemm_cpu.h), no biases (as published).
 struct DecodeLayerWeights {
-  const float *ln1_w, *ln1_b, *w_qkv, *w_o, *ln2_w, *ln2_b, *w1, *w2;
+  const float *ln1_w, *ln1_b;
+  Panels w_qkv, w_o;
+  const float *ln2_w, *ln2_b;
+  Panels w1, w2;
   const float *ls1, *ls2;  // layer scales, or nullptr
 };
 
@@ -26,12 +31,15 @@ struct DecodeShape {
 // each (the page table has B / queries entries) and attend causally over their stream's
 // last `window` rows (0: all of them; window_attention_cpu.h: a prefill). last_kv_only: the
 // last layer stops once its K/V are written (x then holds the last layer's input).
+// last_rows_only (window 0): the last layer finishes only each stream's last row (x's other
+// rows then hold the last layer's input), as a one-query step would.
 // Inputs must already be validated.
 void decode_step_f32(const std::vector<DecodeLayerWeights>& layers, const DecodeShape& s,
                      float* x, int64_t B, const float* cos, const float* sin, float* k_cache,
                      float* v_cache, int64_t num_blocks, const int64_t* slots,
                      const int32_t* indptr, const int32_t* indices,
                      const int32_t* last_page_len, const int32_t* start, int64_t queries,
-                     int64_t window, bool last_kv_only, int threads);
+                     int64_t window, bool last_kv_only, bool last_rows_only,
+                     int threads);
 
 }  // namespace calm_fast

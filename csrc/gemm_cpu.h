@@ -12,4 +12,24 @@ constexpr int64_t kPanel = 32;  // output columns per panel
 void gemm_panels_f32(const float* x, int64_t M, int64_t K, const float* panels, int64_t N,
                      const float* bias, float* y, int threads);
 
+// The same with bf16 panels (uint16 bit patterns: the top half of each fp32 weight), fp32
+// rows, products and sums.
+void gemm_panels_bf16(const float* x, int64_t M, int64_t K, const uint16_t* panels, int64_t N,
+                      const float* bias, float* y, int threads);
+
+// Panels of either kind (what the decode step holds per projection).
+struct Panels {
+  const void* data = nullptr;
+  bool bf16 = false;
+};
+
+inline void gemm_panels_any(const float* x, int64_t M, int64_t K, Panels w, int64_t N,
+                            const float* bias, float* y, int threads) {
+  if (w.bf16) {
+    gemm_panels_bf16(x, M, K, static_cast<const uint16_t*>(w.data), N, bias, y, threads);
+  } else {
+    gemm_panels_f32(x, M, K, static_cast<const float*>(w.data), N, bias, y, threads);
+  }
+}
+
 }  // namespace calm_fast

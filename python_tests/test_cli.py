@@ -127,6 +127,8 @@ def test_errors_are_one_line_exit_1_and_usage_exit_2(models, tmp_path, capsys):
                         *_ck(models)), "nope.wav")
     _one_line_error(run("serve", "--port", 1, "--checkpoint", tmp_path / "no_such.safetensors"),
                     "no_such.safetensors")  # refused before anything binds
+    _one_line_error(run("serve", "--port", 1, "--int8", "--precision", "bf16", *_ck(models)),
+                    "disagree")
     import torch
     from safetensors.torch import save_file
 
@@ -137,6 +139,7 @@ def test_errors_are_one_line_exit_1_and_usage_exit_2(models, tmp_path, capsys):
                         tmp_path / "pocket_voice.safetensors"), "does not fit this model")
     assert not (tmp_path / "x.wav").exists()  # a failed run leaves no partial file
     for bad in (["tts"], ["tts", "hi"], ["serve", "--port", "http"], ["nope"],
+                ["serve", "--precision", "fp8"],
                 ["tts", "hi", "-o", "x.wav", "--format", "ogg"]):
         res = run(*bad)
         assert res.returncode == 2 and "usage:" in res.stderr.decode(), bad
@@ -168,7 +171,8 @@ def test_serve_answers_then_stops(models):
     port = s.getsockname()[1]
     s.close()
     p = subprocess.Popen([sys.executable, "-m", "calm_fast.cli", "serve", "--port", str(port),
-                          "--log-level", "warning", *map(str, _ck(models))],
+                          "--log-level", "warning", "--precision", "bf16",
+                          *map(str, _ck(models))],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         t0 = time.monotonic()

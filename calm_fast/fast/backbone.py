@@ -83,10 +83,11 @@ class PackedBackbone:
         """A copy whose four projections per layer run with int8 weights (CPU)."""
         return self._repack(Int8Linear)
 
-    def split(self) -> "PackedBackbone":
+    def split(self, bf16: bool = False) -> "PackedBackbone":
         """A copy whose projections run through cpu_linear.SplitLinear (panel-packed fp32,
-        every CPU thread at any batch size; the native decode step reads the same panels)."""
-        return self._repack(SplitLinear)
+        every CPU thread at any batch size; the native decode step reads the same panels).
+        ``bf16``: the panels hold bf16 weights (half the bytes; fp32 math)."""
+        return self._repack(lambda w: SplitLinear(w, bf16=bf16))
 
     def make_cache(self, num_blocks: int, block_size: int = 16, max_streams: int = 256,
                    dtype=torch.float32, device="cpu", backend=None) -> PagedKVCache:
@@ -260,14 +261,19 @@ def prefill(p: PackedBackbone, cache: PagedKVCache, stream: int, x: torch.Tensor
     return x
 
 
-def prefill_many(p: PackedBackbone, cache: PagedKVCache, items, outputs: bool = False):
+def prefill_many(p: PackedBackbone, cache: PagedKVCache, items, outputs=False):
     """Prefill several streams at once: ``items`` is [(stream, x [T_i, d])]. Each stream gets
     the K/V (and, with ``outputs``, the rows) that ``prefill`` of its own rows gives. On the
     native path the streams go through in rounds of equal row counts (a round takes the
     shortest remaining count from every stream still open), each round one C++ call over all
     of them: the weights are read once per round instead of once per stream, which is what a
-    prefill of a few text rows is bound by. Returns [out_i] (None each when not ``outputs``)."""
+    prefill of a few text rows is bound by. Returns [out_i] (None each when not ``outputs``).
+
+    ``outputs="last"``: only each stream's last row [d] is wanted (its next frame reads
+    it); the native last layer then finishes only the rounds' last rows."""
     items = list(items)
+    if outputs not in (False, True, "last"):
+        raise ValueError(f"outputs must be False, True or 'last', got {outputs!r}")
     for _, x in items:
         if x.dim() != 2 or x.shape[1] != p.d_model or x.shape[0] == 0:
             raise ValueError(f"prefill input must be [T>0, {p.d_model}], got {tuple(x.shape)}")
@@ -277,16 +283,19 @@ def prefill_many(p: PackedBackbone, cache: PagedKVCache, items, outputs: bool = 
     if items and ops.native_decode_step_ok(items[0][1], cache.k, windowed=True):
         layers = native_layers(p)
     if layers is None:
-        return [prefill(p, cache, s, x, outputs) for s, x in items]
+        outs = [prefill(p, cache, s, x, bool(outputs)) for s, x in items]
+        return [o[-1] for o in outs] if outputs == "last" else outs
     return _native_rounds(p, layers, cache, items, outputs)
 
 
-def _native_rounds(p: PackedBackbone, layers, cache: PagedKVCache, items, outputs: bool):
+def _native_rounds(p: PackedBackbone, layers, cache: PagedKVCache, items, outputs):
     """The native prefill of [(stream, x)]: rounds of the shortest remaining row count c
     from every stream still open, each one ``decode_step(queries=c)`` call over them (one
-    stream: one call over its T rows)."""
+    stream: one call over its T rows). With ``outputs="last"`` every round finishes its
+    streams' last rows only (a round always ends some stream; the others' rows are unread)."""
     done = [0] * len(items)
     outs = [[] for _ in items]
+    last = outputs == "last"
     while True:
         open_ = [i for i, (_, x) in enumerate(items) if done[i] < x.shape[0]]
         if not open_:
@@ -300,9 +309,14 @@ def _native_rounds(p: PackedBackbone, layers, cache: PagedKVCache, items, output
         # without outputs the last layer stops once its K/V are written
         y = ops.native_decode_step(layers, p.heads, p.kv_heads, p.eps, x, cos[:, 0], sin[:, 0],
                                    cache.k, cache.v, slots, cache.page_table(streams),
-                                   queries=c, window=0, last_kv_only=not outputs)
+                                   queries=c, window=0, last_kv_only=not outputs,
+                                   last_rows_only=last)
         for j, i in enumerate(open_):
-            if outputs:
+            if last:
+                outs[i] = [y[(j + 1) * c - 1]]
+            elif outputs:
                 outs[i].append(y[j * c:(j + 1) * c])
             done[i] += c
+    if last:
+        return [o[0] for o in outs]
     return [torch.cat(o) if outputs else None for o in outs]

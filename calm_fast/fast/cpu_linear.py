@@ -13,6 +13,10 @@ views of it: row blocks for 1-2 rows (the partial products summed), column block
 otherwise (torch parallelises over the blocks).
 
 Each output is the same dot product as ``x @ W`` up to fp32 rounding.
+
+``bf16=True`` keeps the weight rounded to bf16 (panels of int16 bit patterns on the native
+path): half the bytes, which is what a batch-1 step is bound by; the rows, products and sums
+stay fp32, so each output is ``x @ W.bfloat16().float()`` up to fp32 rounding.
 """
 from __future__ import annotations
 
@@ -45,16 +49,21 @@ class SplitLinear:
     ROW_BLOCK_MAX_ROWS = 2
 
     def __init__(self, w_t: torch.Tensor, bias: torch.Tensor | None = None,
-                 parts: int | None = None):
+                 parts: int | None = None, bf16: bool = False):
         if w_t.dim() != 2 or not w_t.is_floating_point():
             raise ValueError(f"SplitLinear needs a float [in, out] weight, got {tuple(w_t.shape)}")
         K, N = w_t.shape
         self.in_features, self.out_features = K, N
         self.b = None if bias is None else bias.detach().contiguous()
+        self.bf16 = bool(bf16)
         w_t = w_t.detach()
         self.native = ops.has_native("linear") and ops.native_ok(w_t, grad_mode=False)
+        if self.bf16:  # the rounding every path shares
+            w_t = w_t.to(torch.bfloat16).float()
         if self.native:
             self.panels = pack_panels(w_t)
+            if self.bf16:  # exact: the low halves are zero after the rounding above
+                self.panels = self.panels.to(torch.bfloat16).view(torch.int16)
             return
         want = parts or max(1, torch.get_num_threads())
         parts, kparts = _blocks(N, want), _blocks(K, want)
@@ -86,14 +95,18 @@ class SplitLinear:
 
     def nbytes(self) -> int:
         """Bytes of the weight and bias (the packed panels' zero columns not counted)."""
-        n = self.in_features * self.out_features + (0 if self.b is None else self.b.numel())
-        return n * (4 if self.native else self.w.element_size())
+        w = self.in_features * self.out_features
+        b = 0 if self.b is None else self.b.numel() * 4
+        if self.native:
+            return w * self.panels.element_size() + b
+        return w * self.w.element_size() + b  # bf16 without the extension: rounded fp32
 
     def weight(self) -> torch.Tensor:
         """The [in, out] weight (tests and repacking; a copy when packed)."""
         if self.native:
             K, N = self.in_features, self.out_features
-            return self.panels.transpose(0, 1).reshape(K, -1)[:, :N]
+            p = self.panels.view(torch.bfloat16).float() if self.bf16 else self.panels
+            return p.transpose(0, 1).reshape(K, -1)[:, :N]
         return self.w
 
 

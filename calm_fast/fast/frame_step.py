@@ -49,6 +49,12 @@ class FrameInputs:
     noise: torch.Tensor  # [steps, N, C]: the initial draw, then the consistency re-noisings
     ring: torch.Tensor | None = None  # [N] long: short-context ring slot per request
     add: torch.Tensor | None = None  # [R, d]: rows added to the inputs (aligned-text models)
+    # Backbone rows whose output is already known (a first frame made by the prefill): then
+    # row_src / pos / slots / table / add describe only the ``run`` rows [R1], the ``pre``
+    # rows [P] take ``z_pre`` [P, d], and cond / null index the R1 + P rows. Eager only.
+    run: torch.Tensor | None = None
+    pre: torch.Tensor | None = None
+    z_pre: torch.Tensor | None = None
 
 
 class FrameStep:
@@ -91,10 +97,18 @@ class FrameStep:
     def compute(self, f: FrameInputs):
         """(latents [N, C], eos logits [N]) of one frame; pure tensor ops."""
         d = self.cfg.backbone.d_model
-        x = f.prev[f.row_src].to(self.w_in.dtype) @ self.w_in
-        if f.add is not None:
-            x = x + f.add.to(x.dtype)
-        z = fb.step_rows(self.backbone, self.cache, x, f.pos, f.slots, f.table)
+        z = None
+        if f.row_src.shape[0]:
+            x = f.prev[f.row_src].to(self.w_in.dtype) @ self.w_in
+            if f.add is not None:
+                x = x + f.add.to(x.dtype)
+            z = fb.step_rows(self.backbone, self.cache, x, f.pos, f.slots, f.table)
+        if f.z_pre is not None:
+            full = f.z_pre.new_empty(f.run.shape[0] + f.pre.shape[0], d)
+            if z is not None:
+                full[f.run] = z.to(full.dtype)
+            full[f.pre] = f.z_pre
+            z = full
         z = F.layer_norm(z, (d,), *self.norm)
         Z = latent_cfg(z[f.cond], z[f.null], f.alpha.to(z.dtype))  # exactly z without CFG
         if self.short is not None:
@@ -117,6 +131,9 @@ class FrameStep:
     def __call__(self, f: FrameInputs):
         if not self.graphs:
             return self.compute(f)
+        if f.z_pre is not None:
+            raise ValueError("precomputed backbone rows (z_pre) are an eager-path input; "
+                             "the captured frame always runs the backbone")
         R = f.row_src.shape[0]
         bucket = next((b for b in self.buckets if b >= R), None)
         if bucket is None:

@@ -108,10 +108,11 @@ class PackedHead:
         """The cached [1, W] time embedding of scalar times (every path shares it)."""
         return cached_time_embedding(self, times)
 
-    def split(self) -> "PackedHead":
+    def split(self, bf16: bool = False) -> "PackedHead":
         """A copy whose matmuls use every CPU thread at decode batch sizes
-        (calm_fast.fast.cpu_linear.SplitLinear; ``head_cpu`` only)."""
-        return self._repack(SplitLinear)
+        (calm_fast.fast.cpu_linear.SplitLinear; ``head_cpu`` only); ``bf16``: bf16 weights,
+        fp32 math."""
+        return self._repack(lambda w, b: SplitLinear(w, b, bf16=bf16))
 
 
 def pack_head(sd: dict, prefix: str = "") -> PackedHead:

@@ -216,7 +216,7 @@ def native_decode_step_ok(x: torch.Tensor, k_cache: torch.Tensor,
 
 def native_decode_step(layers, heads, kv_heads, eps, x, cos, sin, k_cache, v_cache, slots,
                        table, queries: int = 1, window: int = 0,
-                       last_kv_only: bool = False) -> torch.Tensor:
+                       last_kv_only: bool = False, last_rows_only: bool = False) -> torch.Tensor:
     """Every layer of one Transformer step in one C++ call (csrc/decode_step_cpu.cpp):
     ``layers`` as numpy tuples (fast_backbone.native_layers), x [B, d] (copied, then
     updated), cos/sin [B, Dh/2], the full [layers, blocks, ...] K/V pools, int64 ``slots``
@@ -224,7 +224,8 @@ def native_decode_step(layers, heads, kv_heads, eps, x, cos, sin, k_cache, v_cac
     next position (the backbone), or with ``queries`` = T the rows are streams of T
     consecutive rows attending causally over their stream's last ``window`` rows (0: all:
     a prefill; W: the VAE's windowed Transformer). ``last_kv_only``: the last layer stops
-    once its K/V are written (the returned rows are then not the output)."""
+    once its K/V are written (the returned rows are then not the output); ``last_rows_only``
+    (no window): it finishes only each stream's last row (the only output rows then)."""
     _tensors(x=x, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache, slots=slots)
     out = x.detach().clone(memory_format=torch.contiguous_format)
     indptr, indices, last, start = table
@@ -233,7 +234,7 @@ def native_decode_step(layers, heads, kv_heads, eps, x, cos, sin, k_cache, v_cac
                    slots.to(torch.int64).contiguous().numpy(), indptr.numpy(),
                    indices.numpy(), last.numpy(), None if start is None else start.numpy(),
                    queries=queries, window=window, last_kv_only=last_kv_only,
-                   threads=torch.get_num_threads())
+                   last_rows_only=last_rows_only, threads=torch.get_num_threads())
     return out
 
 

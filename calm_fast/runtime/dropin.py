@@ -53,11 +53,12 @@ class VoiceState:
 
 class AcceleratedTTS:
     def __init__(self, peer, *, int8: bool = False, max_streams: int = 16,
-                 cache_mb: float = 512.0, decode_frames: int = 8):
+                 cache_mb: float = 512.0, decode_frames: int = 8, precision: str = "fp32"):
         if not hasattr(peer, "flow_lm") or not hasattr(peer, "mimi"):
             raise ArgumentTypeError(f"accelerate() takes a pocket_tts TTSModel, got "
                                     f"{type(peer).__name__}")
-        checks.instance("int8", int8, bool)
+        # weights of the LM and its head: fp32 (the package's audio), bf16 or int8
+        precision = checks.precision(precision, int8)
         checks.integer("max_streams", max_streams, 1, 4096)  # streams decoded together
         checks.real("cache_mb", cache_mb, 0, 1 << 20, lo_open=True)  # K/V cache size
         checks.integer("decode_frames", decode_frames, 1, 64)  # frames per decoder call
@@ -86,7 +87,7 @@ class AcceleratedTTS:
         block_bytes = 2 * c.num_layers * c.kv_heads * c.head_dim * 4 * 16
         self.engine = Engine(self.lm, num_blocks=max(64, int(cache_mb * 2**20 // block_bytes)),
                              max_streams=max_streams, head_steps=head_steps,
-                             int8=int8, vae=self.vae, decode_frames=decode_frames)
+                             precision=precision, vae=self.vae, decode_frames=decode_frames)
         self.sample_rate = peer.sample_rate
 
     # -- the package's calls ------------------------------------------------------------------

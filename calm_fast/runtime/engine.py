@@ -94,7 +94,7 @@ class Engine:
     def __init__(self, model: CALM, *, num_blocks: int, max_streams: int = 64,
                  block_size: int = 16, head_steps: int = 1, int8: bool = False,
                  device="cpu", dtype=torch.float32, graphs: bool | None = None,
-                 vae=None, decode_frames: int = 1):
+                 vae=None, decode_frames: int = 1, precision: str = "fp32"):
         checks.integer("decode_frames", decode_frames, 1, 1024)
         checks.integer("max_streams", max_streams, 1, 1 << 16)
         checks.integer("num_blocks", num_blocks, 2)
@@ -103,7 +103,8 @@ class Engine:
         # cache streams: a cond and a null stream per request, templates, the scratch row
         self.sched = Scheduler(model, head_steps=head_steps, block_size=block_size,
                                num_blocks=num_blocks, int8=int8, device=device, dtype=dtype,
-                               graphs=graphs, max_streams=2 * max_streams + 16)
+                               graphs=graphs, max_streams=2 * max_streams + 16,
+                               precision=precision)
         self.sched.setup(0, 2 * max_streams, 0)  # (checks the CUDA-graph buckets)
         self.model, self.cache = model, self.sched.cache
         self.block_size = block_size

@@ -92,13 +92,18 @@ class Stream:
     ring: int = 0  # short-context ring slot
     need: int = 0  # cache blocks it may ever allocate (Scheduler.blocks_for)
     held: int = 0  # cache blocks it has allocated so far
+    # cache stream -> its first frame's backbone output [d], when the prefill computed it
+    # (``admit(defer=...)``: that row rode along with the prefix, so its frame reads no weights)
+    first: dict = field(default_factory=dict)
 
 
 class Scheduler:
     """Generation over the fast paths, with the weights of a CALM module.
 
-    head_steps: LSD / consistency steps per frame. int8: int8 weights for the backbone and
-    head (CPU). device: where the cache and the frame compute live; on CUDA each frame is a
+    head_steps: LSD / consistency steps per frame. precision: the backbone's and head's
+    weights on CPU: "fp32" (the default and the parity mode), "bf16" (bf16 weights, fp32
+    math: half the bytes a batch-1 frame reads) or "int8" (fbgemm); ``int8=True`` is
+    precision="int8". device: where the cache and the frame compute live; on CUDA each frame is a
     CUDA-graph replay (frame_step.FrameStep) and ``dtype`` may be bf16/fp16; there the
     cache (``num_blocks``, required) and the captured graphs are kept across calls. The
     weights are packed once here: build a new generator after training."""
@@ -106,7 +111,7 @@ class Scheduler:
     def __init__(self, model: CALM, *, head_steps: int = 1, block_size: int = 16,
                  num_blocks: int | None = None, int8: bool = False, device="cpu",
                  dtype=torch.float32, graphs: bool | None = None, max_streams: int = 512,
-                 buckets=BUCKETS):
+                 buckets=BUCKETS, precision: str = "fp32"):
         checks.instance("model", model, CALM, "a calm_fast CALM model")
         checks.integer("head_steps", head_steps, 1, 64)
         checks.integer("block_size", block_size, 1, 4096)
@@ -126,18 +131,21 @@ class Scheduler:
         self.head_steps, self.block_size, self.num_blocks = head_steps, block_size, num_blocks
         self.device, self.dtype, self.graphs = torch.device(device), dtype, graphs
         cpu = self.device.type == "cpu"
-        if int8 and not cpu:
-            raise ArgumentError("int8 weights are a CPU path (fbgemm); use dtype on GPU")
+        precision = checks.precision(precision, int8)
+        self.precision = precision
+        if precision != "fp32" and not cpu:
+            raise ArgumentError(f"precision={precision!r} is a CPU weight mode; use dtype on GPU")
         if not cpu and num_blocks is None:
             raise ArgumentError("a GPU generator needs num_blocks (its cache is kept across calls)")
         if cpu and dtype != torch.float32:
             raise ArgumentError("the CPU path is fp32 (or int8): bf16 matmuls are ~7x slower here")
         self.backbone = fb.pack(model.transformer)
         self.head = pack_head(model.flow_net.state_dict())
-        if int8:
+        if precision == "int8":
             self.backbone, self.head = self.backbone.quantized(), self.head.quantized()
         elif cpu:  # every thread at decode batch sizes (cpu_linear; parts = threads set now)
-            self.backbone, self.head = self.backbone.split(), self.head.split()
+            bf16 = precision == "bf16"
+            self.backbone, self.head = self.backbone.split(bf16), self.head.split(bf16)
         else:
             self.backbone = self.backbone.to(self.device, dtype)
             self.head = self.head.to(self.device, dtype)
@@ -247,8 +255,15 @@ class Scheduler:
         prompt = None if r.prompt_latents is None else dev(r.prompt_latents)
         feed = bos[None] if prompt is None else torch.cat([bos[None], prompt])
         lat_rows = feed[:-1] @ self.w_in  # rows before the first step's input
+        # A deferred prefill also carries the first frame's input row (BOS or the prompt's
+        # last latent, as _frame builds it): its output comes out of the same pass over the
+        # weights, and the first frame skips the backbone (a whole weight read at batch 1).
+        # Not under CUDA graphs, whose captured frame always runs the backbone.
+        fold = defer is not None and not self.frame.graphs
+        first = feed[-1:] @ self.w_in
+        first_cond = first if r.frame_cond is None else first + dev(r.frame_cond[:1])
 
-        def open_stream(prefix, template):
+        def open_stream(prefix, template, first_row):
             if template is None:
                 sid = cache.new_stream()
                 rows = prefix
@@ -256,9 +271,9 @@ class Scheduler:
                 sid = cache.fork(template[0])
                 rows = prefix[template[1]:]
             try:
-                rows = torch.cat([dev(rows), lat_rows])
+                rows = torch.cat([dev(rows), lat_rows] + ([first_row] if fold else []))
                 if len(rows) and defer is not None:
-                    pending.append((sid, rows))
+                    pending.append((sid, rows, fold))
                 elif len(rows):
                     fb.prefill(self.backbone, cache, sid, rows, outputs=False)
             except BaseException:
@@ -267,12 +282,12 @@ class Scheduler:
             return sid
 
         pending = []
-        cond = open_stream(r.prefix, shared)
+        cond = open_stream(r.prefix, shared, first_cond)
         null = None
         if r.cfg_scale != 1:
             npre = m.null_prefix().detach() if r.null_prefix is None else r.null_prefix
             try:
-                null = open_stream(npre, shared_null)
+                null = open_stream(npre, shared_null, first)
             except BaseException:
                 cache.free(cond)
                 raise
@@ -295,7 +310,7 @@ class Scheduler:
                    EOSRule(r.eos_threshold, r.frames_after_eos, r.min_frames), prev,
                    ring=ring_slot, need=need, held=used)
         if defer is not None:
-            defer.extend((s, sid, rows) for sid, rows in pending)
+            defer.extend((s, sid, rows, f) for sid, rows, f in pending)
         return s
 
     def prefill_deferred(self, pending: list) -> None:
@@ -304,11 +319,17 @@ class Scheduler:
         promise. On an error the caller releases the streams (their rows are partial)."""
         if not pending:
             return
-        for s, sid, rows in pending:
+        for s, sid, rows, _ in pending:
             grew = self.cache.blocks_needed([sid], rows.shape[0])
             s.held += grew
             self.reserved -= grew
-        fb.prefill_many(self.backbone, self.cache, [(sid, rows) for _, sid, rows in pending])
+        fold = any(f for *_, f in pending)
+        outs = fb.prefill_many(self.backbone, self.cache,
+                               [(sid, rows) for _, sid, rows, _ in pending],
+                               outputs="last" if fold else False)
+        for (s, sid, _, f), z in zip(pending, outs):
+            if f:
+                s.first[sid] = z
 
     def setup(self, need: int, nstreams: int, nrequests: int):
         """The cache, the short-context ring and the frame compute. Made once and kept across
@@ -416,17 +437,24 @@ class Scheduler:
         """The batched frame (``dry``: the caller rolls it back, so nothing is released)."""
         m, cache, C = self.model, self.cache, self.cfg.latent_dim
         dev = self.device
-        for s in streams:  # the blocks this frame's row allocates come out of the promise
-            grew = cache.blocks_needed([s.cond] if s.null is None else [s.cond, s.null], 1)
-            s.held += grew
-            self.reserved -= grew
         n = len(streams)
-        prev = torch.stack([s.prev for s in streams])
-        prev = torch.where(torch.isnan(prev), m.bos_emb.detach().to(dev, prev.dtype), prev)
         pick = [k for k, s in enumerate(streams) if s.null is not None]  # the CFG requests
         ids = [s.cond for s in streams] + [streams[k].null for k in pick]
-        pos = torch.tensor([cache.position(s) for s in ids], device=dev)
-        slots = cache.reserve(ids, 1)[:, 0]
+        owner = streams + [streams[k] for k in pick]
+        # rows whose backbone output the prefill already made (their first frame)
+        pre = [j for j, sid in enumerate(ids) if sid in owner[j].first]
+        run = [j for j, sid in enumerate(ids) if sid not in owner[j].first]
+        for s in streams:  # the blocks this frame's rows allocate come out of the promise
+            grew = cache.blocks_needed([i for i in (s.cond, s.null)
+                                        if i is not None and i not in s.first], 1)
+            s.held += grew
+            self.reserved -= grew
+        prev = torch.stack([s.prev for s in streams])
+        prev = torch.where(torch.isnan(prev), m.bos_emb.detach().to(dev, prev.dtype), prev)
+        run_ids = [ids[j] for j in run]
+        pos = torch.tensor([cache.position(s) for s in run_ids], device=dev, dtype=torch.long)
+        slots = (cache.reserve(run_ids, 1)[:, 0] if run_ids else
+                 torch.empty(0, dtype=torch.long, device=dev))
         null = list(range(n))
         alpha = [1.0] * n
         for j, k in enumerate(pick):
@@ -438,17 +466,25 @@ class Scheduler:
         noise = torch.stack([gaussian_noise(temps, C, generators=gens, clamp=clamps)
                              for _ in range(draws)])
         lng = dict(dtype=torch.long, device=dev)
+        row_src = list(range(n)) + pick
         add = None
         if any(s.req.frame_cond is not None for s in streams):
-            add = torch.zeros(n + len(pick), self.cfg.backbone.d_model, device=dev, dtype=self.dtype)
-            for k, s in enumerate(streams):
-                if s.req.frame_cond is not None:
-                    add[k] = s.req.frame_cond[s.steps]
-        f = FrameInputs(prev, torch.tensor(list(range(n)) + pick, **lng), pos, slots,
-                        cache.page_table(ids), torch.arange(n, **lng), torch.tensor(null, **lng),
+            add = torch.zeros(len(run), self.cfg.backbone.d_model, device=dev, dtype=self.dtype)
+            for r, j in enumerate(run):
+                s = owner[j]
+                if j < n and s.req.frame_cond is not None:
+                    add[r] = s.req.frame_cond[s.steps]
+        z_pre = None
+        if pre:
+            z_pre = torch.stack([owner[j].first[ids[j]] for j in pre])
+        f = FrameInputs(prev, torch.tensor([row_src[j] for j in run], **lng), pos, slots,
+                        cache.page_table(run_ids) if run_ids else None, torch.arange(n, **lng),
+                        torch.tensor(null, **lng),
                         torch.tensor(alpha, device=dev)[:, None], noise.to(dev),
                         None if self.frame.ring is None else
-                        torch.tensor([s.ring for s in streams], **lng), add)
+                        torch.tensor([s.ring for s in streams], **lng), add,
+                        None if not pre else torch.tensor(run, **lng),
+                        None if not pre else torch.tensor(pre, **lng), z_pre)
         out, logits = self.frame(f)
         logits = logits.float().cpu()
         bad = (~torch.isfinite(out.float()).all(1)).cpu() | ~torch.isfinite(logits)
@@ -475,6 +511,8 @@ class Scheduler:
         result = StepOutput(step, [streams[k].idx for k in emitted], out[emitted],
                             [s.idx for s in finished], errors)
         if not dry:
+            for s in streams:
+                s.first.clear()
             for s in finished:
                 self.release(s)
             streams[:] = [streams[k] for k in keep_ix]

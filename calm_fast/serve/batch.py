@@ -55,6 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from calm_fast import checks
 from calm_fast.errors import MissingFileError
 from calm_fast.provenance import code_commit, file_label
 
@@ -94,7 +95,7 @@ class JobConfig:
     cache_mb: float = 512.0  # KV-cache budget per engine
     decode_frames: int = 8
     window: int | None = None  # rows in flight (default 2 x max_streams)
-    int8: bool = False
+    precision: str = "fp32"  # weights of the LM and head: fp32, bf16 or int8 (CPU)
     base_dir: str | None = None  # relative audio paths resolve here (default: the manifest's)
     max_voices: int = 32  # prefilled voice templates kept (LRU)
     voice: str | None = None  # rows that name no voice use it (default: the bundle's)
@@ -109,6 +110,7 @@ class JobConfig:
             raise ValueError("--max-seconds and --cache-mb must be > 0")
         if self.window is not None and self.window < 1:
             raise ValueError("--window must be >= 1")
+        checks.precision(self.precision)
 
     def resolve_model(self) -> None:
         """Fill in the shipped default bundle when neither --checkpoint nor --vae is given
@@ -347,7 +349,8 @@ class Job:
             block_bytes = 2 * c.num_layers * c.kv_heads * c.head_dim * 4 * 16
             self.engines[steps] = Engine(
                 self.lm, num_blocks=max(64, int(self.cfg.cache_mb * 2**20 // block_bytes)),
-                max_streams=self.cfg.max_streams, head_steps=steps, int8=self.cfg.int8,
+                max_streams=self.cfg.max_streams, head_steps=steps,
+                precision=self.cfg.precision,
                 vae=self.vae, decode_frames=self.cfg.decode_frames)
         return self.engines[steps]
 
@@ -617,8 +620,8 @@ def run_batch(manifest, outdir, *, checkpoint=None, vae=None, progress: bool = T
     """Run (or resume) a batch job; returns a summary dict (rows ok / failed / skipped,
     audio seconds, wall seconds, real-time factor, the results path). ``options``: the
     JobConfig fields (seed, temperature, cfg, steps, format, max_seconds, eos_threshold,
-    max_streams, cache_mb, decode_frames, window, int8, ...). ``ray_address`` not None: the
-    same job on Ray (calm_fast.serve.distributed; "" or "auto" as ray.init takes them)."""
+    max_streams, cache_mb, decode_frames, window, precision, ...). ``ray_address`` not None:
+    the same job on Ray (calm_fast.serve.distributed; "" or "auto" as ray.init takes them)."""
     manifest, outdir = Path(manifest), Path(outdir)
     if not manifest.is_file():
         raise MissingFileError(f"no manifest at {manifest}")
@@ -860,7 +863,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache-mb", type=float, default=d.cache_mb, help="KV-cache budget")
     p.add_argument("--decode-frames", type=int, default=d.decode_frames)
     p.add_argument("--window", type=int, default=None, help="rows in flight (2 x streams)")
-    p.add_argument("--int8", action="store_true", help="int8 backbone and head (CPU)")
+    p.add_argument("--precision", choices=checks.PRECISIONS, default="fp32",
+                   help="weights of the LM and its head: fp32 (default), bf16 (half the "
+                   "bytes, fp32 math) or int8 (CPU)")
+    p.add_argument("--int8", action="store_true",
+                   help="the same as --precision int8 (default: off)")
     p.add_argument("--voice", default=None,
                    help="voice of text rows that name none: a built-in name, a voice file or "
                         "a prompt audio file (default: the shipped model's default voice)")
@@ -897,7 +904,8 @@ def _cmd(a) -> None:
                   seed=a.seed, temperature=a.temperature, cfg=a.cfg, steps=a.steps,
                   format=a.format, max_seconds=a.max_seconds, eos_threshold=_eos(a.eos_threshold),
                   max_streams=a.max_streams, cache_mb=a.cache_mb, decode_frames=a.decode_frames,
-                  window=a.window, int8=a.int8, voice=a.voice)
+                  window=a.window, precision=checks.precision(a.precision, a.int8),
+                  voice=a.voice)
     print(f"batch: {s['ok']} ok, {s['failed']} failed, {s['skipped']} already done; "
           f"{s['audio_s']:.1f} s of audio in {s['wall_s']:.1f} s ({s['rtf']}x real time); "
           f"results in {s['results']}")

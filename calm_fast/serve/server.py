@@ -67,7 +67,7 @@ class ServerConfig:
     eos_threshold: float | None = -4.0
     default_voice: str | None = None
     voices_dir: str | None = None  # uploaded voices are kept here too (else memory only)
-    int8: bool = False
+    precision: str = "fp32"  # weights of the LM and head: fp32, bf16 or int8 (CPU)
 
 
 class ApiError(Exception):
@@ -153,7 +153,7 @@ def create_app(synth, config: ServerConfig | None = None, service: Service | Non
 
     cfg = config or ServerConfig()
     svc = service or Service(synth, max_streams=cfg.max_streams, cache_mb=cfg.cache_mb,
-                             decode_frames=cfg.decode_frames, int8=cfg.int8)
+                             decode_frames=cfg.decode_frames, precision=cfg.precision)
     metrics = Metrics()
     out_rate = cfg.sample_rate or synth.sample_rate
     uploaded: dict[str, object] = {}  # voice id -> latents

@@ -120,7 +120,7 @@ class _Run:
 
 class Service:
     def __init__(self, synth, *, max_streams: int = 16, cache_mb: float = 256.0,
-                 decode_frames: int = 8, int8: bool = False, block_size: int = 16,
+                 decode_frames: int = 8, precision: str = "fp32", block_size: int = 16,
                  max_templates: int = 8):
         self.synth = synth
         lm = synth.lm
@@ -128,7 +128,8 @@ class Service:
         block_bytes = 2 * c.num_layers * c.kv_heads * c.head_dim * 4 * block_size
         self.num_blocks = max(64, int(cache_mb * 2**20 // block_bytes))
         self.engine = Engine(lm, num_blocks=self.num_blocks, max_streams=max_streams,
-                             head_steps=synth.head_steps, int8=int8, block_size=block_size)
+                             head_steps=synth.head_steps, precision=precision,
+                             block_size=block_size)
         self.decoder = DecodeSlots(synth.vae, max_streams, max_frames_per_call=decode_frames)
         self.max_streams, self.decode_frames = max_streams, decode_frames
         # voice prompt -> its prefilled [bos, voice] rows (Engine.share): every request in a

@@ -218,3 +218,40 @@ def test_prefill_many_equals_one_prefill_per_stream(native, monkeypatch):
                                    fb.step(p, caches[0], sids[0], nxt), **tol)
     with pytest.raises(ValueError, match="at most once"):
         fb.prefill_many(p, p.make_cache(8, 4), [(0, base), (0, base)])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_prefill_last_rows_equal_the_full_prefill_and_a_step(native):
+    """outputs="last" (a prefill that carries a stream's next frame input): each stream's
+    last row is the full prefill's last row, and the one-query step's output for that row
+    after a prefill of the rest; the cache it leaves is the full prefill's."""
+    p = fb.pack_transformer(random_sd(layers=2, d=64, heads=4, kv_heads=2, ff=128, seed=5),
+                            heads=4, kv_heads=2)
+    p = p.split() if native else p
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(5, 64, generator=g)
+    xs = [torch.randn(n, 64, generator=g) for n in (3, 9, 1, 17)]
+
+    def streams(cache):
+        t = cache.new_stream()
+        fb.prefill(p, cache, t, base, outputs=False)
+        return [cache.new_stream() if i % 2 else cache.fork(t) for i in range(len(xs))]
+
+    full_c, last_c, step_c = (p.make_cache(64, 4) for _ in range(3))
+    full_s, last_s, step_s = streams(full_c), streams(last_c), streams(step_c)
+    full = fb.prefill_many(p, full_c, list(zip(full_s, xs)), outputs=True)
+    last = fb.prefill_many(p, last_c, list(zip(last_s, xs)), outputs="last")
+    for a, b in zip(full, last):
+        assert b.shape == (64,)
+        torch.testing.assert_close(b, a[-1], rtol=1e-5, atol=1e-5)
+    for li in range(2):
+        for a, b in zip(full_s, last_s):
+            for x, y in zip(full_c.gather(li, a), last_c.gather(li, b)):
+                torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+    for s, x, want in zip(step_s, xs, last):
+        if x.shape[0] > 1:
+            fb.prefill(p, step_c, s, x[:-1], outputs=False)
+        torch.testing.assert_close(fb.step(p, step_c, [s], x[-1:])[0], want, rtol=1e-5,
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="outputs must be"):
+        fb.prefill_many(p, p.make_cache(8, 4), [(0, base)], outputs="first")

@@ -8,15 +8,17 @@ from calm_fast.fast.cpu_linear import SplitLinear, linear
 from calm_fast.fast.head import head_cpu, head_ref, pack_head
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 13, 24])
 @pytest.mark.parametrize("k,n,parts", [(16, 64, 2), (16, 96, 4), (24, 40, 2), (8, 64, 1),
                                        (64, 64, 2), (128, 32, 4), (131, 48, 2), (5, 7, 2)])
-def test_split_linear_matches_matmul(rows, k, n, parts, native, monkeypatch):
+def test_split_linear_matches_matmul(rows, k, n, parts, native, bf16, monkeypatch):
     """Every path: the C++ panel kernel (any rows: 8-row blocks when 8 divides them, else
     6-row blocks and a remainder; full panels and a partial last one when n is not a
     multiple of 32), and without the extension the row-block and column-block batched
-    matmuls."""
+    matmuls. bf16 weights: the same against the bf16-rounded weight, in half the bytes on
+    the native path."""
     from calm_fast.fast import cpu_linear
 
     if native and ops._C is None:
@@ -26,14 +28,18 @@ def test_split_linear_matches_matmul(rows, k, n, parts, native, monkeypatch):
     g = torch.Generator().manual_seed(rows * 100 + n)
     w, b = torch.randn(k, n, generator=g), torch.randn(n, generator=g)
     x = torch.randn(rows, k, generator=g)
+    wr = w.bfloat16().float() if bf16 else w
     for bias in (None, b):
-        L = SplitLinear(w, bias, parts=parts)
+        L = SplitLinear(w, bias, parts=parts, bf16=bf16)
         assert L.native == native
-        want = x @ w if bias is None else x @ w + b
+        want = x @ wr if bias is None else x @ wr + b
         torch.testing.assert_close(L(x), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(linear(x, L), want, rtol=1e-5, atol=1e-5)
-        assert L.nbytes() == 4 * (k * n + (0 if bias is None else n))
-    assert torch.equal(SplitLinear(w, parts=parts).weight(), w)
+        per = 2 if bf16 and native else 4
+        assert L.nbytes() == per * k * n + (0 if bias is None else 4 * n)
+    assert torch.equal(SplitLinear(w, parts=parts, bf16=bf16).weight(), wr)
+    if bf16:  # the rounding is real: these weights are not all bf16 numbers
+        assert not torch.equal(wr, w)
 
 
 def test_packed_linear_keeps_autograd_and_rejects_bad_shapes():

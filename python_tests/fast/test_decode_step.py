@@ -112,6 +112,10 @@ def test_bad_inputs_are_rejected_before_any_write():
         call(x=np.zeros((0, 32), np.float32))
     with pytest.raises(ValueError, match="not streams of 2 queries"):
         call(queries=2)
+    with pytest.raises(ValueError, match="last_rows_only takes neither"):
+        call(last_rows_only=True, window=2)
+    with pytest.raises(ValueError, match="last_rows_only takes neither"):
+        call(last_rows_only=True, last_kv_only=True)
     with pytest.raises(ValueError, match="3 layers for a cache of 2"):
         call(layers=layers[:1] * 2 + layers[:1])
     with pytest.raises(ValueError, match="w_qkv has shape"):

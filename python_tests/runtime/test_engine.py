@@ -288,3 +288,43 @@ def test_requests_arriving_together_are_prefilled_together(tts, monkeypatch):
     assert batches[1] >= len(reqs)  # all of them (and their CFG streams) in one call
     for k, r in enumerate(reqs):
         torch.testing.assert_close(torch.stack(frames[k]), alone(tts, r), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_first_frame_comes_out_of_the_prefill(tts, monkeypatch, cfg):
+    """A request's first frame input rides along with its prefill (one pass over the
+    weights): the step that admits it runs no backbone step for it, later steps do, and its
+    frames are those of the request alone. A request joining a running batch adds no row to
+    that step's backbone call."""
+    from calm_fast.fast import backbone as fb
+
+    rows, real = [], fb.step_rows
+    monkeypatch.setattr(fb, "step_rows",
+                        lambda p, c, x, *a: rows.append(x.shape[0]) or real(p, c, x, *a))
+    reqs = [Request(tts.prefix(tokens=torch.tensor([3, 1, 4])), 5, seed=1, eos_threshold=None,
+                    cfg_scale=cfg),
+            Request(tts.prefix(tokens=torch.tensor([2, 7])), 4, seed=2, eos_threshold=None,
+                    cfg_scale=cfg)]
+    eng = Engine(tts, num_blocks=64, block_size=4, max_streams=4)
+    base = eng.cache.manager.num_free_blocks
+    per = 2 if cfg != 1 else 1  # backbone rows per running request
+    ids = {eng.submit(reqs[0]): 0}
+    frames = {}
+
+    def step():
+        for ev in eng.step():
+            if ev.latent is not None:
+                frames.setdefault(ids[ev.request], []).append(ev.latent)
+        check_reserve(eng)
+
+    step()
+    assert rows == []  # the first frame read no weights of its own
+    ids[eng.submit(reqs[1])] = 1
+    step()
+    assert rows == [per]  # request 0's second frame only: request 1's first came with its prefill
+    while eng.running or eng.queue_depth:
+        step()
+    assert rows[1:] == [2 * per] * 3  # both finish on the fifth step
+    for k, r in enumerate(reqs):
+        torch.testing.assert_close(torch.stack(frames[k]), alone(tts, r), rtol=1e-4, atol=1e-4)
+    assert eng.cache.manager.num_free_blocks == base - eng._templates

@@ -106,6 +106,39 @@ def test_int8_generator_stays_close(tts):
     assert torch.nn.functional.cosine_similarity(a[0], b[0], dim=0) > 0.95
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_weights_are_fp32_math_on_rounded_weights(tts, native, monkeypatch):
+    """precision="bf16": the backbone's and head's matmul weights rounded to bf16 (half the
+    bytes on the native path), nothing else changed: over a long generation it equals the
+    fp32 path run on those rounded weights, and it is not the fp32 model's output."""
+    from calm_fast.fast import backbone as fb
+    from calm_fast.fast import ops
+    from calm_fast.fast.cpu_linear import SplitLinear
+    from calm_fast.fast.head import pack_head
+
+    if native and ops._C is None:
+        pytest.skip("calm_fast._C not built")
+    if not native:
+        monkeypatch.setattr(ops, "_C", None)
+    r = Request(tts.prefix(tokens=torch.arange(5)), 40, seed=1, eos_threshold=None,
+                temperature=0.5, cfg_scale=1.5)
+    bf = CALMGenerator(tts, precision="bf16")
+    ref = CALMGenerator(tts)
+    rounded = lambda w, b=None: SplitLinear(w.bfloat16().float(), b)  # noqa: E731
+    ref.backbone = fb.pack(tts.transformer)._repack(rounded)
+    ref.head = pack_head(tts.flow_net.state_dict())._repack(rounded)
+    got = bf.generate([r])[0]
+    torch.testing.assert_close(got, ref.generate([r])[0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, CALMGenerator(tts).generate([r])[0], atol=1e-4)
+    fp = CALMGenerator(tts)
+    if native:
+        assert bf.backbone.nbytes() < 0.6 * fp.backbone.nbytes()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        CALMGenerator(tts, precision="fp16")
+    with pytest.raises(ValueError, match="disagree"):
+        CALMGenerator(tts, precision="bf16", int8=True)
+
+
 def test_a_null_prefix_longer_than_the_prefix_fits_the_cache(tts):
     # the cache is sized per stream from the longer prefix (the null one here)
     g = torch.Generator().manual_seed(9)

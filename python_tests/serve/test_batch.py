@@ -265,3 +265,19 @@ def test_voice_files_and_pocket_voice_states(files, tmp_path):
     for name in ("lat", "kv"):  # (the rows run beside different neighbours: 3 LSB, as above)
         np.testing.assert_allclose(audio(tmp_path / "out" / f"{name}.wav"), ref,
                                    atol=3 / 32768, rtol=0)
+
+
+def test_bf16_weights_run_the_same_rows(files, tmp_path):
+    """--precision bf16: every row made, the same lengths as fp32 (no EOS here), audio close
+    to fp32's on this tiny model; a precision that does not exist is refused before any row."""
+    m = write_manifest(files / "m_bf16.jsonl", good_rows()[:4])
+    fp = run(files, m, tmp_path / "fp32")
+    bf = run(files, m, tmp_path / "bf16", precision="bf16")
+    assert fp["ok"] == bf["ok"] == 4 and bf["failed"] == 0
+    for r in good_rows()[:4]:
+        a, b = (audio(tmp_path / mode / f"{r['id']}.wav") for mode in ("fp32", "bf16"))
+        assert a.shape == b.shape and np.isfinite(b).all()
+        assert np.corrcoef(a[:, 0], b[:, 0])[0, 1] > 0.5
+    with pytest.raises(ValueError, match="precision must be one of"):
+        run(files, m, tmp_path / "bad", precision="fp8")
+    assert not (tmp_path / "bad").exists()
