@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true",
                     help="also time int8 weights: ours (backbone + head) vs the peer's "
                          "quantize_dynamic of its attention and FFN")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also time bf16 weights (fp32 math): ours vs the peer's fp32 frame")
     record_args(ap)
     args = ap.parse_args()
     from pocket_tts.models.flow_lm import lsd_decode as peer_lsd
@@ -82,6 +84,8 @@ def main() -> None:
         # fp32: our CPU layout (cpu_linear.SplitLinear); fp32-sgemm: the same step with plain
         # [in, out] weights, i.e. one single-threaded sgemm per projection (eager torch)
         variants = [("fp32", pb.split(), ph.split(), t_peer), ("fp32-sgemm", pb, ph, t_peer)]
+        if args.bf16:
+            variants.append(("bf16", pb.split(bf16=True), ph.split(bf16=True), t_peer))
         if args.int8:
             from torch.ao.quantization import quantize_dynamic
 
@@ -104,7 +108,7 @@ def main() -> None:
 
             kv = 2 * LAYERS * (args.ctx + 100) * D * 4 * B
             nbytes = pbk.nbytes() + phk.nbytes() + kv
-            flops = 2 * B * (pb.nbytes() + ph.nbytes()) / 4
+            flops = 2 * B * (pb.nbytes() + ph.nbytes()) / 4  # (fp32 bytes: 4 per weight)
 
             def bound_at(bw_now):
                 return max(nbytes / bw_now, flops / peak) if kind != "int8" else nbytes / bw_now

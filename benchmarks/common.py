@@ -29,6 +29,23 @@ def machine() -> str:
     return f"{model} x{os.cpu_count()}"
 
 
+# the instruction sets a CPU speed claim depends on (what /proc/cpuinfo calls them)
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16",
+             "amx_int8", "amx_tile")
+
+
+def isa() -> str:
+    """The CPU's flags among ISA_FLAGS, space-separated ("" where /proc/cpuinfo is absent)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in ISA_FLAGS if f in have)
+    except OSError:
+        pass
+    return ""
+
+
 def timeit(fn, *, warmup: int = 3, min_time: float = 0.5, max_iters: int = 10_000) -> float:
     """Median seconds per call over repeated blocks (robust to a noisy shared machine)."""
     for _ in range(warmup):
@@ -116,14 +133,26 @@ def write_rows(name: str, rows: list[dict], args=None) -> Path:
         "commit": commit(),
         "threads": torch.get_num_threads(),
     }
-    rows = [{**stamp, **r} for r in rows]
+    rows = [{**stamp, **r, "isa": isa()} for r in rows]
     fields = list(dict.fromkeys(k for r in rows for k in r))  # every row's columns, in order
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    old, header = [], []
+    if path.exists():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header, old = list(reader.fieldnames or []), list(reader)
+    if path.exists() and all(k in header for k in fields):
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=header).writerows(rows)
+        return path
+    # new columns (or a new table): rewrite under the union of the columns, so that every
+    # old row keeps its values under its own names
+    union = list(dict.fromkeys(header + fields))
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=union)
+        w.writeheader()
+        w.writerows(old + rows)
+    tmp.replace(path)
     return path
 
 
