@@ -46,7 +46,13 @@ def fake_speech(root, n=12):
 
 
 def write_cache(root, frames, index):
-    """A latent cache in the documented layout from per-file frames and index rows."""
+    """A latent cache in the documented layout from per-file frames and index rows (each
+    row's offset and frame count are filled in from its frames)."""
+    root.mkdir(parents=True, exist_ok=True)
+    off = 0
+    for x, r in zip(frames, index):
+        r.update(offset=off, frames=len(x))
+        off += len(x)
     np.concatenate(frames).tofile(root / "latents.f32")
     (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
     total = sum(len(x) for x in frames)
@@ -60,16 +66,14 @@ def synthetic_cache(root, n=24, dim=8, seed=0):
     """A latent cache in the documented layout: per utterance a smooth random walk whose
     drift depends on the speaker, with text."""
     g = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    frames, index, off = [], [], 0
+    frames, index = [], []
     for i in range(n):
         L = int(g.integers(8, 20))
         drift = 0.3 if i % 2 else -0.3
         x = np.cumsum(drift + 0.2 * g.standard_normal((L, dim)), 0).astype(np.float32)
         frames.append(x)
         index.append({"path": f"{i}.flac", "text": f"say {i}", "split": "train",
-                      "speaker_id": f"s{i % 2}", "offset": off, "frames": L})
-        off += L
+                      "speaker_id": f"s{i % 2}"})
     return write_cache(root, frames, index)
 
 
@@ -401,8 +405,7 @@ def music_cache(root, n=16, dim=8, seed=0):
     """A latent cache of 'renders' longer than a training window, with the music builder's
     index fields; channel 0 sits at +1 for pieces in G and -1 for pieces in C."""
     g = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    frames, index, off = [], [], 0
+    frames, index = [], []
     for i in range(n):
         L = int(g.integers(30, 60))
         key = "G major" if i % 2 else "C minor"
@@ -411,8 +414,7 @@ def music_cache(root, n=16, dim=8, seed=0):
         frames.append(x)
         index.append({"path": f"{i}.flac", "split": "train", "key": key, "bpm": 70 + 5 * i,
                       "collection": "bach", "instruments": ["violin", "cello"],
-                      "caption": f"Bach chorale, in {key}", "offset": off, "frames": L})
-        off += L
+                      "caption": f"Bach chorale, in {key}"})
     return write_cache(root, frames, index)
 
 
