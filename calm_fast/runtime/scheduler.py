@@ -138,7 +138,8 @@ class Scheduler:
         if not cpu and num_blocks is None:
             raise ArgumentError("a GPU generator needs num_blocks (its cache is kept across calls)")
         if cpu and dtype != torch.float32:
-            raise ArgumentError("the CPU path is fp32 (or int8): bf16 matmuls are ~7x slower here")
+            raise ArgumentError("the CPU path computes in fp32 (bf16 matmuls are ~7x slower "
+                                "here): for bf16 or int8 weights pass precision='bf16' / 'int8'")
         self.backbone = fb.pack(model.transformer)
         self.head = pack_head(model.flow_net.state_dict())
         if precision == "int8":
@@ -258,10 +259,10 @@ class Scheduler:
         # A deferred prefill also carries the first frame's input row (BOS or the prompt's
         # last latent, as _frame builds it): its output comes out of the same pass over the
         # weights, and the first frame skips the backbone (a whole weight read at batch 1).
-        # Not under CUDA graphs, whose captured frame always runs the backbone.
-        fold = defer is not None and not self.frame.graphs
-        first = feed[-1:] @ self.w_in
-        first_cond = first if r.frame_cond is None else first + dev(r.frame_cond[:1])
+        first = first_cond = None
+        if defer is not None and self._fold:
+            first = feed[-1:] @ self.w_in
+            first_cond = first if r.frame_cond is None else first + dev(r.frame_cond[:1])
 
         def open_stream(prefix, template, first_row):
             if template is None:
@@ -271,9 +272,9 @@ class Scheduler:
                 sid = cache.fork(template[0])
                 rows = prefix[template[1]:]
             try:
-                rows = torch.cat([dev(rows), lat_rows] + ([first_row] if fold else []))
+                rows = torch.cat([dev(rows), lat_rows] + ([] if first_row is None else [first_row]))
                 if len(rows) and defer is not None:
-                    pending.append((sid, rows, fold))
+                    pending.append((sid, rows))
                 elif len(rows):
                     fb.prefill(self.backbone, cache, sid, rows, outputs=False)
             except BaseException:
@@ -310,8 +311,14 @@ class Scheduler:
                    EOSRule(r.eos_threshold, r.frames_after_eos, r.min_frames), prev,
                    ring=ring_slot, need=need, held=used)
         if defer is not None:
-            defer.extend((s, sid, rows, f) for sid, rows, f in pending)
+            defer.extend((s, sid, rows) for sid, rows in pending)
         return s
+
+    @property
+    def _fold(self) -> bool:
+        """Whether deferred prefills carry the first frame (not under CUDA graphs: the
+        captured frame always runs the backbone)."""
+        return not self.frame.graphs
 
     def prefill_deferred(self, pending: list) -> None:
         """Prefill what ``admit(..., defer=pending)`` left, every stream in one batched call
@@ -319,16 +326,14 @@ class Scheduler:
         promise. On an error the caller releases the streams (their rows are partial)."""
         if not pending:
             return
-        for s, sid, rows, _ in pending:
+        for s, sid, rows in pending:
             grew = self.cache.blocks_needed([sid], rows.shape[0])
             s.held += grew
             self.reserved -= grew
-        fold = any(f for *_, f in pending)
-        outs = fb.prefill_many(self.backbone, self.cache,
-                               [(sid, rows) for _, sid, rows, _ in pending],
-                               outputs="last" if fold else False)
-        for (s, sid, _, f), z in zip(pending, outs):
-            if f:
+        outs = fb.prefill_many(self.backbone, self.cache, [(sid, rows) for _, sid, rows in pending],
+                               outputs="last" if self._fold else False)
+        if self._fold:  # each stream's last row was its first frame's input
+            for (s, sid, _), z in zip(pending, outs):
                 s.first[sid] = z
 
     def setup(self, need: int, nstreams: int, nrequests: int):
