@@ -312,7 +312,8 @@ def main():
         rows.append({"metric": "int8 single-stream RTF (peer quantize=True)", "peer": q_p,
                      "ours": q_o, "ratio": q_o / q_p, "target": "> 1x"})
     if not args.no_bf16:
-        rows += bf16_rows(peer, fast, wav, sr, args, p_rtf, None if args.no_int8 else q_p)
+        rows += bf16_rows(peer, fast, o_state, wav, sr, args, p_rtf,
+                          None if args.no_int8 else q_p)
     _finish(rows, args, secs, args.config)
     print_table(rows, ["metric", "peer", "ours", "ratio", "target"])
     print(f"(audio per call: peer {secs:.2f} s, ours {o_secs:.2f} s; peer 1-thread RTF "
@@ -324,7 +325,7 @@ def main():
     plot(thr, p_rtf, peer_best, Path(path).with_name(png), args.threads, args.config)
 
 
-def bf16_rows(peer, fast, wav, sr, args, p_rtf, q_p):
+def bf16_rows(peer, fast, state, wav, sr, args, p_rtf, q_p):
     """precision="bf16" (bf16 weights, fp32 math): single stream against the package's fp32
     and quantize=True, and its latent error against fp32 (teacher-forced at temperature 0:
     the next frame after the fp32 model's own first t frames, t = 10, 20, ... 90)."""
@@ -341,7 +342,6 @@ def bf16_rows(peer, fast, wav, sr, args, p_rtf, q_p):
     rows.append({"metric": "bf16 time to first audio (ms)", "peer": "", "ours": b_ttfa * 1e3,
                  "ratio": "", "target": ""})
     lm = fast.lm
-    state = fast.get_state_for_audio_prompt(wav)
     ids = fast._chunks(args.text, 50, None)[0][0]
     prefix = torch.cat([state.rows, lm.conditioner(ids)])
     fp = CALMGenerator(lm).generate([Request(prefix, 100, temperature=0.0,

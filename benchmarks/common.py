@@ -135,17 +135,20 @@ def write_rows(name: str, rows: list[dict], args=None) -> Path:
     }
     rows = [{**stamp, **r, "isa": isa()} for r in rows]
     fields = list(dict.fromkeys(k for r in rows for k in r))  # every row's columns, in order
-    old, header = [], []
+    header = []
     if path.exists():
         with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            header, old = list(reader.fieldnames or []), list(reader)
-    if path.exists() and all(k in header for k in fields):
+            header = next(csv.reader(f), [])
+    if header and all(k in header for k in fields):
         with open(path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=header).writerows(rows)
         return path
     # new columns (or a new table): rewrite under the union of the columns, so that every
     # old row keeps its values under its own names
+    old = []
+    if header:
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
     union = list(dict.fromkeys(header + fields))
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
