@@ -53,7 +53,8 @@ class VoiceState:
 
 class AcceleratedTTS:
     def __init__(self, peer, *, int8: bool = False, max_streams: int = 16,
-                 cache_mb: float = 512.0, decode_frames: int = 8, precision: str = "fp32"):
+                 cache_mb: float = 512.0, decode_frames: int = 8, precision: str = "fp32",
+                 overlap: bool = False):
         if not hasattr(peer, "flow_lm") or not hasattr(peer, "mimi"):
             raise ArgumentTypeError(f"accelerate() takes a pocket_tts TTSModel, got "
                                     f"{type(peer).__name__}")
@@ -87,7 +88,8 @@ class AcceleratedTTS:
         block_bytes = 2 * c.num_layers * c.kv_heads * c.head_dim * 4 * 16
         self.engine = Engine(self.lm, num_blocks=max(64, int(cache_mb * 2**20 // block_bytes)),
                              max_streams=max_streams, head_steps=head_steps,
-                             precision=precision, vae=self.vae, decode_frames=decode_frames)
+                             precision=precision, vae=self.vae, decode_frames=decode_frames,
+                             overlap=overlap)  # the decoder on its own thread and core
         self.sample_rate = peer.sample_rate
 
     # -- the package's calls ------------------------------------------------------------------

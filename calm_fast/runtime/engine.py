@@ -30,6 +30,12 @@ that measured faster at 16 and 64 streams (per-call costs and the A/B:
 benchmarks/results/design_notes.md).
 
 The audio is the same whatever the chunks: only where it is cut changes.
+
+Overlap (``overlap=True``, with a vae): the decoder runs on its own thread
+(``runtime.decode_worker``) with one intra-op thread while the engine thread's LM, on the
+others, makes the next frames; a step's events come out once their audio is decoded (a
+later ``step()``, in order), except a stream's first chunk, which is waited for (the time
+to first audio stays one frame plus one decode). The audio is the same as without it.
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ from calm_fast.codec.vae import VAE
 from calm_fast.codec.istft import ISTFTVAE
 from calm_fast.errors import ArgumentError, CacheFullError
 from calm_fast.runtime.decode_slots import DecodeSlots
+from calm_fast.runtime.decode_worker import DecodeWorker
 from calm_fast.fast import backbone as fb
 from calm_fast.runtime.scheduler import Request, Scheduler, Stream
 from calm_fast.model.calm import CALM
@@ -94,8 +101,10 @@ class Engine:
     def __init__(self, model: CALM, *, num_blocks: int, max_streams: int = 64,
                  block_size: int = 16, head_steps: int = 1, int8: bool = False,
                  device="cpu", dtype=torch.float32, graphs: bool | None = None,
-                 vae=None, decode_frames: int = 1, precision: str = "fp32"):
+                 vae=None, decode_frames: int = 1, precision: str = "fp32",
+                 overlap: bool = False):
         checks.integer("decode_frames", decode_frames, 1, 1024)
+        checks.instance("overlap", overlap, bool, "True or False")
         checks.integer("max_streams", max_streams, 1, 1 << 16)
         checks.integer("num_blocks", num_blocks, 2)
         if vae is not None:
@@ -120,6 +129,9 @@ class Engine:
                 raise ArgumentError(f"the VAE takes {vae.cfg.latent_dim}-dim latents, the model "
                                  f"makes {model.cfg.latent_dim}")
             self.decoder = DecodeSlots(vae, max_streams, max_frames_per_call=decode_frames)
+        # with overlap every call on the decoder's state goes through the worker, in order
+        self._worker = DecodeWorker(self.decoder) if overlap and vae is not None else None
+        self._held: deque = deque()  # [events, future of their audio or None], in order
         self.decode_frames = decode_frames
         self._undecoded: dict[int, list] = {}  # request id -> its frames not decoded yet
         self._chunks: dict[int, int] = {}  # request id -> audio chunks delivered
@@ -247,6 +259,8 @@ class Engine:
             if s.idx == rid:
                 self._finish(s)
                 self.active.remove(s)
+                for held in self._held:  # its frames still being decoded are not delivered
+                    held[0] = [e for e in held[0] if e.request != rid]
                 return True
         return False
 
@@ -282,7 +296,9 @@ class Engine:
             raise
         for _, s in admitted:
             self.active.append(s)
-            if self.decoder is not None:
+            if self._worker is not None:
+                self._worker.open(s.ring)
+            elif self.decoder is not None:
                 self.decoder.open(s.ring)
 
     def _admit_each(self, pending: list, admitted: list) -> None:
@@ -312,7 +328,10 @@ class Engine:
         blocks are released by the scheduler)."""
         self.free_rings.append(s.ring)
         if self.decoder is not None:
-            self.decoder.close(s.ring)
+            if self._worker is not None:
+                self._worker.close(s.ring)
+            else:
+                self.decoder.close(s.ring)
             self._undecoded.pop(s.idx, None)
             self._chunks.pop(s.idx, None)
 
@@ -324,29 +343,84 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[Event]:
         """Admit what fits, run one frame for every running request; one event per request
-        that made a frame or finished."""
+        that made a frame or finished (with ``overlap``: the events whose audio is decoded
+        by now, in order, which may be those of earlier steps)."""
         self._admit()
+        if self._worker is not None:
+            return self._step_overlapped()
         if not self.active:
             return []
         streams = list(self.active)
         out = self.sched.step(streams)  # releases the finished streams (rows and promise)
+        events, done = self._events(out)
+        if self.decoder is not None:
+            calls, _ = self._plan_decode(out.ids, out.latents, done)
+            audio = _decode_calls(self.decoder, calls)
+            for ev in events:
+                ev.audio = audio.get(ev.request)
+        self._retire(streams, done)
+        return events
+
+    def _events(self, out):
         made = dict(zip(out.ids, out.latents))
         done = set(out.finished)
-        audio = self._decode(out.ids, out.latents, done) if self.decoder is not None else {}
-        events = [Event(s.idx, made.get(s.idx), s.idx in done, audio.get(s.idx),
-                        out.errors.get(s.idx))
-                  for s in self.active if s.idx in made or s.idx in done]
+        return [Event(s.idx, made.get(s.idx), s.idx in done, None, out.errors.get(s.idx))
+                for s in self.active if s.idx in made or s.idx in done], done
+
+    def _retire(self, streams: list[Stream], done: set) -> None:
         for s in self.active:
             if s.idx in done:
                 self._forget(s)
         self.active = streams
+
+    def _step_overlapped(self) -> list[Event]:
+        if self.active:
+            streams = list(self.active)
+            threads = torch.get_num_threads()
+            # the decoder thread has one core; the LM takes the rest while it runs
+            if threads > 1:
+                torch.set_num_threads(threads - 1)
+            try:
+                out = self.sched.step(streams)
+            finally:
+                if threads > 1:
+                    torch.set_num_threads(threads)
+            events, done = self._events(out)
+            calls, first = self._plan_decode(out.ids, out.latents, done)
+            fut = self._worker.run(_decode_calls, self.decoder, calls) if calls else None
+            self._retire(streams, done)
+            self._held.append([events, fut])
+            in_flight = sum(f is not None and not f.done() for _, f in self._held)
+            if first or in_flight > 2:  # a first chunk, or a decoder that falls behind: wait
+                self._wait(len(self._held) if first else 1)
+        elif self._held:  # nothing left to generate: the decodes still running
+            self._wait(1)
+        return self._release()
+
+    def _wait(self, n: int) -> None:
+        """Block until the first ``n`` held steps are decoded."""
+        for _, fut in list(self._held)[:n]:
+            if fut is not None:
+                fut.result()
+
+    def _release(self) -> list[Event]:
+        """The held events, in order, up to the first step still being decoded."""
+        events = []
+        while self._held and (self._held[0][1] is None or self._held[0][1].done()):
+            evs, fut = self._held.popleft()
+            if fut is not None:
+                audio = fut.result()
+                for ev in evs:
+                    ev.audio = audio.get(ev.request)
+            events += evs
         return events
 
-    def _decode(self, ids, latents, done) -> dict:
-        """Queue this step's frames per stream; decode each stream whose next chunk is
-        complete (chunk c holds min(2^c, decode_frames, DECODE_ROWS) frames) or that
-        finished, in VAE calls of at most DECODE_ROWS stream-frames per chunk length.
-        Returns request id -> audio."""
+    def _plan_decode(self, ids, latents, done) -> tuple[list, bool]:
+        """Queue this step's frames per stream; plan the decode of each stream whose next
+        chunk is complete (chunk c holds min(2^c, decode_frames, DECODE_ROWS) frames) or
+        that finished, in VAE calls of at most DECODE_ROWS stream-frames per chunk length.
+        Returns the calls [(request ids, rings, latents [n, frames, C])] and whether one of
+        them holds a stream's first chunk."""
         if ids:
             lat = self.model.denormalize(latents.float().cpu())
             for i, rid in enumerate(ids):
@@ -358,27 +432,28 @@ class Engine:
             if frames and (len(frames) >= want or rid in done):
                 groups.setdefault(len(frames), []).append(rid)
         if not groups:
-            return {}
+            return [], False
         ring = {s.idx: s.ring for s in self.active}
         dev = next(self.decoder.vae.parameters()).device
-        audio = {}
+        calls, first = [], False
         for frames, rids in groups.items():
             per_call = max(1, self.DECODE_ROWS // frames)  # <= DECODE_ROWS stream-frames
             for i in range(0, len(rids), per_call):
                 part = rids[i:i + per_call]
                 lat = torch.stack([torch.stack(self._undecoded[r]) for r in part]).to(dev)
-                audio.update(zip(part, self.decoder.decode([ring[r] for r in part], lat)))
+                calls.append((part, [ring[r] for r in part], lat))
             for r in rids:
+                first = first or self._chunks.get(r, 0) == 0
                 self._undecoded[r] = []
                 self._chunks[r] = self._chunks.get(r, 0) + 1
-        return audio
+        return calls, first
 
     def run(self):
         """Step until every submitted request has finished, yielding the events."""
-        while self.waiting or self.active:
-            if not self.active:
+        while self.waiting or self.active or self._held:
+            if not self.active and self.waiting:
                 self._admit()
-                if not self.active:  # nothing runs, so nothing will ever free blocks
+                if not self.active and not self._held:  # nothing will ever free blocks
                     p = self.waiting[0]
                     raise CacheFullError(
                         f"request {p.rid} needs {p.need} blocks; only "
@@ -399,3 +474,11 @@ class Engine:
     def stats(self) -> dict:
         return {**self.cache.stats(), "queue_depth": self.queue_depth, "running": self.running,
                 "reserved_blocks": self.sched.reserved, "template_blocks": self._templates}
+
+
+def _decode_calls(decoder: DecodeSlots, calls) -> dict:
+    """Run planned decoder calls: request id -> its audio."""
+    audio = {}
+    for rids, rings, lat in calls:
+        audio.update(zip(rids, decoder.decode(rings, lat)))
+    return audio

@@ -39,7 +39,8 @@ def voice():
     return voice_prompt()
 
 
-def test_same_seed_same_audio_and_rng(peer, fast, voice):
+def assert_package_audio(peer, fast, voice):
+    """Each text, same seed: the package's audio, and the global RNG left where it leaves it."""
     for text in TEXTS:
         torch.manual_seed(11)
         want = peer.generate_audio(peer.get_state_for_audio_prompt(voice), text)
@@ -50,6 +51,31 @@ def test_same_seed_same_audio_and_rng(peer, fast, voice):
         assert got.shape == want.shape and want.shape[0] > 6 * 1920
         torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-4)
         torch.testing.assert_close(after_ours, after_peer, rtol=0, atol=0)
+
+
+def test_same_seed_same_audio_and_rng(peer, fast, voice):
+    assert_package_audio(peer, fast, voice)
+
+
+def test_overlap_gives_the_package_audio_and_rng(peer, voice):
+    """accelerate(overlap=True): the decoder on its own thread and core; the same audio and
+    RNG as the package, a stream closed after its first chunk leaves nothing behind."""
+    import calm_fast
+
+    fast = calm_fast.accelerate(peer, max_streams=2, cache_mb=64, overlap=True)
+    threads = torch.get_num_threads()
+    assert_package_audio(peer, fast, voice)
+    assert torch.get_num_threads() == threads
+    state = fast.get_state_for_audio_prompt(voice)
+    it = fast.generate_audio_stream(state, TEXTS[1])
+    next(it)
+    it.close()
+    assert fast.engine.running == 0 and fast.engine.queue_depth == 0
+    torch.manual_seed(5)
+    chunks = list(fast.generate_audio_stream(state, TEXTS[1]))
+    assert [len(c) // 1920 for c in chunks][:3] == [1, 2, 4]
+    fast.engine._worker.sync()
+    assert fast.engine.decoder.open_slots == []
 
 
 def test_stream_chunks_and_batch_call(fast, voice):
