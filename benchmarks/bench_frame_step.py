@@ -23,6 +23,7 @@ from common import print_table, timeit, record_args, write_rows  # noqa: E402
 from roofline import matmul_flops, read_bandwidth  # noqa: E402
 
 from calm_fast.fast import backbone as fb  # noqa: E402
+from calm_fast.fast import calibrate  # noqa: E402
 from calm_fast.fast.head import head_cpu, lsd_decode, pack_head  # noqa: E402
 
 D, HEADS, LAYERS, FF, LATENT = 1024, 16, 6, 4096, 32
@@ -136,6 +137,13 @@ def main() -> None:
                 "read_GB/s": f"{bw_row / 1e9:.1f}",
             })
     print_table(rows, list(rows[0].keys()))
+    # what a scheduler runs here in fp32 (CALM_FAST_CPU_GEMM=auto: fast/calibrate.py's
+    # measurement, which the fp32 and fp32-sgemm rows above check)
+    auto = calibrate.choose(pb, pb.split(), fb.step, fb.prefill)
+    print(f"fp32 layout chosen here by calibration: {auto} "
+          f"({'fp32' if auto == 'native' else 'fp32-sgemm'} row)")
+    for r in rows:
+        r["auto_fp32"] = auto
     print("->", write_rows("frame_step", args=args, rows=[{**r, "matmul_GFLOP/s": f"{peak / 1e9:.1f}"}
                                           for r in rows]))
 

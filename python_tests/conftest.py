@@ -18,6 +18,11 @@ if not list((_ROOT / "calm_fast").glob("_C*.so")):
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
     os.environ["PYTHONSAFEPATH"] = "1"
 
+# The fp32 CPU layout is measured per host ("auto", fast/calibrate.py): tests run ours on
+# every host, so that what they check does not depend on which one a host measured faster
+# (python_tests/fast/test_calibrate.py tests the choice itself).
+os.environ.setdefault("CALM_FAST_CPU_GEMM", "native")
+
 if os.environ.get("CALM_FAST_TRITON_GPU", "0") == "0":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -85,6 +85,27 @@ def cuda_graphs(device) -> bool:
 SMALL_MODEL_BYTES = 64 << 20
 
 
+def cpu_layout(plain, step, prefill):
+    """The fp32 CPU backbone a scheduler runs: ``plain.split()`` (panel-packed, one C++ call
+    per step) or ``plain`` itself (torch op by op), by ``CALM_FAST_CPU_GEMM``: "auto" (the
+    default: measured once per process and host by ``fast.calibrate`` for models of at
+    least SMALL_MODEL_BYTES; below that ours, where torch's per-op cost dominates), "native"
+    or "torch". ``step``/``prefill``: fast.backbone's, to time with. Returns (backbone,
+    "native" | "torch")."""
+    mode = os.environ.get("CALM_FAST_CPU_GEMM", "auto")
+    if mode not in ("auto", "native", "torch"):
+        raise ArgumentError(f"CALM_FAST_CPU_GEMM={mode!r}: use auto, native or torch")
+    if mode == "torch":
+        return plain, "torch"
+    split = plain.split()
+    if mode == "native" or not has_native("decode_step") or plain.nbytes() < SMALL_MODEL_BYTES:
+        return split, "native"
+    from calm_fast.fast import calibrate
+
+    choice = calibrate.choose(plain, split, step, prefill)
+    return (split, choice) if choice == "native" else (plain, choice)
+
+
 def engine_threads(model, device="cpu") -> int | None:
     """The intra-op thread count an engine thread should run ``model`` with on ``device``:
     1 for a small model on CPU, None (leave torch's setting) otherwise."""

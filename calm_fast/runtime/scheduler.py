@@ -142,11 +142,17 @@ class Scheduler:
                                 "here): for bf16 or int8 weights pass precision='bf16' / 'int8'")
         self.backbone = fb.pack(model.transformer)
         self.head = pack_head(model.flow_net.state_dict())
+        # how the backbone step runs: "native" (our C++ step), "torch" (op by op), "int8"
+        # (quantized linears) or "cuda" (Triton and CUDA graphs)
+        self.layout = "native" if cpu else "cuda"
         if precision == "int8":
             self.backbone, self.head = self.backbone.quantized(), self.head.quantized()
-        elif cpu:  # every thread at decode batch sizes (cpu_linear; parts = threads set now)
-            bf16 = precision == "bf16"
-            self.backbone, self.head = self.backbone.split(bf16), self.head.split(bf16)
+            self.layout = "int8"
+        elif precision == "bf16":  # every thread at decode batch sizes (cpu_linear)
+            self.backbone, self.head = self.backbone.split(True), self.head.split(True)
+        elif cpu:  # fp32: our C++ step or torch's, whichever this host runs faster
+            self.backbone, self.layout = ops.cpu_layout(self.backbone, fb.step, fb.prefill)
+            self.head = self.head.split()
         else:
             self.backbone = self.backbone.to(self.device, dtype)
             self.head = self.head.to(self.device, dtype)
