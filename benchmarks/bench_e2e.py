@@ -16,7 +16,7 @@ voice encoding, for both). Reported:
     batch per frame), against the package's best: one process per core, i.e. twice its
     1-thread single-stream rate (an upper bound for the package);
   * int8: calm_fast's int8 weights vs the package's own quantize=True.
-  * bf16: calm_fast's bf16 weights (fp32 math) vs the package's fp32 and quantize=True,
+  * bf16: calm_fast's bf16 weights (bf16 rows, fp32 sums) vs the package's fp32 and quantize=True,
     and its next-frame latent error against our fp32.
 With --record, appends to benchmarks/results/e2e.csv and draws benchmarks/results/e2e_throughput.png.
 ``--config NAME``: the same on that packaged config's shapes (random weights; rows in
@@ -326,7 +326,7 @@ def main():
 
 
 def bf16_rows(peer, fast, state, wav, sr, args, p_rtf, q_p):
-    """precision="bf16" (bf16 weights, fp32 math): single stream against the package's fp32
+    """precision="bf16" (bf16 weights and rows, fp32 sums): single stream against the package's fp32
     and quantize=True, and its latent error against fp32 (teacher-forced at temperature 0:
     the next frame after the fp32 model's own first t frames, t = 10, 20, ... 90)."""
     from calm_fast.runtime.generate import CALMGenerator, Request

@@ -54,7 +54,7 @@ def main() -> None:
                     help="also time int8 weights: ours (backbone + head) vs the peer's "
                          "quantize_dynamic of its attention and FFN")
     ap.add_argument("--bf16", action="store_true",
-                    help="also time bf16 weights (fp32 math): ours vs the peer's fp32 frame")
+                    help="also time bf16 weights (bf16 rows, fp32 sums): ours vs the peer's fp32 frame")
     record_args(ap)
     args = ap.parse_args()
     from pocket_tts.models.flow_lm import lsd_decode as peer_lsd

@@ -349,7 +349,7 @@ def _add_doors(sub):
                    help="keep uploaded voices in this folder (default: memory only)")
     s.add_argument("--precision", choices=checks.PRECISIONS, default="fp32",
                    help="weights of the LM and its head: fp32 (default), bf16 (half the "
-                   "bytes, fp32 math) or int8 (CPU)")
+                   "bytes; bf16 rows, fp32 sums) or int8 (CPU)")
     s.add_argument("--int8", action="store_true",
                    help="the same as --precision int8 (default: off)")
     s.add_argument("--log-level", default="info", help="uvicorn log level")

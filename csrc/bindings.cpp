@@ -558,6 +558,10 @@ PYBIND11_MODULE(_C, m) {
         "the last layer stops after its K/V; last_rows_only: it finishes only each stream's "
         "last row)");
 
+  // precision="bf16" linears run on AVX512-BF16 dot products on this CPU (else: the same
+  // rounded rows and weights through fp32 multiply-adds)
+  m.attr("has_bf16_dot") = calm_fast::has_bf16_dot();
+
 #ifdef CALM_FAST_OPENMP
   m.attr("has_openmp") = true;
 #else

@@ -10,6 +10,12 @@
 #include "gemm_cpu.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "simd.h"
 
@@ -139,9 +145,14 @@ void rows_times_panel(const float* x, int64_t rows, int64_t K, const W* panel,
   }
 }
 
-template <typename W>
-void gemm_panels(const float* x, int64_t M, int64_t K, const W* panels, int64_t N,
-                 const float* bias, float* y, int threads) {
+// The tasks of y = x W over panel-packed weights: (panel, row block) pairs split over the
+// threads. ``block(m0, rows, p, bias, out, ldo, next)`` computes rows [m0, m0 + rows) of
+// panel p into out (row stride ldo), bias already offset (or null); ``next`` says whether
+// this task may prefetch the thread's next panel. Partial last panels go through a scratch
+// block.
+template <typename Block>
+void panel_tasks(int64_t M, int64_t N, const float* bias, float* y, int threads,
+                 Block&& block) {
   // 8-row blocks when they divide M (the engine's batches): at 16 rows the 6 + 6 + 4 split
   // left a third of the last block's FMA slots idle; 24 `pocket` projections from DRAM,
   // interleaved medians, 6-row vs 8-row blocks: 8 rows 12.6 / 11.8 ms, 16 rows 20.0 / 16.3,
@@ -159,7 +170,6 @@ void gemm_panels(const float* x, int64_t M, int64_t K, const W* panels, int64_t 
     const int64_t p = rows_outer ? t % P : t / MB, mb = rows_outer ? t / P : t % MB;
     const int64_t m0 = mb * R, rows = std::min<int64_t>(R, M - m0);
     const int64_t n0 = p * kPanel, cols = std::min<int64_t>(kPanel, N - n0);
-    const W* panel = panels + p * K * kPanel;
     float bias_tail[kPanel] = {};
     const float* b = bias ? bias + n0 : nullptr;
     if (b != nullptr && cols < kPanel) {
@@ -169,13 +179,12 @@ void gemm_panels(const float* x, int64_t M, int64_t K, const W* panels, int64_t 
     // With several row blocks per panel (compute-bound), the first one fetches the next
     // panel (a thread's tasks run in order): 35 rows x the 24 `pocket` projections from
     // DRAM, 32.7 -> 30.0 ms. A single row block (1-6 rows) only streams: no prefetch.
-    const W* next =
-        (!rows_outer && MB > 1 && m0 == 0 && p + 1 < P) ? panel + K * kPanel : nullptr;
+    const bool next = !rows_outer && MB > 1 && m0 == 0 && p + 1 < P;
     if (cols == kPanel) {
-      rows_times_panel(x + m0 * K, rows, K, panel, b, y + m0 * N + n0, N, next);
+      block(m0, rows, p, b, y + m0 * N + n0, N, next);
     } else {  // the last, partial panel: through a scratch block
       float tmp[kRows8 * kPanel];
-      rows_times_panel(x + m0 * K, rows, K, panel, b, tmp, kPanel, next);
+      block(m0, rows, p, b, tmp, kPanel, next);
       for (int64_t r = 0; r < rows; ++r) {
         std::copy(tmp + r * kPanel, tmp + r * kPanel + cols, y + (m0 + r) * N + n0);
       }
@@ -183,7 +192,163 @@ void gemm_panels(const float* x, int64_t M, int64_t K, const W* panels, int64_t 
   });
 }
 
+template <typename W>
+void gemm_panels(const float* x, int64_t M, int64_t K, const W* panels, int64_t N,
+                 const float* bias, float* y, int threads) {
+  panel_tasks(M, N, bias, y, threads,
+              [&](int64_t m0, int64_t rows, int64_t p, const float* b, float* out, int64_t ldo,
+                  bool next) {
+                const W* panel = panels + p * K * kPanel;
+                rows_times_panel(x + m0 * K, rows, K, panel, b, out, ldo,
+                                 next ? panel + K * kPanel : nullptr);
+              });
+}
+
+// -- bf16 panels: bf16 dot products -----------------------------------------------------
+// precision="bf16" rounds the rows to bf16 too (round to nearest even), so a layer gives
+// bf16(x) @ bf16(W) with fp32 products and sums on every host. Where the CPU has
+// AVX512-BF16 one vdpbf16ps multiplies 32 pairs and adds them into 16 fp32 sums: the
+// batch-1 loop no longer spends its issue slots widening weights, and a prefill block does
+// half the multiply-add instructions of fp32. Elsewhere the rounded rows go through the
+// widening kernel above (the same products; sums in another order).
+
+inline uint16_t bf16_bits(float f) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CALM_FAST_DPBF16 1
+
+// CALM_FAST_BF16_DOT=0 (read once) keeps the widening kernel on a CPU that has them (the
+// tests run both paths on such a host; A/B timings).
+bool cpu_has_dpbf16() {
+  static const bool has = [] {
+    const char* env = std::getenv("CALM_FAST_BF16_DOT");
+    if (env != nullptr && env[0] == '0') return false;
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  }();
+  return has;
+}
+
+#define DP_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// Rows [0, MR) of the bf16 pairs xp (row stride ldx pairs; pair j = x[2j] | x[2j+1] << 16)
+// times one bf16 panel [K, 32]. Two panel rows k, k+1 are interleaved in registers
+// (unpacklo/hi: each 32-bit lane then holds the pair of one column), so the sums come out
+// with the columns permuted: lo holds 0-3, 8-11, 16-19, 24-27 and hi the others, put back
+// in order once at the end.
+template <int MR>
+DP_TARGET void dp_block(const uint32_t* xp, int64_t ldx, const uint16_t* panel, int64_t K,
+                        const float* bias, float* out, int64_t ldo) {
+  __m512 lo[MR], hi[MR];
+  // one row: two accumulator pairs over alternate k pairs, so the sums do not wait on one
+  // another (vdpbf16ps has a multi-cycle latency)
+  __m512 lo2 = _mm512_setzero_ps(), hi2 = _mm512_setzero_ps();
+  for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
+  const int64_t K2 = K / 2;
+  const uint16_t* w = panel;
+  int64_t j = 0;
+  if (MR == 1) {
+    for (; j + 2 <= K2; j += 2, w += 4 * kPanel) {
+      for (int q = 0; q < 4; ++q) __builtin_prefetch(w + (64 + q) * kPanel, 0, 0);
+      const __m512i a = _mm512_loadu_si512(w), b = _mm512_loadu_si512(w + kPanel);
+      const __m512i c = _mm512_loadu_si512(w + 2 * kPanel), d = _mm512_loadu_si512(w + 3 * kPanel);
+      const __m512bh x0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[j]));
+      const __m512bh x1 = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[j + 1]));
+      lo[0] = _mm512_dpbf16_ps(lo[0], x0, (__m512bh)_mm512_unpacklo_epi16(a, b));
+      hi[0] = _mm512_dpbf16_ps(hi[0], x0, (__m512bh)_mm512_unpackhi_epi16(a, b));
+      lo2 = _mm512_dpbf16_ps(lo2, x1, (__m512bh)_mm512_unpacklo_epi16(c, d));
+      hi2 = _mm512_dpbf16_ps(hi2, x1, (__m512bh)_mm512_unpackhi_epi16(c, d));
+    }
+  }
+  for (; j < K2; ++j, w += 2 * kPanel) {
+    const __m512i a = _mm512_loadu_si512(w), b = _mm512_loadu_si512(w + kPanel);
+    const __m512bh wl = (__m512bh)_mm512_unpacklo_epi16(a, b);
+    const __m512bh wh = (__m512bh)_mm512_unpackhi_epi16(a, b);
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh xr = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[r * ldx + j]));
+      lo[r] = _mm512_dpbf16_ps(lo[r], xr, wl);
+      hi[r] = _mm512_dpbf16_ps(hi[r], xr, wh);
+    }
+  }
+  if (K % 2) {  // the odd last panel row pairs with zeros
+    const __m512i a = _mm512_loadu_si512(w), z = _mm512_setzero_si512();
+    const __m512bh wl = (__m512bh)_mm512_unpacklo_epi16(a, z);
+    const __m512bh wh = (__m512bh)_mm512_unpackhi_epi16(a, z);
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh xr = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[r * ldx + K2]));
+      lo[r] = _mm512_dpbf16_ps(lo[r], xr, wl);
+      hi[r] = _mm512_dpbf16_ps(hi[r], xr, wh);
+    }
+  }
+  if (MR == 1) {
+    lo[0] = _mm512_add_ps(lo[0], lo2);
+    hi[0] = _mm512_add_ps(hi[0], hi2);
+  }
+  const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i i1 =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __m512 b0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_loadu_ps(bias + 16) : _mm512_setzero_ps();
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_ps(out + r * ldo, _mm512_add_ps(_mm512_permutex2var_ps(lo[r], i0, hi[r]), b0));
+    _mm512_storeu_ps(out + r * ldo + 16,
+                     _mm512_add_ps(_mm512_permutex2var_ps(lo[r], i1, hi[r]), b1));
+  }
+}
+
+DP_TARGET void dp_rows(const uint32_t* xp, int64_t ldx, int64_t rows, int64_t K,
+                       const uint16_t* panel, const float* bias, float* out, int64_t ldo) {
+  switch (rows) {
+    case 8: return dp_block<8>(xp, ldx, panel, K, bias, out, ldo);
+    case 6: return dp_block<6>(xp, ldx, panel, K, bias, out, ldo);
+    case 5: return dp_block<5>(xp, ldx, panel, K, bias, out, ldo);
+    case 4: return dp_block<4>(xp, ldx, panel, K, bias, out, ldo);
+    case 3: return dp_block<3>(xp, ldx, panel, K, bias, out, ldo);
+    case 2: return dp_block<2>(xp, ldx, panel, K, bias, out, ldo);
+    case 1: return dp_block<1>(xp, ldx, panel, K, bias, out, ldo);
+    default: return;
+  }
+}
+#else
+bool cpu_has_dpbf16() { return false; }
+#endif
+
+void gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* panels, int64_t N,
+               const float* bias, float* y, int threads) {
+#ifdef CALM_FAST_DPBF16
+  if (cpu_has_dpbf16()) {
+    const int64_t K2 = (K + 1) / 2;  // pairs per row (the odd last one: x[K - 1] | 0)
+    std::vector<uint32_t> xp(static_cast<size_t>(M * K2));
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < K; k += 2) {
+        const uint32_t hi = k + 1 < K ? bf16_bits(x[m * K + k + 1]) : 0u;
+        xp[m * K2 + k / 2] = bf16_bits(x[m * K + k]) | (hi << 16);
+      }
+    }
+    panel_tasks(M, N, bias, y, threads,
+                [&](int64_t m0, int64_t rows, int64_t p, const float* b, float* out,
+                    int64_t ldo, bool) {
+                  dp_rows(xp.data() + m0 * K2, K2, rows, K, panels + p * K * kPanel, b, out,
+                          ldo);
+                });
+    return;
+  }
+#endif
+  std::vector<float> xr(static_cast<size_t>(M * K));
+  for (int64_t i = 0; i < M * K; ++i) {
+    const uint32_t u = static_cast<uint32_t>(bf16_bits(x[i])) << 16;
+    std::memcpy(&xr[i], &u, 4);
+  }
+  gemm_panels(xr.data(), M, K, panels, N, bias, y, threads);
+}
+
 }  // namespace
+
+bool has_bf16_dot() { return cpu_has_dpbf16(); }
 
 void gemm_panels_f32(const float* x, int64_t M, int64_t K, const float* panels, int64_t N,
                      const float* bias, float* y, int threads) {
@@ -192,7 +357,7 @@ void gemm_panels_f32(const float* x, int64_t M, int64_t K, const float* panels, 
 
 void gemm_panels_bf16(const float* x, int64_t M, int64_t K, const uint16_t* panels, int64_t N,
                       const float* bias, float* y, int threads) {
-  gemm_panels(x, M, K, panels, N, bias, y, threads);
+  gemm_bf16(x, M, K, panels, N, bias, y, threads);
 }
 
 }  // namespace calm_fast

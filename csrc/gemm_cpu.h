@@ -12,10 +12,13 @@ constexpr int64_t kPanel = 32;  // output columns per panel
 void gemm_panels_f32(const float* x, int64_t M, int64_t K, const float* panels, int64_t N,
                      const float* bias, float* y, int threads);
 
-// The same with bf16 panels (uint16 bit patterns: the top half of each fp32 weight), fp32
-// rows, products and sums.
+// The same with bf16 panels (uint16 bit patterns: the top half of each fp32 weight): the
+// rows are rounded to bf16 (nearest even) as well, and products and sums are fp32, i.e.
+// bf16(x) @ W. AVX512-BF16 dot products where the CPU has them (has_bf16_dot()).
 void gemm_panels_bf16(const float* x, int64_t M, int64_t K, const uint16_t* panels, int64_t N,
                       const float* bias, float* y, int threads);
+
+bool has_bf16_dot();
 
 // Panels of either kind (what the decode step holds per projection).
 struct Panels {

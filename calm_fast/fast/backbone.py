@@ -86,7 +86,8 @@ class PackedBackbone:
     def split(self, bf16: bool = False) -> "PackedBackbone":
         """A copy whose projections run through cpu_linear.SplitLinear (panel-packed fp32,
         every CPU thread at any batch size; the native decode step reads the same panels).
-        ``bf16``: the panels hold bf16 weights (half the bytes; fp32 math)."""
+        ``bf16``: the panels hold bf16 weights (half the bytes), the rows are rounded to bf16,
+        products and sums are fp32 (cpu_linear)."""
         return self._repack(lambda w: SplitLinear(w, bf16=bf16))
 
     def make_cache(self, num_blocks: int, block_size: int = 16, max_streams: int = 256,

@@ -15,8 +15,13 @@ otherwise (torch parallelises over the blocks).
 Each output is the same dot product as ``x @ W`` up to fp32 rounding.
 
 ``bf16=True`` keeps the weight rounded to bf16 (panels of int16 bit patterns on the native
-path): half the bytes, which is what a batch-1 step is bound by; the rows, products and sums
-stay fp32, so each output is ``x @ W.bfloat16().float()`` up to fp32 rounding.
+path): half the bytes, which is what a batch-1 step is bound by. The rows are rounded to
+bf16 too (nearest even), and products and sums stay fp32, so each output is
+``x.bfloat16().float() @ W.bfloat16().float()`` up to fp32 rounding, on every host and path:
+the C++ kernel uses the CPU's AVX512-BF16 dot products where it has them
+(``_C.has_bf16_dot``; half the multiply-add instructions of fp32 for a prefill block, and
+no widening of weights in the batch-1 loop), fp32 multiply-adds on the same rounded numbers
+elsewhere.
 """
 from __future__ import annotations
 
@@ -75,12 +80,14 @@ class SplitLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         B, K, N = x.shape[0], self.in_features, self.out_features
-        if self.native and ops.native_ok(x, name="linear", grad_mode=False):
+        if self.native and ops.native_ok(x, name="linear", grad_mode=False):  # rounds x itself
             y = torch.empty(B, N)
             ops.native().linear(x.contiguous().numpy(), self.panels.numpy(),
                     None if self.b is None else self.b.numpy(), y.numpy(),
                     torch.get_num_threads())
             return y
+        if self.bf16:  # the rows' rounding the native kernel does
+            x = x.bfloat16().to(x.dtype)
         if self.native:  # autograd, another dtype or the forced reference: plain matmul
             y = x @ self.weight().to(x.dtype)
             return y if self.b is None else y + self.b.to(x.dtype)

@@ -110,8 +110,8 @@ class PackedHead:
 
     def split(self, bf16: bool = False) -> "PackedHead":
         """A copy whose matmuls use every CPU thread at decode batch sizes
-        (calm_fast.fast.cpu_linear.SplitLinear; ``head_cpu`` only); ``bf16``: bf16 weights,
-        fp32 math."""
+        (calm_fast.fast.cpu_linear.SplitLinear; ``head_cpu`` only); ``bf16``: bf16 weights and
+        rows, fp32 sums (cpu_linear)."""
         return self._repack(lambda w, b: SplitLinear(w, b, bf16=bf16))
 
 

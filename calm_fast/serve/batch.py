@@ -865,7 +865,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=None, help="rows in flight (2 x streams)")
     p.add_argument("--precision", choices=checks.PRECISIONS, default="fp32",
                    help="weights of the LM and its head: fp32 (default), bf16 (half the "
-                   "bytes, fp32 math) or int8 (CPU)")
+                   "bytes; bf16 rows, fp32 sums) or int8 (CPU)")
     p.add_argument("--int8", action="store_true",
                    help="the same as --precision int8 (default: off)")
     p.add_argument("--voice", default=None,

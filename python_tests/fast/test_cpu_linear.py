@@ -17,8 +17,9 @@ def test_split_linear_matches_matmul(rows, k, n, parts, native, bf16, monkeypatc
     """Every path: the C++ panel kernel (any rows: 8-row blocks when 8 divides them, else
     6-row blocks and a remainder; full panels and a partial last one when n is not a
     multiple of 32), and without the extension the row-block and column-block batched
-    matmuls. bf16 weights: the same against the bf16-rounded weight, in half the bytes on
-    the native path."""
+    matmuls. bf16: the same against the bf16-rounded rows and weight, in half the bytes on
+    the native path (on an AVX512-BF16 host through its dot products; the widening kernel
+    is test_bf16_without_dot_products_gives_the_same_numbers)."""
     from calm_fast.fast import cpu_linear
 
     if native and ops._C is None:
@@ -29,10 +30,11 @@ def test_split_linear_matches_matmul(rows, k, n, parts, native, bf16, monkeypatc
     w, b = torch.randn(k, n, generator=g), torch.randn(n, generator=g)
     x = torch.randn(rows, k, generator=g)
     wr = w.bfloat16().float() if bf16 else w
+    xr = x.bfloat16().float() if bf16 else x
     for bias in (None, b):
         L = SplitLinear(w, bias, parts=parts, bf16=bf16)
         assert L.native == native
-        want = x @ wr if bias is None else x @ wr + b
+        want = xr @ wr if bias is None else xr @ wr + b
         torch.testing.assert_close(L(x), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(linear(x, L), want, rtol=1e-5, atol=1e-5)
         per = 2 if bf16 and native else 4
@@ -40,6 +42,45 @@ def test_split_linear_matches_matmul(rows, k, n, parts, native, bf16, monkeypatc
     assert torch.equal(SplitLinear(w, parts=parts, bf16=bf16).weight(), wr)
     if bf16:  # the rounding is real: these weights are not all bf16 numbers
         assert not torch.equal(wr, w)
+
+
+BF16_SCRIPT = """
+import torch
+from calm_fast import _C
+from calm_fast.fast.cpu_linear import SplitLinear
+g = torch.Generator().manual_seed(0)
+out = {"dot": _C.has_bf16_dot}
+for m, k, n in [(1, 1024, 96), (1, 33, 40), (8, 64, 64), (13, 31, 33), (64, 128, 100)]:
+    w, b, x = (torch.randn(k, n, generator=g), torch.randn(n, generator=g),
+               torch.randn(m, k, generator=g))
+    out[(m, k, n)] = SplitLinear(w, b, bf16=True)(x)
+torch.save(out, "PATH")
+"""
+
+
+def test_bf16_without_dot_products_gives_the_same_numbers(tmp_path):
+    """CALM_FAST_BF16_DOT=0 keeps the widening kernel: the same rounded numbers, so the
+    same outputs as the dot-product kernel to fp32 rounding (both paths on a host that has
+    AVX512-BF16; elsewhere both runs take the widening kernel)."""
+    import os
+    import subprocess
+    import sys
+
+    from calm_fast import _C
+
+    if _C is None:
+        pytest.skip("calm_fast._C not built")
+    res = {}
+    for flag in ("1", "0"):
+        path = tmp_path / f"bf16_{flag}.pt"
+        env = {**os.environ, "CALM_FAST_BF16_DOT": flag}
+        subprocess.run([sys.executable, "-c", BF16_SCRIPT.replace("PATH", str(path))], env=env,
+                       check=True)
+        res[flag] = torch.load(path)
+    assert res["0"]["dot"] is False and res["1"]["dot"] == _C.has_bf16_dot
+    for key, y in res["1"].items():
+        if key != "dot":
+            torch.testing.assert_close(y, res["0"][key], rtol=1e-5, atol=1e-5)
 
 
 def test_packed_linear_keeps_autograd_and_rejects_bad_shapes():
