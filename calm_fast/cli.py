@@ -232,7 +232,7 @@ def _serve(a):
                        eos_threshold=_eos(a.eos_threshold, synth),
                        default_voice=a.default_voice,
                        voices_dir=a.voices_dir, precision=checks.precision(a.precision, a.int8),
-                       max_upload_mb=a.max_upload_mb)
+                       max_upload_mb=a.max_upload_mb, overlap=not a.no_overlap)
     print(f"calm-fast: serving {synth.name} on http://{a.host}:{a.port}/ "
           f"(max {a.max_streams} streams)", file=sys.stderr)
     serve(synth, a.host, a.port, cfg, log_level=a.log_level)
@@ -352,6 +352,9 @@ def _add_doors(sub):
                    "bytes; bf16 rows, fp32 sums) or int8 (CPU)")
     s.add_argument("--int8", action="store_true",
                    help="the same as --precision int8 (default: off)")
+    s.add_argument("--no-overlap", action="store_true",
+                   help="decode on the engine thread, after each frame step (default: on a "
+                   "thread and core of its own, while the next frames are made)")
     s.add_argument("--log-level", default="info", help="uvicorn log level")
     _model_flags(s)
     s.set_defaults(fn=_serve)

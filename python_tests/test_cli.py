@@ -171,7 +171,7 @@ def test_serve_answers_then_stops(models):
     port = s.getsockname()[1]
     s.close()
     p = subprocess.Popen([sys.executable, "-m", "calm_fast.cli", "serve", "--port", str(port),
-                          "--log-level", "warning", "--precision", "bf16",
+                          "--log-level", "warning", "--precision", "bf16", "--no-overlap",
                           *map(str, _ck(models))],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

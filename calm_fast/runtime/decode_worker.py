@@ -88,6 +88,11 @@ class DecodeWorker:
     def decode(self, slots: list[int], latents: torch.Tensor) -> Future:
         return self.run(self.slots.decode, slots, latents)
 
+    def check(self) -> None:
+        """Re-raise the first error of a call run so far (without waiting)."""
+        if self._errors:
+            raise self._errors[0]
+
     def sync(self) -> None:
         """Wait until everything queued so far has run (re-raises the last call's error)."""
         if self._last is not None:
@@ -95,8 +100,7 @@ class DecodeWorker:
                 self._last.result()
             except BaseException:
                 pass
-        if self._errors:
-            raise self._errors[0]
+        self.check()
 
     def shutdown(self) -> None:
         self._stop()

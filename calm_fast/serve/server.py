@@ -68,6 +68,7 @@ class ServerConfig:
     default_voice: str | None = None
     voices_dir: str | None = None  # uploaded voices are kept here too (else memory only)
     precision: str = "fp32"  # weights of the LM and head: fp32, bf16 or int8 (CPU)
+    overlap: bool = True  # decode on a thread of its own while the engine makes frames
 
 
 class ApiError(Exception):
@@ -153,7 +154,8 @@ def create_app(synth, config: ServerConfig | None = None, service: Service | Non
 
     cfg = config or ServerConfig()
     svc = service or Service(synth, max_streams=cfg.max_streams, cache_mb=cfg.cache_mb,
-                             decode_frames=cfg.decode_frames, precision=cfg.precision)
+                             decode_frames=cfg.decode_frames, precision=cfg.precision,
+                             overlap=cfg.overlap)
     metrics = Metrics()
     out_rate = cfg.sample_rate or synth.sample_rate
     uploaded: dict[str, object] = {}  # voice id -> latents

@@ -14,6 +14,10 @@ the previous chunk's text + its own, its prompt the previous chunk's frames), an
 decoder state per job runs through all of them, so chunk boundaries have no gap, no click
 and no prosody restart. Pauses are silence. The frames of a step are decoded as one VAE
 batch (``DecodeSlots``), in chunks of 1, 2, 4 ... ``decode_frames`` frames per job.
+With ``overlap`` (the default) the decoding runs on its own thread and core
+(``runtime.decode_worker``) while the engine makes the next frames: every decoder call and
+every output of a job go through that one FIFO thread, so a job's chunks, pauses and its
+end still arrive in order.
 
 Request i of a job (its i-th chunk) uses seed ``seed + i``; the engine gives every request
 the frames it would make alone, so what a client receives does not depend on the others.
@@ -38,6 +42,7 @@ import torch
 from calm_fast.errors import ArgumentError, CacheFullError
 from calm_fast.fast import ops
 from calm_fast.runtime.decode_slots import DecodeSlots
+from calm_fast.runtime.decode_worker import DecodeWorker
 from calm_fast.runtime.engine import Engine
 from calm_fast.runtime.scheduler import Request
 from calm_fast.runtime.text_chunks import Say, plan
@@ -121,7 +126,7 @@ class _Run:
 class Service:
     def __init__(self, synth, *, max_streams: int = 16, cache_mb: float = 256.0,
                  decode_frames: int = 8, precision: str = "fp32", block_size: int = 16,
-                 max_templates: int = 8):
+                 max_templates: int = 8, overlap: bool = True):
         self.synth = synth
         lm = synth.lm
         c = lm.cfg.backbone
@@ -131,6 +136,8 @@ class Service:
                              head_steps=synth.head_steps, precision=precision,
                              block_size=block_size)
         self.decoder = DecodeSlots(synth.vae, max_streams, max_frames_per_call=decode_frames)
+        self._worker = DecodeWorker(self.decoder) if overlap else None
+        self._decodes: deque = deque()  # futures of the decodes in flight (overlap)
         self.max_streams, self.decode_frames = max_streams, decode_frames
         # voice prompt -> its prefilled [bos, voice] rows (Engine.share): every request in a
         # voice forks them instead of prefilling the prompt again (LRU, a few blocks each)
@@ -173,6 +180,8 @@ class Service:
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._worker is not None:  # what it holds is delivered first
+            self._worker.shutdown()
 
     def submit(self, job: Job, out=None) -> Job:
         """Queue a job. ``out(kind, payload)`` is called from the engine thread for each
@@ -224,6 +233,8 @@ class Service:
                     if self._stop:
                         break
                     cancels, self._cancels = self._cancels, []
+                if self._worker is not None:
+                    self._worker.check()  # a decode (or a client's callback) that failed
                 for jid in cancels:
                     self._drop(jid)
                 self._start_pending()
@@ -250,11 +261,11 @@ class Service:
             self.engine.cancel(run.rid)  # frees its blocks (no-op when it finished)
             self.by_rid.pop(run.rid, None)
             run.rid = None
-        self.decoder.close(run.slot)
-        self.free_slots.append(run.slot)
+        self._dec(self.decoder.close, run.slot)
+        self.free_slots.append(run.slot)  # a reopen is queued after this close
         self.runs.pop(run.job.id, None)
         if kind is not None:
-            run.job._out(kind, payload)
+            self._dec(run.job._out, kind, payload)
 
     def _start_pending(self) -> None:
         while self.free_slots:
@@ -263,12 +274,13 @@ class Service:
                     return
                 job = self.pending.popleft()
             run = _Run(job, self.free_slots.pop())
-            self.decoder.open(run.slot)
+            self._dec(self.decoder.open, run.slot)
             self.runs[job.id] = run
             if job.prompt is not None and job.warm_decoder:  # the prompt's audio came first
                 lat = self.synth.lm.denormalize(job.prompt.float())
                 for i in range(0, lat.shape[0], self.decode_frames):
-                    self.decoder.decode([run.slot], lat[None, i:i + self.decode_frames])
+                    self._dec(self.decoder.decode, [run.slot],
+                              lat[None, i:i + self.decode_frames])
             self._advance(run)
 
     def _advance(self, run: _Run) -> None:
@@ -283,7 +295,7 @@ class Service:
             seg = job.segments[run.seg]
             if seg.pause > 0:
                 n = int(round(seg.pause * self.synth.sample_rate))
-                self._emit(run, np.zeros(n, np.float32))
+                self._dec(self._emit, run.job, np.zeros(n, np.float32))
                 continue
             try:
                 req = self._request(run, seg)
@@ -365,14 +377,29 @@ class Service:
                        eos_threshold=job.eos_threshold,
                        frames_after_eos=job.frames_after_eos)
 
-    def _emit(self, run: _Run, wav: np.ndarray) -> None:
-        if run.job.started is None:
-            run.job.started = time.monotonic()
+    def _dec(self, fn, *args):
+        """``fn(*args)`` on the decoder's thread, after everything queued before it (with
+        overlap), else now: the calls on decoder state and a job's outputs."""
+        if self._worker is None:
+            return fn(*args)
+        return self._worker.run(fn, *args)
+
+    def _emit(self, job: Job, wav: np.ndarray) -> None:
+        if job.started is None:
+            job.started = time.monotonic()
         self.audio_seconds += len(wav) / self.synth.sample_rate
-        run.job._out("audio", wav)
+        job._out("audio", wav)
 
     def _step(self) -> None:
-        events = self.engine.step()
+        threads = torch.get_num_threads()
+        lm_threads = threads - 1 if self._worker is not None and threads > 1 else threads
+        if lm_threads != threads:  # the decoder thread has a core of its own meanwhile
+            torch.set_num_threads(lm_threads)
+        try:
+            events = self.engine.step()
+        finally:
+            if lm_threads != threads:
+                torch.set_num_threads(threads)
         self.steps += 1
         for ev in events:
             run = self.by_rid.get(ev.request)
@@ -405,9 +432,19 @@ class Service:
                 n = min(len(run.undecoded), self.decode_frames)
                 groups.setdefault(n, []).append(run)
         for n, runs in groups.items():
-            lat = torch.stack([torch.stack(r.undecoded[:n]) for r in runs])
-            wav = self.decoder.decode([r.slot for r in runs], self.synth.lm.denormalize(lat))
-            for r, w in zip(runs, wav):
+            lat = self.synth.lm.denormalize(torch.stack([torch.stack(r.undecoded[:n])
+                                                         for r in runs]))
+            for r in runs:
                 del r.undecoded[:n]
                 r.decoded_chunks += 1
-                self._emit(r, w[0].float().numpy().copy())
+            fut = self._dec(self._decode_and_emit, [r.slot for r in runs],
+                            [r.job for r in runs], lat)
+            if self._worker is not None:  # a decoder that falls behind holds the engine
+                self._decodes.append(fut)
+                while len(self._decodes) > 4 or (self._decodes and self._decodes[0].done()):
+                    self._decodes.popleft().result()
+
+    def _decode_and_emit(self, slots: list, jobs: list, lat: torch.Tensor) -> None:
+        wav = self.decoder.decode(slots, lat)
+        for job, w in zip(jobs, wav):
+            self._emit(job, w[0].float().numpy().copy())

@@ -117,3 +117,30 @@ def test_jobs_in_one_voice_share_its_prefilled_prefix(tmp_path):
     assert len(svc.templates) == 2 and not svc0.templates  # LRU: the third was evicted
     for a, b in zip(shared, alone):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_overlap_delivers_the_same_outputs_in_the_same_order(tmp_path):
+    """Service(overlap=True), the default: decoding on its own thread; each job gets the
+    same outputs (audio chunks, pauses, then done) as with overlap=False, in order, with
+    three jobs sharing two streams (one waits for a free slot)."""
+    from calm_fast.serve.models import load_synth
+    from calm_fast.serve.service import Job, Service
+
+    p = export_tiny(tmp_path)
+    synth = load_synth(p["lm"], vae=p["vae"])
+    texts = ["First one. [pause:0.2s] Then two.", "Another voice speaks here.", "Short."]
+    got = {}
+    for overlap in (False, True):
+        svc = Service(synth, max_streams=2, decode_frames=4, overlap=overlap).start()
+        try:
+            jobs = [svc.submit(Job.speech(synth, t, max_chars=12, seed=i, max_seconds=1.0,
+                                          eos_threshold=None)) for i, t in enumerate(texts)]
+            got[overlap] = [list(j.chunks(timeout=60)) for j in jobs]
+            assert svc.running == 0 and sorted(svc.free_slots) == [0, 1]
+        finally:
+            svc.close()
+    for a, b in zip(got[False], got[True]):
+        assert [k for k, _ in a] == [k for k, _ in b] and a[-1][0] == "done"
+        assert "audio" in [k for k, _ in a]
+        for (_, x), (_, y) in zip(a[:-1], b[:-1]):
+            np.testing.assert_allclose(y, x, atol=1e-6)
