@@ -88,6 +88,11 @@ class DecodeWorker:
     def decode(self, slots: list[int], latents: torch.Tensor) -> Future:
         return self.run(self.slots.decode, slots, latents)
 
+    @property
+    def busy(self) -> bool:
+        """Whether a queued call has not finished (FIFO: the last one tells)."""
+        return self._last is not None and not self._last.done()
+
     def check(self) -> None:
         """Re-raise the first error of a call run so far (without waiting)."""
         if self._errors:

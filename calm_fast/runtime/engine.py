@@ -377,13 +377,15 @@ class Engine:
         if self.active:
             streams = list(self.active)
             threads = torch.get_num_threads()
-            # the decoder thread has one core; the LM takes the rest while it runs
-            if threads > 1:
-                torch.set_num_threads(threads - 1)
+            # while the decoder thread works it has one core and the LM the rest; with
+            # nothing to decode the LM has them all
+            lm_threads = threads - 1 if self._worker.busy and threads > 1 else threads
+            if lm_threads != threads:
+                torch.set_num_threads(lm_threads)
             try:
                 out = self.sched.step(streams)
             finally:
-                if threads > 1:
+                if lm_threads != threads:
                     torch.set_num_threads(threads)
             events, done = self._events(out)
             calls, first = self._plan_decode(out.ids, out.latents, done)

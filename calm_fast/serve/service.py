@@ -392,8 +392,11 @@ class Service:
 
     def _step(self) -> None:
         threads = torch.get_num_threads()
-        lm_threads = threads - 1 if self._worker is not None and threads > 1 else threads
-        if lm_threads != threads:  # the decoder thread has a core of its own meanwhile
+        # while the decoder thread works it has a core of its own; otherwise (a prefill of
+        # new jobs with nothing to decode, a single stream between its chunks) the LM has all
+        busy = self._worker is not None and self._worker.busy
+        lm_threads = threads - 1 if busy and threads > 1 else threads
+        if lm_threads != threads:
             torch.set_num_threads(lm_threads)
         try:
             events = self.engine.step()
