@@ -6,7 +6,10 @@ its decoder on a second thread) is timed in the same run. Runs of each variant a
 interleaved, so host noise falls on all of them alike.
 
     python benchmarks/bench_overlap.py [--config english] [--threads 2] [--runs 5]
-        [--precisions fp32,bf16,int8] [--record]
+        [--precisions fp32,bf16,int8] [--batch 16] [--record]
+
+``--batch N``: also the aggregate of ``generate_audio_batch`` over N copies of the text
+(fp32; N streams share each frame step), overlap off and on.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--precisions", default="fp32,bf16,int8")
+    ap.add_argument("--batch", type=int, default=0)
     ap.add_argument("--text", default=TEXT)
     ap.add_argument("--workdir", default=None)
     record_args(ap)
@@ -57,6 +61,16 @@ def main():
             variants[(prec, overlap)] = (m, m.get_state_for_audio_prompt(wav))
     res = {k: [] for k in variants}
     whole = {k: [] for k in variants if k != "package"}
+    if args.batch:  # engines with room for the batch
+        for overlap in (False, True):
+            m = calm_fast.accelerate(peer, max_streams=args.batch, cache_mb=1536,
+                                     overlap=overlap)
+            variants[("batch", overlap)] = (m, m.get_state_for_audio_prompt(wav))
+    batch = {k: [] for k in variants if k[0] == "batch"}
+    for k in batch:
+        m, st = variants.pop(k)
+        m.generate_audio_batch(st, [args.text] * 2, seed=1)  # untimed warm-up
+        batch[k] = (m, st)
     for k, (m, st) in variants.items():  # untimed: first-call allocations
         stream_run(m, st, args.text, sr)
     for _ in range(args.runs):
@@ -80,6 +94,17 @@ def main():
                      "generate_audio_rtf": round(statistics.median(a / w for w, a in whole[k]),
                                                  2),
                      "vs_package": round(rtf / p_rtf, 2)})
+    agg = {k: [] for k in batch}
+    for _ in range(max(1, args.runs // 2)):
+        for k, (m, st) in batch.items():
+            t0 = time.perf_counter()
+            wavs = m.generate_audio_batch(st, [args.text] * args.batch, seed=1)
+            agg[k].append(sum(w.shape[-1] for w in wavs) / sr / (time.perf_counter() - t0))
+    for (_, overlap), v in agg.items():
+        rows.append({"variant": f"calm_fast batch of {args.batch}", "precision": "fp32",
+                     "overlap": "on" if overlap else "off", "ttfa_ms": "",
+                     "stream_rtf": "", "generate_audio_rtf": round(statistics.median(v), 2),
+                     "vs_package": ""})
     for r in rows:
         r["config"], r["threads"], r["runs"] = args.config, args.threads, args.runs
     print_table(rows, ["variant", "precision", "overlap", "ttfa_ms", "stream_rtf",

@@ -54,7 +54,7 @@ class VoiceState:
 class AcceleratedTTS:
     def __init__(self, peer, *, int8: bool = False, max_streams: int = 16,
                  cache_mb: float = 512.0, decode_frames: int = 8, precision: str = "fp32",
-                 overlap: bool = False):
+                 overlap: bool = True):
         if not hasattr(peer, "flow_lm") or not hasattr(peer, "mimi"):
             raise ArgumentTypeError(f"accelerate() takes a pocket_tts TTSModel, got "
                                     f"{type(peer).__name__}")

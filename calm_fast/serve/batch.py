@@ -96,6 +96,7 @@ class JobConfig:
     decode_frames: int = 8
     window: int | None = None  # rows in flight (default 2 x max_streams)
     precision: str = "fp32"  # weights of the LM and head: fp32, bf16 or int8 (CPU)
+    overlap: bool = True  # decode on a thread of its own while the engine makes frames
     base_dir: str | None = None  # relative audio paths resolve here (default: the manifest's)
     max_voices: int = 32  # prefilled voice templates kept (LRU)
     voice: str | None = None  # rows that name no voice use it (default: the bundle's)
@@ -351,7 +352,7 @@ class Job:
                 self.lm, num_blocks=max(64, int(self.cfg.cache_mb * 2**20 // block_bytes)),
                 max_streams=self.cfg.max_streams, head_steps=steps,
                 precision=self.cfg.precision,
-                vae=self.vae, decode_frames=self.cfg.decode_frames)
+                vae=self.vae, decode_frames=self.cfg.decode_frames, overlap=self.cfg.overlap)
         return self.engines[steps]
 
     def _path(self, path: str) -> Path:
@@ -536,7 +537,7 @@ class Job:
                     return
                 continue
             for steps, eng in list(self.engines.items()):
-                if not (eng.running or eng.queue_depth):
+                if not (eng.running or eng.queue_depth or eng.decoding):
                     continue
                 events = eng.step()
                 for ev in events:
@@ -548,7 +549,7 @@ class Job:
                     if ev.finished:
                         del self.flights[(steps, ev.request)]
                         yield self._finish(fl)
-                if not events and not eng.running and eng.queue_depth:
+                if not events and not eng.running and not eng.decoding and eng.queue_depth:
                     yield from self._unstick(steps, eng)
 
     def _unstick(self, steps, eng):
@@ -868,6 +869,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "bytes; bf16 rows, fp32 sums) or int8 (CPU)")
     p.add_argument("--int8", action="store_true",
                    help="the same as --precision int8 (default: off)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="decode on the engine's thread, after each frame step (default: on a "
+                   "thread and core of its own, while the next frames are made)")
     p.add_argument("--voice", default=None,
                    help="voice of text rows that name none: a built-in name, a voice file or "
                         "a prompt audio file (default: the shipped model's default voice)")
@@ -905,7 +909,7 @@ def _cmd(a) -> None:
                   format=a.format, max_seconds=a.max_seconds, eos_threshold=_eos(a.eos_threshold),
                   max_streams=a.max_streams, cache_mb=a.cache_mb, decode_frames=a.decode_frames,
                   window=a.window, precision=checks.precision(a.precision, a.int8),
-                  voice=a.voice)
+                  voice=a.voice, overlap=not a.no_overlap)
     print(f"batch: {s['ok']} ok, {s['failed']} failed, {s['skipped']} already done; "
           f"{s['audio_s']:.1f} s of audio in {s['wall_s']:.1f} s ({s['rtf']}x real time); "
           f"results in {s['results']}")

@@ -440,10 +440,17 @@ class Service:
             for r in runs:
                 del r.undecoded[:n]
                 r.decoded_chunks += 1
-            fut = self._dec(self._decode_and_emit, [r.slot for r in runs],
-                            [r.job for r in runs], lat)
-            if self._worker is not None:  # a decoder that falls behind holds the engine
-                self._decodes.append(fut)
+            args = ([r.slot for r in runs], [r.job for r in runs], lat)
+            if self._worker is None:
+                self._decode_and_emit(*args)
+            elif torch.get_num_threads() > 1 and len(self.runs) > Engine.OVERLAP_STREAMS:
+                # many streams of an LM that uses every core: decode here, on them all,
+                # after what the worker holds (as the engine does)
+                self._worker.sync()
+                self._decode_and_emit(*args)
+            else:
+                self._decodes.append(self._worker.run(self._decode_and_emit, *args))
+                # a decoder that falls behind holds the engine
                 while len(self._decodes) > 4 or (self._decodes and self._decodes[0].done()):
                     self._decodes.popleft().result()
 

@@ -40,7 +40,10 @@ def drive(eng, reqs, cancel_at=None):
     return lats, audio, first
 
 
-def test_overlap_gives_the_same_frames_audio_and_first_chunks(tts, vae):
+@pytest.mark.parametrize("overlap_streams", [4, 1])
+def test_overlap_gives_the_same_frames_audio_and_first_chunks(tts, vae, overlap_streams):
+    """overlap_streams 1: steps with more streams decode on the engine thread (after what
+    the worker holds), the others on the worker."""
     reqs = ragged_tts_requests(tts)
     reqs.append(Request(tts.prefix(tokens=torch.tensor([3, 1])), 12, seed=4,
                         eos_threshold=None))
@@ -49,6 +52,7 @@ def test_overlap_gives_the_same_frames_audio_and_first_chunks(tts, vae):
     for overlap in (False, True):
         eng = Engine(tts, num_blocks=96, block_size=4, max_streams=3, vae=vae,
                      decode_frames=4, overlap=overlap)  # max_streams 3: one request waits
+        eng.OVERLAP_STREAMS = overlap_streams
         runs.append(drive(eng, reqs))
         assert torch.get_num_threads() == 2  # the LM's share is given back after each step
         if overlap:
