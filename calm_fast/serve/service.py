@@ -437,15 +437,18 @@ class Service:
         for n, runs in groups.items():
             lat = self.synth.lm.denormalize(torch.stack([torch.stack(r.undecoded[:n])
                                                          for r in runs]))
+            first = any(r.decoded_chunks == 0 for r in runs)
             for r in runs:
                 del r.undecoded[:n]
                 r.decoded_chunks += 1
             args = ([r.slot for r in runs], [r.job for r in runs], lat)
             if self._worker is None:
                 self._decode_and_emit(*args)
-            elif torch.get_num_threads() > 1 and len(self.runs) > Engine.OVERLAP_STREAMS:
-                # many streams of an LM that uses every core: decode here, on them all,
-                # after what the worker holds (as the engine does)
+            elif first or (torch.get_num_threads() > 1
+                           and len(self.runs) > Engine.OVERLAP_STREAMS):
+                # here, after what the worker holds (as the engine does): a job's first
+                # chunk (its time to first audio: no hand-over to a sleeping thread), or
+                # many streams of an LM that uses every core (decoded on them all)
                 self._worker.sync()
                 self._decode_and_emit(*args)
             else:
