@@ -28,8 +28,13 @@ from calm_fast.runtime.decode_slots import DecodeSlots
 
 
 def _run(q: queue.SimpleQueue, threads: int, errors: list) -> None:
-    # torch's intra-op thread count is per OS thread (OpenMP's ICV, MKL's local setting):
-    # this sets the decoder's own and leaves the engine thread's as it was
+    # torch's intra-op thread count is per OS thread (OpenMP's ICV): this sets the
+    # decoder's own and leaves the engine thread's as it was. torch initialises a thread's
+    # count lazily, at its first parallel call, from the last value set in ANY thread; the
+    # get_num_threads() call does that first, or the engine thread's latest setting would
+    # later override this one (a thread count that depends on timing changes the sums'
+    # rounding from run to run).
+    torch.get_num_threads()
     torch.set_num_threads(threads)
     while True:
         item = q.get()
@@ -87,11 +92,6 @@ class DecodeWorker:
 
     def decode(self, slots: list[int], latents: torch.Tensor) -> Future:
         return self.run(self.slots.decode, slots, latents)
-
-    @property
-    def busy(self) -> bool:
-        """Whether a queued call has not finished (FIFO: the last one tells)."""
-        return self._last is not None and not self._last.done()
 
     def check(self) -> None:
         """Re-raise the first error of a call run so far (without waiting)."""

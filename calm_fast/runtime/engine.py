@@ -36,8 +36,10 @@ Overlap (``overlap=True``, with a vae): the decoder runs on its own thread
 others, makes the next frames; a step's events come out once their audio is decoded (a
 later ``step()``, in order), except a stream's first chunk, which is waited for (the time
 to first audio stays one frame plus one decode, on every thread). With more than
-``OVERLAP_STREAMS`` streams the decoding goes back to the engine thread. The audio is the
-same as without it.
+``OVERLAP_STREAMS`` streams the decoding goes back to the engine thread. The audio equals
+the engine's without overlap to fp32 rounding (the LM runs on one thread fewer), and is the
+same bit for bit from run to run: which thread count and path a step takes follows the
+requests, never the timing.
 """
 from __future__ import annotations
 
@@ -389,9 +391,11 @@ class Engine:
         if self.active:
             streams = list(self.active)
             threads = torch.get_num_threads()
-            # while the decoder thread works it has one core and the LM the rest; with
-            # nothing to decode the LM has them all
-            lm_threads = threads - 1 if self._worker.busy and threads > 1 else threads
+            # the decoder thread has one core and the LM the rest, whether or not a decode
+            # is running right now: the LM's thread count changes its sums' rounding, so it
+            # must follow the requests, not the timing (same seed, same audio)
+            overlapped = threads > 1 and len(streams) <= self.OVERLAP_STREAMS
+            lm_threads = threads - 1 if overlapped else threads
             if lm_threads != threads:
                 torch.set_num_threads(lm_threads)
             try:
@@ -402,7 +406,7 @@ class Engine:
             events, done = self._events(out)
             calls, first = self._plan_decode(out.ids, out.latents, done)
             fut = None
-            if calls and (first or threads < 2 or len(streams) > self.OVERLAP_STREAMS):
+            if calls and (first or not overlapped):
                 # here, on every thread, after what the worker holds: a first chunk (the
                 # time to first audio), a process given one core (e.g. a Ray actor of one
                 # CPU: none to lend), or many streams (both sides then use every core alone)

@@ -392,10 +392,12 @@ class Service:
 
     def _step(self) -> None:
         threads = torch.get_num_threads()
-        # while the decoder thread works it has a core of its own; otherwise (a prefill of
-        # new jobs with nothing to decode, a single stream between its chunks) the LM has all
-        busy = self._worker is not None and self._worker.busy
-        lm_threads = threads - 1 if busy and threads > 1 else threads
+        # the decoder thread has a core of its own and the LM the rest (by the number of
+        # jobs, never by whether a decode runs right now: the LM's thread count changes its
+        # sums' rounding, and a job's audio must not depend on timing)
+        overlapped = (self._worker is not None and threads > 1
+                      and len(self.runs) <= Engine.OVERLAP_STREAMS)
+        lm_threads = threads - 1 if overlapped else threads
         if lm_threads != threads:
             torch.set_num_threads(lm_threads)
         try:

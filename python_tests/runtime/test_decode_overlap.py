@@ -70,6 +70,33 @@ def test_overlap_gives_the_same_frames_audio_and_first_chunks(tts, vae, overlap_
     assert fa == fb  # the first chunk is waited for: no later than without overlap
 
 
+def test_the_same_requests_give_the_same_bits_whatever_the_decoder_timing(tts, vae):
+    """A decoder that is sometimes slow (so the LM's steps meet it busy or idle at random)
+    changes nothing: the LM's thread count follows the streams, not the timing."""
+    import random
+    import time
+
+    reqs = [Request(tts.prefix(tokens=torch.tensor([i + 1, 3])), 9, seed=i,
+                    eos_threshold=None) for i in range(2)]
+    torch.set_num_threads(2)
+    runs = []
+    for trial in range(3):
+        eng = Engine(tts, num_blocks=96, block_size=4, max_streams=2, vae=vae,
+                     decode_frames=2, overlap=True)
+        real, rng = eng.decoder.decode, random.Random(trial)
+
+        def jittery(slots, lat):
+            time.sleep(rng.choice([0.0, 0.0, 0.003]))
+            return real(slots, lat)
+
+        eng.decoder.decode = jittery
+        runs.append(drive(eng, reqs))
+    for lats, audio, _ in runs[1:]:
+        for k in range(2):
+            assert torch.equal(torch.stack(lats[k]), torch.stack(runs[0][0][k]))
+            assert torch.equal(torch.cat(audio[k], -1), torch.cat(runs[0][1][k], -1))
+
+
 def test_cancel_while_decoding_drops_its_events_and_keeps_the_others(tts, vae):
     reqs = [Request(tts.prefix(tokens=torch.tensor([i + 1, 2])), 10, seed=i,
                     eos_threshold=None) for i in range(3)]
@@ -109,7 +136,9 @@ def test_worker_runs_calls_in_order_on_its_own_thread(vae):
     w = DecodeWorker(slots)
     names = []
     real = slots.decode
-    slots.decode = lambda s, lat: names.append(threading.current_thread().name) or real(s, lat)
+    slots.decode = lambda s, lat: names.append(
+        (threading.current_thread().name, torch.get_num_threads())) or real(s, lat)
+    torch.set_num_threads(2)  # the caller's later setting does not reach the worker's
     w.open(0)
     lat = torch.randn(1, 1, vae.cfg.latent_dim)
     a = w.decode([0], lat)
@@ -117,7 +146,7 @@ def test_worker_runs_calls_in_order_on_its_own_thread(vae):
     w.open(0)  # reopened: a fresh stream, so the same frame gives the same audio
     b = w.decode([0], lat)
     torch.testing.assert_close(a.result(), b.result())
-    assert names == ["calm-fast-decoder"] * 2
+    assert names == [("calm-fast-decoder", 1)] * 2
     w.close(5)  # a bad call nobody waits on is raised at the next sync
     with pytest.raises(IndexError):
         w.sync()
