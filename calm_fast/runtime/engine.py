@@ -138,7 +138,10 @@ class Engine:
                 raise ArgumentError(f"the VAE takes {vae.cfg.latent_dim}-dim latents, the model "
                                  f"makes {model.cfg.latent_dim}")
             self.decoder = DecodeSlots(vae, max_streams, max_frames_per_call=decode_frames)
-        # with overlap every call on the decoder's state goes through the worker, in order
+        # with overlap every call on the decoder's state goes through the worker, in order;
+        # the calling thread's torch thread count is initialised before the worker sets
+        # its own (a thread not yet initialised would take the worker's 1 later)
+        torch.get_num_threads()
         self._worker = DecodeWorker(self.decoder) if overlap and vae is not None else None
         self._held: deque = deque()  # [events, future of their audio or None], in order
         self.decode_frames = decode_frames

@@ -136,6 +136,7 @@ class Service:
                              head_steps=synth.head_steps, precision=precision,
                              block_size=block_size)
         self.decoder = DecodeSlots(synth.vae, max_streams, max_frames_per_call=decode_frames)
+        self._threads = torch.get_num_threads()  # the engine thread's, for a large model
         self._worker = DecodeWorker(self.decoder) if overlap else None
         self._decodes: deque = deque()  # futures of the decodes in flight (overlap)
         self.max_streams, self.decode_frames = max_streams, decode_frames
@@ -222,8 +223,11 @@ class Service:
     def _loop(self):
         torch.set_grad_enabled(False)
         threads = ops.engine_threads(self.synth.lm, self.engine.sched.device)
-        if threads is not None:  # torch's setting is per process: the engine owns the CPU
-            torch.set_num_threads(threads)
+        # A new thread takes its torch thread count, at its first parallel call, from the
+        # last value set in any thread (the decode worker sets 1 for itself): so this one
+        # is initialised first and set explicitly, to the caller's count for a large model.
+        torch.get_num_threads()
+        torch.set_num_threads(threads if threads is not None else self._threads)
         try:
             while True:
                 with self._lock:
