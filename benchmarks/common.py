@@ -5,7 +5,6 @@ import csv
 import subprocess
 import datetime as _dt
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -18,15 +17,9 @@ def machine() -> str:
     """CPU model (or GPU name) and core count, for the results table."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} x{os.cpu_count()}"
+    from calm_fast.fast.calibrate import cpu_model
+
+    return f"{cpu_model()} x{os.cpu_count()}"
 
 
 # the instruction sets a CPU speed claim depends on (what /proc/cpuinfo calls them)

@@ -21,6 +21,7 @@ import queue
 import threading
 import weakref
 from concurrent.futures import Future
+from contextlib import contextmanager
 
 import torch
 
@@ -49,6 +50,21 @@ def _run(q: queue.SimpleQueue, threads: int, errors: list) -> None:
         except BaseException as e:  # handed to whoever waits on the future, and kept for
             fut.set_exception(e)     # calls nobody waits on (open, close)
             errors.append(e)
+
+
+@contextmanager
+def lm_threads(give_core: bool):
+    """While the block runs, this thread (the LM's) has one intra-op thread fewer when
+    ``give_core`` and it has more than one: the decode worker's core. Restored after."""
+    threads = torch.get_num_threads()
+    fewer = give_core and threads > 1
+    if fewer:
+        torch.set_num_threads(threads - 1)
+    try:
+        yield
+    finally:
+        if fewer:
+            torch.set_num_threads(threads)
 
 
 def _stop(q: queue.SimpleQueue, thread: threading.Thread) -> None:

@@ -54,7 +54,7 @@ from calm_fast.codec.vae import VAE
 from calm_fast.codec.istft import ISTFTVAE
 from calm_fast.errors import ArgumentError, CacheFullError
 from calm_fast.runtime.decode_slots import DecodeSlots
-from calm_fast.runtime.decode_worker import DecodeWorker
+from calm_fast.runtime.decode_worker import DecodeWorker, lm_threads
 from calm_fast.fast import backbone as fb
 from calm_fast.runtime.scheduler import Request, Scheduler, Stream
 from calm_fast.model.calm import CALM
@@ -398,14 +398,8 @@ class Engine:
             # is running right now: the LM's thread count changes its sums' rounding, so it
             # must follow the requests, not the timing (same seed, same audio)
             overlapped = threads > 1 and len(streams) <= self.OVERLAP_STREAMS
-            lm_threads = threads - 1 if overlapped else threads
-            if lm_threads != threads:
-                torch.set_num_threads(lm_threads)
-            try:
+            with lm_threads(overlapped):
                 out = self.sched.step(streams)
-            finally:
-                if lm_threads != threads:
-                    torch.set_num_threads(threads)
             events, done = self._events(out)
             calls, first = self._plan_decode(out.ids, out.latents, done)
             fut = None

@@ -102,8 +102,8 @@ class Scheduler:
 
     head_steps: LSD / consistency steps per frame. precision: the backbone's and head's
     weights on CPU: "fp32" (the default and the parity mode), "bf16" (bf16 weights and
-    matmul rows, fp32 products and sums: half the bytes a batch-1 frame reads) or "int8" (fbgemm); ``int8=True`` is
-    precision="int8". device: where the cache and the frame compute live; on CUDA each frame is a
+    matmul rows, fp32 products and sums: half the bytes a batch-1 frame reads) or "int8"
+    (fbgemm); ``int8=True`` is precision="int8". device: where the cache and the frame compute live; on CUDA each frame is a
     CUDA-graph replay (frame_step.FrameStep) and ``dtype`` may be bf16/fp16; there the
     cache (``num_blocks``, required) and the captured graphs are kept across calls. The
     weights are packed once here: build a new generator after training."""

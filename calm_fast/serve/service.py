@@ -42,7 +42,7 @@ import torch
 from calm_fast.errors import ArgumentError, CacheFullError
 from calm_fast.fast import ops
 from calm_fast.runtime.decode_slots import DecodeSlots
-from calm_fast.runtime.decode_worker import DecodeWorker
+from calm_fast.runtime.decode_worker import DecodeWorker, lm_threads
 from calm_fast.runtime.engine import Engine
 from calm_fast.runtime.scheduler import Request
 from calm_fast.runtime.text_chunks import Say, plan
@@ -395,20 +395,12 @@ class Service:
         job._out("audio", wav)
 
     def _step(self) -> None:
-        threads = torch.get_num_threads()
         # the decoder thread has a core of its own and the LM the rest (by the number of
         # jobs, never by whether a decode runs right now: the LM's thread count changes its
         # sums' rounding, and a job's audio must not depend on timing)
-        overlapped = (self._worker is not None and threads > 1
-                      and len(self.runs) <= Engine.OVERLAP_STREAMS)
-        lm_threads = threads - 1 if overlapped else threads
-        if lm_threads != threads:
-            torch.set_num_threads(lm_threads)
-        try:
+        with lm_threads(self._worker is not None
+                        and len(self.runs) <= Engine.OVERLAP_STREAMS):
             events = self.engine.step()
-        finally:
-            if lm_threads != threads:
-                torch.set_num_threads(threads)
         self.steps += 1
         for ev in events:
             run = self.by_rid.get(ev.request)
