@@ -107,39 +107,42 @@ void paged_decode_attention_cpu(const float* q, const float* k, const float* v,
                                 int64_t block_size, float scale, float* out) {
   const Args a{q, k, v, indptr, indices, last_page_len, start, heads, kv_heads, dim,
                block_size, scale, out};
-  int64_t threads = 1;
-#ifdef CALM_FAST_OPENMP
-  threads = omp_get_max_threads();
-#endif
-  // Enough streams to keep every thread busy: one task per stream. Fewer (batch 1 decode):
-  // each stream's rows split into one contiguous chunk per thread, each over every head
-  // (split-K, as flash-decoding does). Either way the partial softmaxes are then merged.
-  // Splitting by head instead had each thread read a 256-byte piece of every 4 KB cache
-  // row: 12 GB/s against ~30 for contiguous runs (`pocket`, ctx 512, batch 1).
-  const int64_t chunks = batch >= threads ? 1 : threads;
-  std::vector<float> po(batch * chunks * heads * dim), pm(batch * chunks * heads),
-      pl(batch * chunks * heads);
-#ifdef CALM_FAST_OPENMP
-#pragma omp parallel for collapse(2) schedule(dynamic, 1)
-#endif
+  // Each stream's live rows are cut into chunks of CHUNK_ROWS (the last one shorter), one
+  // task each (split-K, as flash-decoding does); the partial softmaxes are then merged in
+  // chunk order. The cut depends on the stream's own row count only, never on the thread
+  // count or on the other streams, so a stream's output has the same bits on any number of
+  // threads and in any batch (the engine may change the LM's threads between steps).
+  // Contiguous runs of whole cache rows: splitting by head instead had each thread read a
+  // 256-byte piece of every 4 KB row, 12 GB/s against ~30 (`pocket`, ctx 512, batch 1).
+  constexpr int64_t CHUNK_ROWS = 64;
+  std::vector<int64_t> first(batch), rows(batch), task0(batch + 1, 0);
   for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t c = 0; c < chunks; ++c) {
-      int64_t first = 0;
-      const int64_t rows = live_rows(a.indptr, a.last_page_len, a.start, a.block_size, b, &first);
-      const int64_t i = (b * chunks + c) * heads;
-      attend_part(a, b, first, rows * c / chunks, rows * (c + 1) / chunks,
-                  po.data() + i * dim, pm.data() + i, pl.data() + i);
-    }
+    rows[b] = live_rows(a.indptr, a.last_page_len, a.start, a.block_size, b, &first[b]);
+    task0[b + 1] = task0[b] + std::max<int64_t>(1, (rows[b] + CHUNK_ROWS - 1) / CHUNK_ROWS);
+  }
+  const int64_t tasks = task0[batch];
+  std::vector<float> po(tasks * heads * dim), pm(tasks * heads), pl(tasks * heads);
+#ifdef CALM_FAST_OPENMP
+#pragma omp parallel for schedule(dynamic, 1)
+#endif
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t b = std::upper_bound(task0.begin(), task0.end(), t) - task0.begin() - 1;
+    const int64_t c = t - task0[b];
+    const int64_t t0 = std::min(rows[b], c * CHUNK_ROWS);
+    const int64_t t1 = std::min(rows[b], t0 + CHUNK_ROWS);
+    attend_part(a, b, first[b], t0, t1, po.data() + t * heads * dim, pm.data() + t * heads,
+                pl.data() + t * heads);
   }
   for (int64_t b = 0; b < batch; ++b) {
+    const int64_t chunks = task0[b + 1] - task0[b];
     for (int64_t h = 0; h < heads; ++h) {
       float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, pm[(b * chunks + c) * heads + h]);
+      for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, pm[(task0[b] + c) * heads + h]);
       float* o = out + (b * heads + h) * dim;
       std::fill(o, o + dim, 0.0f);
       float sum = 0.0f;
       for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t i = (b * chunks + c) * heads + h;
+        const int64_t i = (task0[b] + c) * heads + h;
         if (pl[i] == 0.0f) continue;  // an empty chunk (or a stream with no live rows)
         const float w = std::exp(pm[i] - mx);
         sum += w * pl[i];

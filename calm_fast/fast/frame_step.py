@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from calm_fast.fast import backbone as fb
 from calm_fast.fast import ops
 from calm_fast.fast.cache import PagedKVCache
+from calm_fast.fast.cpu_linear import SplitLinear
 from calm_fast.fast import head as fh
 from calm_fast.model.sampling import consistency_sample, latent_cfg, lsd_sample
 
@@ -88,6 +89,13 @@ class FrameStep:
         self.w_in = mv(model.input_linear.weight).t().contiguous()
         self.norm = (mv(model.out_norm.weight), mv(model.out_norm.bias), model.out_norm.eps)
         self.eos_w, self.eos_b = mv(model.out_eos.weight), mv(model.out_eos.bias)
+        # on CPU the input and EOS projections go through our C++ linear too: torch's sgemm
+        # rounds a 5-row product differently on one thread and on two, and the engine
+        # changes the LM's thread count between steps (Scheduler.thread_invariant)
+        self._in_lin = self._eos_lin = None
+        if cpu and dt == torch.float32 and ops.has_native("linear"):
+            self._in_lin = SplitLinear(self.w_in)
+            self._eos_lin = SplitLinear(self.eos_w.t().contiguous(), self.eos_b)
         self.graphs = ops.cuda_graphs(self.device) if graphs is None else graphs
         self.buckets = tuple(sorted(buckets))
         self._captured = {}
@@ -99,7 +107,8 @@ class FrameStep:
         d = self.cfg.backbone.d_model
         z = None
         if f.row_src.shape[0]:
-            x = f.prev[f.row_src].to(self.w_in.dtype) @ self.w_in
+            x = f.prev[f.row_src].to(self.w_in.dtype)
+            x = self._in_lin(x) if self._in_lin is not None else x @ self.w_in
             if f.add is not None:
                 x = x + f.add.to(x.dtype)
             z = fb.step_rows(self.backbone, self.cache, x, f.pos, f.slots, f.table)
@@ -114,7 +123,8 @@ class FrameStep:
         if self.short is not None:
             Z = Z + self.short.step(self.ring, f.ring, f.prev.to(Z.dtype),
                                     attend=ops.ring_attention).to(Z.dtype)
-        logits = F.linear(Z, self.eos_w, self.eos_b)[:, 0]
+        logits = (self._eos_lin(Z) if self._eos_lin is not None else
+                  F.linear(Z, self.eos_w, self.eos_b))[:, 0]
 
         def head(c, xx, times):
             return self._head_fn(self.head, c, xx, times)

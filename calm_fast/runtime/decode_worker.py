@@ -55,7 +55,10 @@ def _run(q: queue.SimpleQueue, threads: int, errors: list) -> None:
 @contextmanager
 def lm_threads(give_core: bool):
     """While the block runs, this thread (the LM's) has one intra-op thread fewer when
-    ``give_core`` and it has more than one: the decode worker's core. Restored after."""
+    ``give_core`` and it has more than one: the decode worker's core. Restored after.
+    Callers give the core only while the worker decodes when the LM's step is thread-count
+    invariant (``Scheduler.thread_invariant``), and whenever the worker may decode otherwise:
+    then the LM's thread count, which changes its rounding, follows the requests alone."""
     threads = torch.get_num_threads()
     fewer = give_core and threads > 1
     if fewer:
@@ -108,6 +111,11 @@ class DecodeWorker:
 
     def decode(self, slots: list[int], latents: torch.Tensor) -> Future:
         return self.run(self.slots.decode, slots, latents)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a call queued so far has not finished yet."""
+        return self._last is not None and not self._last.done()
 
     def check(self) -> None:
         """Re-raise the first error of a call run so far (without waiting)."""

@@ -394,11 +394,13 @@ class Engine:
         if self.active:
             streams = list(self.active)
             threads = torch.get_num_threads()
-            # the decoder thread has one core and the LM the rest, whether or not a decode
-            # is running right now: the LM's thread count changes its sums' rounding, so it
-            # must follow the requests, not the timing (same seed, same audio)
             overlapped = threads > 1 and len(streams) <= self.OVERLAP_STREAMS
-            with lm_threads(overlapped):
+            # the decoder thread has one core while it decodes and the LM the rest; the LM
+            # takes them all when the decoder is idle if its sums do not depend on the
+            # thread count, else it keeps to the rest whatever the timing (same seed, same
+            # audio either way)
+            give = overlapped and (self._worker.busy or not self.sched.thread_invariant)
+            with lm_threads(give):
                 out = self.sched.step(streams)
             events, done = self._events(out)
             calls, first = self._plan_decode(out.ids, out.latents, done)

@@ -162,6 +162,16 @@ class Scheduler:
         self.reserved = 0  # blocks promised to admitted streams, not yet allocated
 
     # -- validation ---------------------------------------------------------------------------
+    @property
+    def thread_invariant(self) -> bool:
+        """Whether a frame step gives the same bits on any intra-op thread count: our C++
+        step and linears (fp32 and bf16) cut every reduction by shape alone, never by
+        thread count (python_tests/runtime/test_decode_overlap.py checks it), while torch's
+        sgemm (the "torch" layout, the short-context module's linears) and fbgemm's int8
+        kernels round some shapes differently on one thread and on two."""
+        return (self.layout == "native" and ops.has_native("linear")
+                and getattr(self.model, "short", None) is None)
+
     def check(self, i: int, r: Request) -> None:
         """Validate request ``i``: every field's type, range and finiteness (ArgumentError /
         ArgumentTypeError naming the field and the value; nothing is reserved)."""

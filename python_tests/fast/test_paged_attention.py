@@ -27,20 +27,43 @@ def test_cpu_kernel_matches_sdpa_on_ragged_shared_and_trimmed_streams(seed):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_split_rows_across_threads_for_few_streams(threads):
-    """With fewer streams than threads each stream's rows are split into one chunk per
-    thread and the partial softmaxes merged (chunks may be empty or cross pages)."""
+def _long_streams(lengths, heads=4, kv_heads=2, dim=16, block_size=4, seed=0):
+    """A cache holding one stream per length (long ones cross several 64-row chunks, the
+    first trimmed so that it starts inside a page), their histories and queries."""
+    g = torch.Generator().manual_seed(seed)
+    cache = PagedKVCache(1, 160, block_size, kv_heads, dim, max_streams=8)
+    streams, hist = [], []
+    for i, n in enumerate(lengths):
+        s = cache.new_stream()
+        k, v = torch.randn(n, kv_heads, dim, generator=g), torch.randn(n, kv_heads, dim, generator=g)
+        cache.write(0, cache.reserve([s], n), k, v)
+        if i == 0:
+            cache.trim_front(s, n - 3)
+            k, v = k[3:], v[3:]
+        streams.append(s)
+        hist.append((k, v))
+    return cache, streams, hist, torch.randn(len(lengths), heads, dim, generator=g)
+
+
+def test_a_streams_attention_has_the_same_bits_on_any_threads_and_in_any_batch():
+    """Each stream's rows are cut into 64-row chunks by its own length alone, so neither
+    the thread count nor the other streams in the call change its bits (the engine gives
+    the LM a different thread count from step to step)."""
+    cache, streams, hist, q = _long_streams([200, 1, 64, 65, 130])
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    outs = []
     try:
-        for seed in range(6):
-            cache, streams, hist, q = build(40 + seed, 1 + seed % 2, 4, 2, 16, 4)
-            out = cache.attend(0, q, streams)
-            for b, (k, v) in enumerate(hist):
-                torch.testing.assert_close(out[b], sdpa_one(q[b], k, v), rtol=1e-5, atol=1e-5)
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(cache.attend(0, q, streams))
+            for b, s in enumerate(streams):  # alone in its call
+                assert torch.equal(cache.attend(0, q[b:b + 1], [s])[0], outs[0][b])
     finally:
         torch.set_num_threads(before)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    for b, (k, v) in enumerate(hist):
+        torch.testing.assert_close(outs[0][b], sdpa_one(q[b], k, v), rtol=1e-5, atol=1e-5)
 
 
 def test_python_twin_gives_the_same_attention():
