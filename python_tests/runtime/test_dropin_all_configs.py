@@ -7,9 +7,13 @@ package leaves it. The package (4.0.1) has no batched call: request i of
 ``generate_audio_batch(seed=s)`` must give the package's ``generate_audio`` under seed s + i,
 and leave the global RNG alone.
 
-The configs of more than 8 layers (the 24-layer ones) are heavy on a CPU: by default one
-of them runs (``english_2026-09_24l``, else the first); ``CALM_FAST_ALL_CONFIGS=1`` runs
-them all. A config that calm_fast does not run must be refused in one line: the known ones
+The configs of more than 8 layers (the 24-layer ones) are heavy on a CPU (~30 s each): by
+default one of them runs (``english_2026-09_24l``, else the first), and the others are
+covered as a group: ``test_each_heavy_config_is_a_tested_architecture_and_text_handling``
+checks that each one has exactly the representative's architecture (every ``flow_lm`` and
+``mimi`` field but the tokenizer file) and exactly its 6-layer sibling's text handling and
+sampling (every other field but the weight files), and both of those run here in full.
+``CALM_FAST_ALL_CONFIGS=1`` runs them all anyway. A config that calm_fast does not run must be refused in one line: the known ones
 are in REFUSED, and a new config refused fails its test with accelerate()'s line.
 """
 import os
@@ -53,7 +57,8 @@ def _params():
     configs = _configs()
     heavy = [name for name, h in configs if h]
     rep = REPRESENTATIVE if REPRESENTATIVE in heavy else (heavy[0] if heavy else None)
-    marks = pytest.mark.skip(reason="heavy (24-layer) config: CALM_FAST_ALL_CONFIGS=1 runs it")
+    marks = pytest.mark.skip(reason="heavy (24-layer) config, covered by its group test: "
+                                    "CALM_FAST_ALL_CONFIGS=1 runs it")
     return [pytest.param(name, marks=() if not h or ALL or name == rep else marks, id=name)
             for name, h in configs]
 
@@ -142,6 +147,53 @@ def test_every_packaged_config_gives_the_package_audio(workdir, voice, config):
     assert torch.equal(torch.get_rng_state(), rng), "generate_audio_batch: RNG"
     _same(batch[0], want, 1e-5, "generate_audio_batch[0]")  # two streams: batched sums
     _same(batch[1], want_1, 1e-5, "generate_audio_batch[1]")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+    return out
+
+
+def _heavy_unrun():
+    configs = _configs()
+    heavy = [n for n, h in configs if h]
+    rep = REPRESENTATIVE if REPRESENTATIVE in heavy else (heavy[0] if heavy else None)
+    return rep, [n for n in heavy if n != rep]
+
+
+@pytest.mark.skipif(CONFIGS_DIR is None, reason="the pocket-tts package is not installed")
+@pytest.mark.parametrize("config", _heavy_unrun()[1])
+def test_each_heavy_config_is_a_tested_architecture_and_text_handling(config):
+    """A heavy config the default run skips gives the package's audio because both halves
+    of it are tested above: its model (every ``flow_lm``/``mimi`` field but the tokenizer
+    file, which the fixture trains anyway) is the representative's, and everything else
+    (the package's text handling, default temperature; not the weight files) is its
+    6-layer sibling's, which runs in full. A later heavy config that is neither fails here:
+    run it with CALM_FAST_ALL_CONFIGS=1 and make it the representative of a new group."""
+    rep = _heavy_unrun()[0]
+    load = lambda name: _flat(yaml.safe_load((Path(CONFIGS_DIR) / f"{name}.yaml")  # noqa: E731
+                                             .read_text()))
+    me, arch_ref = load(config), load(rep)
+    sibling = config.replace("_24l", "")
+    light = {n for n, h in _configs() if not h}
+    assert sibling in light, f"{config}: no 6-layer sibling {sibling!r} runs in full"
+    text_ref = load(sibling)
+
+    def arch(k):
+        return k.startswith(("flow_lm.", "mimi.")) and not k.endswith("tokenizer_path")
+
+    keys = set(me) | set(arch_ref) | set(text_ref)
+    model_diff = {k: (me.get(k), arch_ref.get(k)) for k in keys
+                  if arch(k) and me.get(k) != arch_ref.get(k)}
+    assert not model_diff, f"{config} is not {rep}'s architecture: {model_diff}"
+    text_diff = {k: (me.get(k), text_ref.get(k)) for k in keys
+                 if not arch(k) and "weights_path" not in k and not k.endswith("tokenizer_path")
+                 and me.get(k) != text_ref.get(k)}
+    assert not text_diff, f"{config} does not handle text as {sibling}: {text_diff}"
+    # the comparison is not vacuous: the group shares a depth the light configs do not have
+    assert me["flow_lm.transformer.num_layers"] > HEAVY_LAYERS
 
 
 def _doctored(workdir, edit, name):
