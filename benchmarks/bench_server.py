@@ -3,7 +3,7 @@ same random `pocket` weights (english.yaml shapes, fp32, CPU), with 1/4/16/64 co
 clients.
 
     python benchmarks/bench_server.py [--clients 1,4,16,64] [--requests 1] [--threads 2]
-                                      [--record] [--out DIR]
+                                      [--precision fp32|bf16|int8] [--record] [--out DIR]
 
 Each server runs in its own process (built from the same seed: the package's TTSModel with
 random weights, python_tests/pocket_fixtures.py; ours takes those weights through
@@ -64,7 +64,8 @@ def serve_peer(port: int, workdir: str, threads: int) -> None:
     uvicorn.run(pm.web_app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def serve_ours(port: int, workdir: str, threads: int, max_seconds: float, streams: int) -> None:
+def serve_ours(port: int, workdir: str, threads: int, max_seconds: float, streams: int,
+               precision: str = "fp32") -> None:
     import torch
     from pocket_fixtures import random_tts_model
 
@@ -79,7 +80,8 @@ def serve_ours(port: int, workdir: str, threads: int, max_seconds: float, stream
     save_voice(vdir / "bench.safetensors", encode_prompt(synth.vae, voice_wav()), synth.vae)
     cfg = ServerConfig(max_streams=streams, max_queue=256, queue_timeout=600,
                        max_seconds=max_seconds, eos_threshold=None, cache_mb=1536,
-                       decode_frames=8, default_voice="bench", voices_dir=str(vdir))
+                       decode_frames=8, default_voice="bench", voices_dir=str(vdir),
+                       precision=precision)
     serve(synth, "127.0.0.1", port, cfg, log_level="warning")
 
 
@@ -176,7 +178,8 @@ def run_server(kind: str, args, max_seconds: float | None = None) -> list[dict]:
     cmd = [sys.executable, __file__, "--serve", kind, "--port", str(port), "--workdir",
            args.workdir, "--threads", str(args.threads)]
     if max_seconds is not None:
-        cmd += ["--max-seconds", str(max_seconds), "--streams", str(max(args.levels))]
+        cmd += ["--max-seconds", str(max_seconds), "--streams", str(max(args.levels)),
+                "--precision", args.precision]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     rows = []
     try:
@@ -186,7 +189,9 @@ def run_server(kind: str, args, max_seconds: float | None = None) -> list[dict]:
             raise RuntimeError(f"{kind} warm-up answered {st}")
         for c in args.levels:
             r = level(port, c, args.requests, warm_s)
-            rows.append({"server": kind, **r, "audio_per_request_s": round(warm_s, 2)})
+            rows.append({"server": kind if kind == "peer" or args.precision == "fp32"
+                         else f"{kind}-{args.precision}", **r,
+                         "audio_per_request_s": round(warm_s, 2)})
             print(json.dumps(rows[-1]), flush=True)
     finally:
         proc.terminate()
@@ -210,6 +215,9 @@ def main():
                     help="append to benchmarks/results/server.csv instead")
     ap.add_argument("--only", choices=("ours", "peer"), default=None)
     ap.add_argument("--text", default=TEXT, help="what every request says")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                    help="our server's LM weights (`calm-fast serve --precision`); the "
+                         "package always runs fp32")
     # child modes
     ap.add_argument("--serve", choices=("ours", "peer"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -219,7 +227,8 @@ def main():
     if args.serve == "peer":
         return serve_peer(args.port, args.workdir, args.threads)
     if args.serve == "ours":
-        return serve_ours(args.port, args.workdir, args.threads, args.max_seconds, args.streams)
+        return serve_ours(args.port, args.workdir, args.threads, args.max_seconds, args.streams,
+                          args.precision)
     args.levels = [int(c) for c in args.clients.split(",")]
     TEXT = args.text
     rows = []
@@ -237,7 +246,7 @@ def main():
                        "ttfb_p50_ms", "ttfb_p95_ms", "failures"])
     for c in args.levels:
         p = next((r for r in rows if r["server"] == "peer" and r["clients"] == c), None)
-        o = next((r for r in rows if r["server"] == "ours" and r["clients"] == c), None)
+        o = next((r for r in rows if r["server"].startswith("ours") and r["clients"] == c), None)
         if p and o and p["rtf"]:
             print(f"{c:3d} clients: ours/peer RTF {o['rtf'] / p['rtf']:.2f}x, p50 TTFB "
                   f"{p['ttfb_p50_ms'] / max(o['ttfb_p50_ms'], 1e-9):.2f}x faster")
