@@ -4,9 +4,10 @@ At batch 1 a frame step of a Pocket TTS LM is bound by reading its weights, and 
 reads them nearly as fast as two; the decoder is compute-bound on activations that stay
 in cache. Giving each its own core and running them at the same time therefore beats
 running both on two cores one after the other (benchmarks/results/design_notes.md,
-"decoder overlap"). The engine thread keeps the scheduling; this worker owns every call
-that touches the decoder's state, in submission order (one FIFO thread), so a slot closed
-and reopened for the next request can never see a decode out of order.
+"decoder overlap"); the LM takes the core back while the worker is idle, where that does
+not change its bits (``lm_threads``). The engine thread keeps the scheduling; this worker
+owns every call that touches the decoder's state, in submission order (one FIFO thread),
+so a slot closed and reopened for the next request can never see a decode out of order.
 
     w = DecodeWorker(DecodeSlots(vae, 16))
     w.open(3)                                # queued, ordered with the decodes

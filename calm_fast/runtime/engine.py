@@ -36,10 +36,12 @@ Overlap (``overlap=True``, with a vae): the decoder runs on its own thread
 others, makes the next frames; a step's events come out once their audio is decoded (a
 later ``step()``, in order), except a stream's first chunk, which is waited for (the time
 to first audio stays one frame plus one decode, on every thread). With more than
-``OVERLAP_STREAMS`` streams the decoding goes back to the engine thread. The audio equals
-the engine's without overlap to fp32 rounding (the LM runs on one thread fewer), and is the
-same bit for bit from run to run: which thread count and path a step takes follows the
-requests, never the timing.
+``OVERLAP_STREAMS`` streams the decoding goes back to the engine thread. While the decoder
+is idle the LM takes its core back, where its step gives the same bits on any thread count
+(``Scheduler.thread_invariant``: our C++ step); elsewhere it keeps to the other cores
+whatever the timing. So the frames equal the engine's without overlap (bit for bit where
+invariant, to fp32 rounding elsewhere) and are the same from run to run: a step's thread
+count changes its bits only where it follows the requests, never the timing.
 """
 from __future__ import annotations
 
