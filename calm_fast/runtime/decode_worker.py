@@ -54,14 +54,16 @@ def _run(q: queue.SimpleQueue, threads: int, errors: list) -> None:
 
 
 @contextmanager
-def lm_threads(give_core: bool):
-    """While the block runs, this thread (the LM's) has one intra-op thread fewer when
-    ``give_core`` and it has more than one: the decode worker's core. Restored after.
-    Callers give the core only while the worker decodes when the LM's step is thread-count
-    invariant (``Scheduler.thread_invariant``), and whenever the worker may decode otherwise:
-    then the LM's thread count, which changes its rounding, follows the requests alone."""
+def lm_threads(worker: "DecodeWorker | None", overlapped: bool, invariant: bool):
+    """While the block runs, this thread (the LM's) has one intra-op thread fewer, the
+    decode worker's core, when it has more than one and ``overlapped`` (the caller decodes
+    on ``worker`` at this step's batch size): while the worker decodes, and also while it
+    is idle unless the LM's step is thread-count ``invariant``
+    (``Scheduler.thread_invariant``). A step whose bits depend on its thread count thus
+    keeps to the same count whatever the timing. Restored after."""
     threads = torch.get_num_threads()
-    fewer = give_core and threads > 1
+    fewer = (worker is not None and overlapped and threads > 1
+             and (worker.busy or not invariant))
     if fewer:
         torch.set_num_threads(threads - 1)
     try:

@@ -397,12 +397,9 @@ class Engine:
             streams = list(self.active)
             threads = torch.get_num_threads()
             overlapped = threads > 1 and len(streams) <= self.OVERLAP_STREAMS
-            # the decoder thread has one core while it decodes and the LM the rest; the LM
-            # takes them all when the decoder is idle if its sums do not depend on the
-            # thread count, else it keeps to the rest whatever the timing (same seed, same
-            # audio either way)
-            give = overlapped and (self._worker.busy or not self.sched.thread_invariant)
-            with lm_threads(give):
+            # the decoder thread has one core while it decodes and the LM the rest (same
+            # seed, same audio: see lm_threads)
+            with lm_threads(self._worker, overlapped, self.sched.thread_invariant):
                 out = self.sched.step(streams)
             events, done = self._events(out)
             calls, first = self._plan_decode(out.ids, out.latents, done)

@@ -395,12 +395,10 @@ class Service:
         job._out("audio", wav)
 
     def _step(self) -> None:
-        # the decoder thread has a core of its own while it decodes and the LM the rest;
-        # the LM takes them all when the decoder is idle only if its sums do not depend on
-        # the thread count (a job's audio must not depend on timing)
-        w = self._worker
-        with lm_threads(w is not None and len(self.runs) <= Engine.OVERLAP_STREAMS
-                        and (w.busy or not self.engine.sched.thread_invariant)):
+        # the decoder thread has a core of its own while it decodes and the LM the rest (a
+        # job's audio must not depend on timing: see lm_threads)
+        with lm_threads(self._worker, len(self.runs) <= Engine.OVERLAP_STREAMS,
+                        self.engine.sched.thread_invariant):
             events = self.engine.step()
         self.steps += 1
         for ev in events:

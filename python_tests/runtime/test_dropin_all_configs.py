@@ -53,10 +53,16 @@ def _configs():
     return out
 
 
+def _heavy():
+    """(the heavy config run in full, the heavy configs covered by the group test)."""
+    heavy = [name for name, h in _configs() if h]
+    rep = REPRESENTATIVE if REPRESENTATIVE in heavy else (heavy[0] if heavy else None)
+    return rep, [n for n in heavy if n != rep]
+
+
 def _params():
     configs = _configs()
-    heavy = [name for name, h in configs if h]
-    rep = REPRESENTATIVE if REPRESENTATIVE in heavy else (heavy[0] if heavy else None)
+    rep = _heavy()[0]
     marks = pytest.mark.skip(reason="heavy (24-layer) config, covered by its group test: "
                                     "CALM_FAST_ALL_CONFIGS=1 runs it")
     return [pytest.param(name, marks=() if not h or ALL or name == rep else marks, id=name)
@@ -156,15 +162,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _heavy_unrun():
-    configs = _configs()
-    heavy = [n for n, h in configs if h]
-    rep = REPRESENTATIVE if REPRESENTATIVE in heavy else (heavy[0] if heavy else None)
-    return rep, [n for n in heavy if n != rep]
-
-
 @pytest.mark.skipif(CONFIGS_DIR is None, reason="the pocket-tts package is not installed")
-@pytest.mark.parametrize("config", _heavy_unrun()[1])
+@pytest.mark.parametrize("config", _heavy()[1])
 def test_each_heavy_config_is_a_tested_architecture_and_text_handling(config):
     """A heavy config the default run skips gives the package's audio because both halves
     of it are tested above: its model (every ``flow_lm``/``mimi`` field but the tokenizer
@@ -172,7 +171,7 @@ def test_each_heavy_config_is_a_tested_architecture_and_text_handling(config):
     (the package's text handling, default temperature; not the weight files) is its
     6-layer sibling's, which runs in full. A later heavy config that is neither fails here:
     run it with CALM_FAST_ALL_CONFIGS=1 and make it the representative of a new group."""
-    rep = _heavy_unrun()[0]
+    rep = _heavy()[0]
     load = lambda name: _flat(yaml.safe_load((Path(CONFIGS_DIR) / f"{name}.yaml")  # noqa: E731
                                              .read_text()))
     me, arch_ref = load(config), load(rep)
