@@ -55,6 +55,36 @@ calm_fast::Panels checked_panels(py::array& a, const char* name) {
   return {checked<float>(a, name, -1, false), false};
 }
 
+// int8 panels as the tuple (panels int8 (ceil(N / 32), 4 ceil(K / 4), 32), scales float32
+// (N), colsum int32 (N)) for a [K, N] projection (gemm_cpu.h); ``keep`` holds the arrays.
+calm_fast::Panels checked_i8_panels(py::handle t, const char* name, int64_t K, int64_t N,
+                                    std::vector<py::array>& keep) {
+  py::tuple tup = t.cast<py::tuple>();
+  if (py::len(tup) != 3) {
+    throw std::invalid_argument(std::string(name) + ": int8 panels are (panels, scales, colsum)");
+  }
+  py::array a = tup[0].cast<py::array>(), sc = tup[1].cast<py::array>(),
+            cs = tup[2].cast<py::array>();
+  const std::string n(name);
+  calm_fast::Panels w;
+  w.data = checked<int8_t>(a, (n + " panels").c_str(), 3, false);
+  w.scales = checked<float>(sc, (n + " scales").c_str(), 1, false);
+  w.colsum = checked<int32_t>(cs, (n + " colsum").c_str(), 1, false);
+  const int64_t np = (N + kPanel - 1) / kPanel, k4 = 4 * ((K + 3) / 4);
+  if (a.shape(0) != np || a.shape(1) != k4 || a.shape(2) != kPanel || sc.shape(0) != N ||
+      cs.shape(0) != N) {
+    throw std::invalid_argument(n + " int8 panels " + shape_str(a) + ", scales " +
+                                shape_str(sc) + ", colsum " + shape_str(cs) + " do not fit a [" +
+                                std::to_string(K) + ", " + std::to_string(N) +
+                                "] projection (expected (" + std::to_string(np) + ", " +
+                                std::to_string(k4) + ", 32), (N), (N))");
+  }
+  keep.push_back(a);
+  keep.push_back(sc);
+  keep.push_back(cs);
+  return w;
+}
+
 
 // A [B, rows, C] float32 view whose rows are contiguous (row stride C, element stride 1) and
 // whose batch stride is free: a slice of a longer buffer (rows after a causal context) or
@@ -265,6 +295,16 @@ void linear(py::array x, py::array panels, py::object bias, py::array y, int thr
   calm_fast::gemm_panels_any(xp, M, K, wp, N, bp, yp, threads);
 }
 
+void linear_i8(py::array x, py::tuple panels, py::array y, int threads) {
+  const float* xp = checked<float>(x, "x", 2, false);
+  float* yp = checked<float>(y, "y", 2, true);
+  const int64_t M = x.shape(0), K = x.shape(1), N = y.shape(1);
+  if (y.shape(0) != M) throw std::invalid_argument("linear_i8: x and y rows differ");
+  std::vector<py::array> keep;
+  const calm_fast::Panels wp = checked_i8_panels(panels, "linear_i8", K, N, keep);
+  py::gil_scoped_release nogil;
+  calm_fast::gemm_panels_any(xp, M, K, wp, N, nullptr, yp, threads);
+}
 
 // A causal conv over channels-last rows (conv_cpu.h). x [B, >= T + (taps - 1) dil, cin];
 // panels [ceil(N / 32), >= taps cin, 32]; y / e [B, T, N] (either may be None; not both);
@@ -466,7 +506,9 @@ void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, p
   };
   // a projection [r, c] packed as panels [ceil(c / 32), r, 32]: fp32, or int16 holding bf16
   auto panels = [&](py::handle t, size_t i, const char* name, int64_t r, int64_t c) -> Panels {
-    py::array a = t.cast<py::tuple>()[i].cast<py::array>();
+    py::object o = t.cast<py::tuple>()[i];
+    if (py::isinstance<py::tuple>(o)) return checked_i8_panels(o, name, r, c, keep);
+    py::array a = o.cast<py::array>();
     const Panels w = checked_panels(a, name);
     const int64_t np = (c + kPanel - 1) / kPanel;
     if (a.ndim() != 3 || a.shape(0) != np || a.shape(1) != r || a.shape(2) != kPanel) {
@@ -479,9 +521,14 @@ void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, p
   };
   for (py::handle t : layers) {
     if (py::len(t) != 10) throw std::invalid_argument("a layer is a tuple of 10 arrays");
-    py::array w2 = t.cast<py::tuple>()[7].cast<py::array>();
-    if (w2.ndim() != 3) throw std::invalid_argument("w2 must be panels (ceil(d / 32), ff, 32)");
-    if (ff < 0) ff = w2.shape(1);
+    py::object w1o = t.cast<py::tuple>()[6], w2o = t.cast<py::tuple>()[7];
+    if (py::isinstance<py::tuple>(w1o) && py::len(w1o) == 3) {  // int8: ff = w1's columns
+      if (ff < 0) ff = w1o.cast<py::tuple>()[1].cast<py::array>().shape(0);
+    } else {
+      py::array w2 = w2o.cast<py::array>();
+      if (w2.ndim() != 3) throw std::invalid_argument("w2 must be panels (ceil(d / 32), ff, 32)");
+      if (ff < 0) ff = w2.shape(1);
+    }
     DecodeLayerWeights L{get(t, 0, "ln1_w", d, -1), get(t, 1, "ln1_b", d, -1),
                          panels(t, 2, "w_qkv", d, nqkv), panels(t, 3, "w_o", attn, d),
                          get(t, 4, "ln2_w", d, -1), get(t, 5, "ln2_b", d, -1),
@@ -522,6 +569,10 @@ PYBIND11_MODULE(_C, m) {
     }
   });
 
+  m.def("linear_i8", &linear_i8, py::arg("x"), py::arg("panels"), py::arg("y"),
+        py::arg("threads") = 0,
+        "y = x W for fp32 rows, W as int8 panels (panels, scales, colsum): rows quantized "
+        "per row, exact integer sums (gemm_cpu.h)");
   m.def("linear", &linear, py::arg("x"), py::arg("panels"), py::arg("bias"), py::arg("y"),
         py::arg("threads") = 0,
         "y = x W (+ bias) for fp32 rows, W packed as panels (ceil(N / 32), K, 32): fp32, or "
@@ -561,6 +612,7 @@ PYBIND11_MODULE(_C, m) {
   // precision="bf16" linears run on AVX512-BF16 dot products on this CPU (else: the same
   // rounded rows and weights through fp32 multiply-adds)
   m.attr("has_bf16_dot") = calm_fast::has_bf16_dot();
+  m.attr("has_int8_dot") = calm_fast::has_int8_dot();
 
 #ifdef CALM_FAST_OPENMP
   m.attr("has_openmp") = true;

@@ -10,6 +10,8 @@
 #include "gemm_cpu.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstdlib>
 #include <vector>
 
@@ -346,9 +348,189 @@ void gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* panels, int
   gemm_panels(xr.data(), M, K, panels, N, bias, y, threads);
 }
 
+
+// -- int8 panels: integer dot products ----------------------------------------------------
+// A batch-1 step reads its weights once: int8 panels are a quarter of fp32's bytes. The
+// rows are quantized here, per row, so the error is that of 8-bit rows and 8-bit
+// per-column weights; the sums are exact int32 (|sum| <= 127 * 127 * K, far below 2^31 at
+// any model width), so the result does not depend on the order of the sums: the same bits
+// on every host, path and thread count, and one multiply per output turns them to fp32.
+
+inline int8_t quantize_one(float v, float inv) {
+  const float q = std::nearbyint(v * inv);  // the default rounding: half to even
+  return static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, q)));
+}
+
+// Rows of x quantized: xq [M, 4 K4] (zero past K), their scales sx [M].
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t K4, int8_t* xq, float* sx) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * K;
+    float amax = 0.0f;
+    bool finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = std::fabs(r[k]);
+      if (!(a <= std::numeric_limits<float>::max())) finite = false;
+      amax = std::max(amax, a);
+    }
+    // a row with NaN or inf: scale NaN, so its outputs come out NaN
+    const float s = !finite ? std::numeric_limits<float>::quiet_NaN()
+                            : amax > 0.0f ? amax / 127.0f : 1.0f;
+    const float inv = 1.0f / s;
+    int8_t* o = xq + m * 4 * K4;
+    for (int64_t k = 0; k < K; ++k) o[k] = quantize_one(r[k], inv);
+    for (int64_t k = K; k < 4 * K4; ++k) o[k] = 0;
+    sx[m] = s;
+  }
+}
+
+// acc [rows, 32] = xq rows [rows, 4 K4] (row stride ldx bytes) times one int8 panel, exact.
+void i8_rows_plain(const int8_t* xq, int64_t ldx, int64_t rows, int64_t K4,
+                   const int8_t* panel, int32_t* acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    int32_t a[kPanel] = {};
+    const int8_t* xr = xq + r * ldx;
+    for (int64_t j = 0; j < K4; ++j) {
+      const int8_t* w = panel + j * 4 * kPanel;
+      for (int b = 0; b < 4; ++b) {
+        const int32_t xv = xr[4 * j + b];
+        for (int64_t c = 0; c < kPanel; ++c) a[c] += xv * w[c * 4 + b];
+      }
+    }
+    std::copy(a, a + kPanel, acc + r * kPanel);
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CALM_FAST_VNNI 1
+
+// CALM_FAST_INT8_DOT=0 (read once) keeps the plain integer loops on a CPU that has VNNI (the
+// tests run both paths on such a host).
+bool cpu_has_vnni() {
+  static const bool has = [] {
+    const char* env = std::getenv("CALM_FAST_INT8_DOT");
+    if (env != nullptr && env[0] == '0') return false;
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+  }();
+  return has;
+}
+
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+// vpdpbusd multiplies unsigned by signed bytes: the rows go in as xq + 128 (xu), and
+// 128 * colsum comes off at the end. One quad of the panel is 128 bytes, two registers of
+// 16 columns x 4 bytes, so the sums come out in column order.
+template <int MR>
+VNNI_TARGET void vnni_block(const uint32_t* xu, int64_t ldx, const int8_t* panel, int64_t K4,
+                            int32_t* acc) {
+  __m512i lo[MR], hi[MR];
+  __m512i lo2 = _mm512_setzero_si512(), hi2 = _mm512_setzero_si512();
+  for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
+  const int8_t* w = panel;
+  int64_t j = 0;
+  if (MR == 1) {  // two accumulator pairs over alternate quads (the dot product's latency)
+    for (; j + 2 <= K4; j += 2, w += 8 * kPanel) {
+      __builtin_prefetch(w + 64 * 4 * kPanel, 0, 0);
+      __builtin_prefetch(w + 64 * 4 * kPanel + 64, 0, 0);
+      __builtin_prefetch(w + 64 * 4 * kPanel + 128, 0, 0);
+      __builtin_prefetch(w + 64 * 4 * kPanel + 192, 0, 0);
+      const __m512i a = _mm512_loadu_si512(w), b = _mm512_loadu_si512(w + 64);
+      const __m512i c = _mm512_loadu_si512(w + 128), d = _mm512_loadu_si512(w + 192);
+      const __m512i x0 = _mm512_set1_epi32(static_cast<int>(xu[j]));
+      const __m512i x1 = _mm512_set1_epi32(static_cast<int>(xu[j + 1]));
+      lo[0] = _mm512_dpbusd_epi32(lo[0], x0, a);
+      hi[0] = _mm512_dpbusd_epi32(hi[0], x0, b);
+      lo2 = _mm512_dpbusd_epi32(lo2, x1, c);
+      hi2 = _mm512_dpbusd_epi32(hi2, x1, d);
+    }
+  }
+  for (; j < K4; ++j, w += 4 * kPanel) {
+    const __m512i a = _mm512_loadu_si512(w), b = _mm512_loadu_si512(w + 64);
+    for (int r = 0; r < MR; ++r) {
+      const __m512i xr = _mm512_set1_epi32(static_cast<int>(xu[r * ldx + j]));
+      lo[r] = _mm512_dpbusd_epi32(lo[r], xr, a);
+      hi[r] = _mm512_dpbusd_epi32(hi[r], xr, b);
+    }
+  }
+  if (MR == 1) {
+    lo[0] = _mm512_add_epi32(lo[0], lo2);
+    hi[0] = _mm512_add_epi32(hi[0], hi2);
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_si512(acc + r * kPanel, lo[r]);
+    _mm512_storeu_si512(acc + r * kPanel + 16, hi[r]);
+  }
+}
+
+VNNI_TARGET void vnni_rows(const uint32_t* xu, int64_t ldx, int64_t rows, int64_t K4,
+                           const int8_t* panel, int32_t* acc) {
+  switch (rows) {
+    case 8: return vnni_block<8>(xu, ldx, panel, K4, acc);
+    case 6: return vnni_block<6>(xu, ldx, panel, K4, acc);
+    case 5: return vnni_block<5>(xu, ldx, panel, K4, acc);
+    case 4: return vnni_block<4>(xu, ldx, panel, K4, acc);
+    case 3: return vnni_block<3>(xu, ldx, panel, K4, acc);
+    case 2: return vnni_block<2>(xu, ldx, panel, K4, acc);
+    case 1: return vnni_block<1>(xu, ldx, panel, K4, acc);
+    default: return;
+  }
+}
+#else
+bool cpu_has_vnni() { return false; }
+#endif
+
+void gemm_i8(const float* x, int64_t M, int64_t K, const int8_t* panels, const float* scales,
+             const int32_t* colsum, int64_t N, float* y, int threads) {
+  const int64_t K4 = (K + 3) / 4;
+  std::vector<int8_t> xq(static_cast<size_t>(M * 4 * K4));
+  std::vector<float> sx(static_cast<size_t>(M));
+  quantize_rows(x, M, K, K4, xq.data(), sx.data());
+  const bool vnni = cpu_has_vnni();
+  std::vector<uint32_t> xu;
+  if (vnni) {  // xq + 128 as unsigned bytes, four to a lane
+    xu.resize(static_cast<size_t>(M * K4));
+    for (int64_t i = 0; i < M * K4; ++i) {
+      uint32_t u = 0;
+      for (int b = 0; b < 4; ++b) {
+        u |= static_cast<uint32_t>(static_cast<uint8_t>(xq[4 * i + b] + 128)) << (8 * b);
+      }
+      xu[i] = u;
+    }
+  }
+  panel_tasks(M, N, nullptr, y, threads,
+              [&](int64_t m0, int64_t rows, int64_t p, const float*, float* out,
+                  int64_t ldo, bool) {
+                int32_t acc[kRows8 * kPanel];
+                const int8_t* panel = panels + p * K4 * 4 * kPanel;
+                const int64_t n0 = p * kPanel, cols = std::min<int64_t>(kPanel, N - n0);
+                float sc[kPanel] = {};
+                int32_t off[kPanel] = {};
+                std::copy(scales + n0, scales + n0 + cols, sc);
+#ifdef CALM_FAST_VNNI
+                if (vnni) {
+                  vnni_rows(xu.data() + m0 * K4, K4, rows, K4, panel, acc);
+                  for (int64_t c = 0; c < cols; ++c) off[c] = 128 * colsum[n0 + c];
+                } else
+#endif
+                  i8_rows_plain(xq.data() + m0 * 4 * K4, 4 * K4, rows, K4, panel, acc);
+                for (int64_t r = 0; r < rows; ++r) {
+                  const float s = sx[m0 + r];
+                  for (int64_t c = 0; c < kPanel; ++c) {
+                    out[r * ldo + c] = static_cast<float>(acc[r * kPanel + c] - off[c]) * (s * sc[c]);
+                  }
+                }
+              });
+}
 }  // namespace
 
 bool has_bf16_dot() { return cpu_has_dpbf16(); }
+
+bool has_int8_dot() { return cpu_has_vnni(); }
+
+void gemm_panels_i8(const float* x, int64_t M, int64_t K, const int8_t* panels,
+                    const float* scales, const int32_t* colsum, int64_t N, float* y,
+                    int threads) {
+  gemm_i8(x, M, K, panels, scales, colsum, N, y, threads);
+}
 
 void gemm_panels_f32(const float* x, int64_t M, int64_t K, const float* panels, int64_t N,
                      const float* bias, float* y, int threads) {

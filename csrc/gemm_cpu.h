@@ -20,15 +20,38 @@ void gemm_panels_bf16(const float* x, int64_t M, int64_t K, const uint16_t* pane
 
 bool has_bf16_dot();
 
-// Panels of either kind (what the decode step holds per projection).
+// int8 panels [ceil(N / 32), K4 = ceil(K / 4), 32, 4]: byte b of column c in quad j is the
+// weight W[4j + b, 32p + c] quantized per column (symmetric: W = scales[n] * q), zero past K
+// and N; colsum [N] holds each column's sum of q. Each row of x is quantized on the fly
+// (symmetric, scale max|x| / 127, round half to even) and the sums are exact integers, so
+// the result is the same bits on every host, thread count and path:
+//   y[m, n] = float(sum_k xq[m, k] q[k, n]) * (sx[m] * scales[n]).
+// No bias: a fused add would round differently from the torch reference's (fast/int8.py
+// adds it after). AVX512-VNNI dot products where the CPU has them (has_int8_dot()), plain
+// integer loops elsewhere.
+void gemm_panels_i8(const float* x, int64_t M, int64_t K, const int8_t* panels,
+                    const float* scales, const int32_t* colsum, int64_t N, float* y,
+                    int threads);
+
+bool has_int8_dot();
+
+// Panels of any kind (what the decode step holds per projection): int8 when scales is set.
 struct Panels {
   const void* data = nullptr;
   bool bf16 = false;
+  const float* scales = nullptr;
+  const int32_t* colsum = nullptr;
 };
 
 inline void gemm_panels_any(const float* x, int64_t M, int64_t K, Panels w, int64_t N,
                             const float* bias, float* y, int threads) {
-  if (w.bf16) {
+  if (w.scales != nullptr) {  // int8 projections carry no bias (the decode step has none)
+    gemm_panels_i8(x, M, K, static_cast<const int8_t*>(w.data), w.scales, w.colsum, N, y,
+                   threads);
+    for (int64_t m = 0; bias != nullptr && m < M; ++m) {
+      for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
+    }
+  } else if (w.bf16) {
     gemm_panels_bf16(x, M, K, static_cast<const uint16_t*>(w.data), N, bias, y, threads);
   } else {
     gemm_panels_f32(x, M, K, static_cast<const float*>(w.data), N, bias, y, threads);

@@ -206,8 +206,8 @@ def step_rows(p: PackedBackbone, cache: PagedKVCache, x: torch.Tensor, pos: torc
 def native_layers(p: PackedBackbone):
     """The layers as the numpy tuples ``ops.native_decode_step`` reads, made once and kept
     on ``p`` (a tensor's ``.numpy()`` call, 60 of them per step, is not free); None unless every
-    projection is a panel-packed fp32 CPU ``SplitLinear`` (``split()``; plain, int8 or GPU
-    weights run op by op)."""
+    projection is a native panel-packed CPU linear: ``SplitLinear`` (``split()``, fp32 or
+    bf16) or ``Int8Linear`` (``quantized()``); plain or GPU weights run op by op."""
     cached = p.__dict__.get("_native")
     if cached is not None:
         return cached or None
@@ -215,13 +215,15 @@ def native_layers(p: PackedBackbone):
     for L in p.layers:
         projs = [getattr(L, k) for k in ("w_qkv", "w_o", "w1", "w2")]
         vecs = [getattr(L, k) for k in ("ln1_w", "ln1_b", "ln2_w", "ln2_b", "ls1", "ls2")]
-        if not all(isinstance(w, SplitLinear) and w.native and w.b is None for w in projs) \
+        if not all(isinstance(w, (SplitLinear, Int8Linear)) and w.native and w.b is None
+                   for w in projs) \
                 or not ops.native_ok(*[v for v in vecs if v is not None], grad_mode=False):
             out = []
             break
         arr = lambda t: None if t is None else t.detach().contiguous().numpy()  # noqa: E731
         ln1_w, ln1_b, ln2_w, ln2_b, ls1, ls2 = map(arr, vecs)
-        w_qkv, w_o, w1, w2 = (w.panels.numpy() for w in projs)
+        w_qkv, w_o, w1, w2 = (w.native_panels() if isinstance(w, Int8Linear) else w.panels.numpy()
+                              for w in projs)
         out.append((ln1_w, ln1_b, w_qkv, w_o, ln2_w, ln2_b, w1, w2, ls1, ls2))
     p.__dict__["_native"] = out
     return out or None

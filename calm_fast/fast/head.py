@@ -97,7 +97,7 @@ class PackedHead:
         return q
 
     def quantized(self) -> "PackedHead":
-        """A copy whose matmuls use int8 weights (fbgemm, CPU; ``head_cpu`` only)."""
+        """A copy whose matmuls use int8 weights (fast/int8.py, CPU; ``head_cpu`` only)."""
         return self._repack(Int8Linear)
 
     def check(self, c: torch.Tensor, x: torch.Tensor) -> None:

@@ -103,7 +103,8 @@ class Scheduler:
     head_steps: LSD / consistency steps per frame. precision: the backbone's and head's
     weights on CPU: "fp32" (the default and the parity mode), "bf16" (bf16 weights and
     matmul rows, fp32 products and sums: half the bytes a batch-1 frame reads) or "int8"
-    (fbgemm); ``int8=True`` is precision="int8". device: where the cache and the frame compute live; on CUDA each frame is a
+    (8-bit weights and rows, exact integer sums: a quarter of the bytes; fast/int8.py);
+    ``int8=True`` is precision="int8". device: where the cache and the frame compute live; on CUDA each frame is a
     CUDA-graph replay (frame_step.FrameStep) and ``dtype`` may be bf16/fp16; there the
     cache (``num_blocks``, required) and the captured graphs are kept across calls. The
     weights are packed once here: build a new generator after training."""
@@ -143,11 +144,12 @@ class Scheduler:
         self.backbone = fb.pack(model.transformer)
         self.head = pack_head(model.flow_net.state_dict())
         # how the backbone step runs: "native" (our C++ step), "torch" (op by op), "int8"
-        # (quantized linears) or "cuda" (Triton and CUDA graphs)
+        # (int8 linears op by op: the extension is not built) or "cuda" (Triton, CUDA graphs)
         self.layout = "native" if cpu else "cuda"
         if precision == "int8":
             self.backbone, self.head = self.backbone.quantized(), self.head.quantized()
-            self.layout = "int8"
+            if fb.native_layers(self.backbone) is None:
+                self.layout = "int8"
         elif precision == "bf16":  # every thread at decode batch sizes (cpu_linear)
             self.backbone, self.head = self.backbone.split(True), self.head.split(True)
         elif cpu:  # fp32: our C++ step or torch's, whichever this host runs faster
@@ -166,9 +168,10 @@ class Scheduler:
     def thread_invariant(self) -> bool:
         """Whether a frame step gives the same bits on any intra-op thread count: our C++
         step and linears (fp32 and bf16) cut every reduction by shape alone, never by
-        thread count (python_tests/runtime/test_decode_overlap.py checks it), while torch's
-        sgemm (the "torch" layout, the short-context module's linears) and fbgemm's int8
-        kernels round some shapes differently on one thread and on two."""
+        thread count, and int8 sums are exact integers (python_tests/runtime/
+        test_decode_overlap.py checks it), while torch's sgemm (the "torch" layout, the
+        short-context module's linears) rounds some shapes differently on one thread and
+        on two."""
         return (self.layout == "native" and ops.has_native("linear")
                 and getattr(self.model, "short", None) is None)
 

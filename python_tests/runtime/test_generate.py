@@ -106,6 +106,31 @@ def test_int8_generator_stays_close(tts):
     assert torch.nn.functional.cosine_similarity(a[0], b[0], dim=0) > 0.95
 
 
+def test_int8_frames_are_the_same_bits_on_any_threads(tts):
+    """int8 sums are exact integers and the native step cuts its other reductions by shape:
+    one thread, two, alone or in a batch, the same frames (what lets the LM take the
+    decoder's idle core, Scheduler.thread_invariant)."""
+    from calm_fast.fast import ops
+
+    if not ops.has_native("linear_i8"):
+        pytest.skip("calm_fast._C not built")
+    mk = lambda i: Request(tts.prefix(tokens=torch.arange(3 + i)), 6, seed=i,  # noqa: E731
+                           eos_threshold=None)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            gen = CALMGenerator(tts, precision="int8")
+            assert gen.layout == "native" and gen.thread_invariant
+            outs.append(gen.generate([mk(0), mk(1), mk(2)]) + gen.generate([mk(1)]))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert torch.equal(outs[0][1], outs[0][3])  # in a batch of 3 and alone
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_is_fp32_math_on_rounded_rows_and_weights(tts, native, monkeypatch):
     """precision="bf16": the backbone's and head's matmuls take bf16-rounded weights (half
