@@ -444,6 +444,10 @@ VNNI_TARGET void vnni_block(const uint32_t* xu, int64_t ldx, const int8_t* panel
     }
   }
   for (; j < K4; ++j, w += 4 * kPanel) {
+    if (MR > 1) {  // the panel streams from DRAM once: fetch 32 quads ahead
+      __builtin_prefetch(w + 32 * 4 * kPanel, 0, 0);
+      __builtin_prefetch(w + 32 * 4 * kPanel + 64, 0, 0);
+    }
     const __m512i a = _mm512_loadu_si512(w), b = _mm512_loadu_si512(w + 64);
     for (int r = 0; r < MR; ++r) {
       const __m512i xr = _mm512_set1_epi32(static_cast<int>(xu[r * ldx + j]));
