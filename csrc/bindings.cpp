@@ -613,6 +613,12 @@ PYBIND11_MODULE(_C, m) {
   // rounded rows and weights through fp32 multiply-adds)
   m.attr("has_bf16_dot") = calm_fast::has_bf16_dot();
   m.attr("has_int8_dot") = calm_fast::has_int8_dot();
+  m.attr("f32_isa") = calm_fast::f32_isa();
+#if defined(CALM_FAST_F32_AVX512)
+  m.attr("f32_avx512_built") = true;
+#else
+  m.attr("f32_avx512_built") = false;  // built without CMake (scripts/device_build.sh)
+#endif
 
 #ifdef CALM_FAST_OPENMP
   m.attr("has_openmp") = true;

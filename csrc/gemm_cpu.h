@@ -20,6 +20,12 @@ void gemm_panels_bf16(const float* x, int64_t M, int64_t K, const uint16_t* pane
 
 bool has_bf16_dot();
 
+// The instruction set the fp32 panel GEMM runs with: "avx512" (gemm_f32_avx512.cpp, where
+// the CPU has AVX-512F and CALM_FAST_F32_ISA is not "build") or "build" (the build's flags).
+const char* f32_isa();
+void gemm_panels_f32_avx512(const float* x, int64_t M, int64_t K, const float* panels,
+                            int64_t N, const float* bias, float* y, int threads);
+
 // int8 panels [ceil(N / 32), K4 = ceil(K / 4), 32, 4]: byte b of column c in quad j is the
 // weight W[4j + b, 32p + c] quantized per column (symmetric: W = scales[n] * q), zero past K
 // and N; colsum [N] holds each column's sum of q. Each row of x is quantized on the fly

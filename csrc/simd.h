@@ -11,7 +11,15 @@
 #include <omp.h>
 #endif
 
+// Each instruction set's translation unit (gemm_f32_avx512.cpp) defines CALM_FAST_ISA before
+// including this: these inline functions then get their own names per instruction set, so
+// the linker never merges an AVX-512 copy into code that must run on a CPU without it.
+#ifndef CALM_FAST_ISA
+#define CALM_FAST_ISA isa_build
+#endif
+
 namespace calm_fast {
+inline namespace CALM_FAST_ISA {
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t i16 __attribute__((vector_size(64)));
@@ -84,4 +92,5 @@ inline void parallel_for(int64_t n, int threads, Fn&& fn) {
   for (int64_t i = 0; i < n; ++i) fn(i);
 }
 
+}  // inline namespace CALM_FAST_ISA
 }  // namespace calm_fast

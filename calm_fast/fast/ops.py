@@ -65,7 +65,10 @@ def native():
 
 def native_info() -> str:
     """One line for ``calm-fast info``."""
-    return "not built" if _C is None else f"yes (openmp={_C.has_openmp})"
+    if _C is None:
+        return "not built"
+    return (f"yes (openmp={_C.has_openmp}, fp32 GEMM {_C.f32_isa}, bf16 dot products "
+            f"{_C.has_bf16_dot}, int8 dot products {_C.has_int8_dot})")
 
 
 def triton_ok(t: torch.Tensor) -> bool:

@@ -1,10 +1,6 @@
 """Int8 weights (fast/int8.py, csrc/gemm_cpu.cpp): the native kernel against its torch
 reference, bit for bit, on both integer kernels and any thread count; the error against
 fp32; the decode step's native int8 layers."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -12,6 +8,7 @@ from calm_fast.fast import backbone as fb
 from calm_fast.fast import int8 as I
 from calm_fast.fast import ops
 
+from isa_runs import outputs_under
 from paged_fixtures import random_sd
 from test_decode_step import op_by_op, run_steps
 
@@ -104,13 +101,8 @@ def test_the_plain_integer_kernel_gives_the_vnni_kernels_bits(tmp_path):
     integer sums, so the same bits (elsewhere both runs take the plain loops)."""
     from calm_fast import _C
 
-    res = {}
-    for flag in ("1", "0"):
-        path = tmp_path / f"i8_{flag}.pt"
-        env = {**os.environ, "CALM_FAST_INT8_DOT": flag}
-        script = INT8_SCRIPT.replace("SHAPES", repr(SHAPES)).replace("PATH", str(path))
-        subprocess.run([sys.executable, "-c", script], env=env, check=True)
-        res[flag] = torch.load(path)
+    res = outputs_under(tmp_path, "CALM_FAST_INT8_DOT", ("1", "0"),
+                        INT8_SCRIPT.replace("SHAPES", repr(SHAPES)))
     assert res["0"]["dot"] is False and res["1"]["dot"] == _C.has_int8_dot
     for key, y in res["1"].items():
         if key != "dot":
