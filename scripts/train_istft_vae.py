@@ -262,6 +262,7 @@ def append_eval(run: Path, report: Path, results):
         if new:
             w.writeheader()
         w.writerows(results)
+    report.parent.mkdir(parents=True, exist_ok=True)  # the default folder is not the run's
     with open(report, "a") as f:
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         for r in results:
