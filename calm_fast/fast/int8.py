@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from calm_fast.fast import ops
 
 PANEL = 32  # output columns per panel (csrc/gemm_cpu.h)
+# The kernel's int32 sums reach 255 * 127 * K (the rows go in shifted to unsigned): exact
+# below 2^31 for K up to 66311.
+MAX_IN = 65536
 
 
 def quantize_weight(w_t: torch.Tensor):
@@ -67,6 +70,9 @@ class Int8Linear:
         if w_t.dim() != 2 or not w_t.is_floating_point():
             raise ValueError(f"Int8Linear needs a float [in, out] weight, got {tuple(w_t.shape)}")
         self.in_features, self.out_features = w_t.shape
+        if self.in_features > MAX_IN:
+            raise ValueError(f"Int8Linear sums at most {MAX_IN} products in int32, got "
+                             f"{self.in_features} inputs")
         q, self.scales = quantize_weight(w_t)
         self.colsum = q.sum(0, dtype=torch.int32)
         self.b = None if bias is None else bias.detach().float().contiguous()

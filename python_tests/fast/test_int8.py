@@ -80,6 +80,8 @@ def test_bad_int8_panels_are_refused_with_their_shapes():
         _C.linear_i8(x.numpy(), (p, s), y, 1)
     with pytest.raises(ValueError, match="Int8Linear takes"):
         I.Int8Linear(w)(torch.zeros(2, 15))
+    with pytest.raises(ValueError, match="at most 65536"):
+        I.Int8Linear(torch.zeros(I.MAX_IN + 1, 1))
 
 
 INT8_SCRIPT = """
