@@ -119,14 +119,16 @@ def ours_breakdown(fast, state):
 
     eng = fast.engine
     lm = fast.lm
-    dec, eng.decoder = eng.decoder, None  # the LM step alone
+    # the LM step alone: no decoder, and no decode worker (overlap) to hand frames to
+    dec, worker = eng.decoder, eng._worker
+    eng.decoder, eng._worker = None, None
     prefix = torch.cat([state.rows, lm.conditioner(torch.arange(20))])
     rid = eng.submit(Request(prefix, 1000, eos_threshold=None, seed=0))
     for _ in range(5):
         eng.step()
     step = timeit(eng.step, warmup=2, min_time=1.0)
     eng.cancel(rid)
-    eng.decoder = dec
+    eng.decoder, eng._worker = dec, worker
     head_fn = eng.sched.frame._head_fn
     packed = eng.sched.head
     Z, noise = torch.randn(1, lm.cfg.backbone.d_model), torch.randn(1, lm.cfg.latent_dim)
