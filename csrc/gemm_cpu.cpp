@@ -174,8 +174,9 @@ void gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* panels, int
 // -- int8 panels: integer dot products ----------------------------------------------------
 // A batch-1 step reads its weights once: int8 panels are a quarter of fp32's bytes. The
 // rows are quantized here, per row, so the error is that of 8-bit rows and 8-bit
-// per-column weights; the sums are exact int32 (|sum| <= 127 * 127 * K, far below 2^31 at
-// any model width), so the result does not depend on the order of the sums: the same bits
+// per-column weights; the sums are exact int32 (the VNNI path's shifted rows reach
+// 255 * 127 * K, below 2^31 up to K = 66311: fast/int8.py refuses more than 65536 inputs),
+// so the result does not depend on the order of the sums: the same bits
 // on every host, path and thread count, and one multiply per output turns them to fp32.
 
 inline int8_t quantize_one(float v, float inv) {

@@ -79,13 +79,15 @@ class Int8Linear:
         self.native = ops.has_native("linear_i8")
         if self.native:
             self.panels = pack_panels_i8(q)
+            # made once: every call hands them to the kernel (a .numpy() call is not free)
+            self._arrays = (self.panels.numpy(), self.scales.numpy(), self.colsum.numpy())
         else:
             self.q = q
 
     def native_panels(self):
         """(panels, scales, colsum) as numpy arrays: what ``_C.linear_i8`` and the decode
         step read."""
-        return self.panels.numpy(), self.scales.numpy(), self.colsum.numpy()
+        return self._arrays
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.in_features:

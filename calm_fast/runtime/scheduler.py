@@ -169,7 +169,7 @@ class Scheduler:
         """Whether a frame step gives the same bits on any intra-op thread count: our C++
         step and linears (fp32 and bf16) cut every reduction by shape alone, never by
         thread count, and int8 sums are exact integers (python_tests/runtime/
-        test_decode_overlap.py checks it), while torch's sgemm (the "torch" layout, the
+        test_decode_overlap.py and test_generate.py check it), while torch's sgemm (the "torch" layout, the
         short-context module's linears) rounds some shapes differently on one thread and
         on two."""
         return (self.layout == "native" and ops.has_native("linear")
