@@ -347,6 +347,21 @@ def test_lm_recipe_under_torchrun_two_cpu_processes(tmp_path):
     assert model.cfg.backbone.num_layers == 2
 
 
+def test_only_rank_zero_writes_the_recipe_record(tmp_path, monkeypatch):
+    """Every torchrun rank checks the folder; two writers once raced on one temporary name
+    (CI: 'No such file ... recipe.json.tmp -> recipe.json')."""
+    from calm_fast.train.recipes import claim_out_dir
+
+    rec = {"kind": "lm", "out_dir": str(tmp_path / "run"), "train": {"steps": 3}}
+    monkeypatch.setenv("RANK", "1")
+    claim_out_dir(rec)
+    assert (tmp_path / "run").is_dir() and not (tmp_path / "run" / "recipe.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    claim_out_dir(rec)
+    assert json.loads((tmp_path / "run" / "recipe.json").read_text()) == rec
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["recipe.json"]  # no temporaries
+
+
 def test_reruns_refuse_other_settings_and_keep_metrics_single(tmp_path):
     lat = synthetic_cache(tmp_path / "lat")
     rec = write_toml(tmp_path / "r.toml",

@@ -5,6 +5,7 @@ One module per recipe (``vae``, ``lm``, ``distill``); ``config`` reads and check
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from pathlib import Path
 
@@ -71,7 +72,11 @@ def claim_out_dir(recipe: dict, force: bool = False) -> None:
             raise RecipeError(f"{out} holds a run of other settings ({shown}): resuming it "
                               f"would mix them; use another out_dir, or --force to go on")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = mine.with_name("recipe.json.tmp")
+    # Under torchrun every rank checks the folder, but one writes the record: two ranks
+    # sharing a temporary name raced (one renamed it away under the other).
+    if os.environ.get("RANK", "0") != "0":
+        return
+    tmp = mine.with_name(f".recipe.json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(recipe, indent=1, sort_keys=True))
     tmp.replace(mine)
 
