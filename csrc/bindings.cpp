@@ -7,6 +7,7 @@
 #include "conv_cpu.h"
 #include "decode_step_cpu.h"
 #include "gemm_cpu.h"
+#include "isa_kernels.h"
 #include "kv_manager.h"
 #include "paged_attention_cpu.h"
 #include "window_attention_cpu.h"
@@ -234,7 +235,7 @@ void paged_attention(py::array q, py::array k, py::array v, py::array indptr, py
   }
   const Table t = checked_table(indptr, indices, last_page_len, start, B, BS, NB);
   py::gil_scoped_release nogil;
-  paged_decode_attention_cpu(qp, kp, vp, t.ip, t.ix, t.lp, t.st, B, H, HKV, D, BS,
+  kernels().paged_decode_attention(qp, kp, vp, t.ip, t.ix, t.lp, t.st, B, H, HKV, D, BS,
                              static_cast<float>(scale), op);
 }
 
@@ -269,7 +270,7 @@ void window_attention(py::array q, py::array k_cache, py::array v_cache, py::arr
   }
   const Table t = checked_table(indptr, indices, last_page_len, start, B, BS, NB, T);
   py::gil_scoped_release nogil;
-  paged_window_attention_cpu(qp, kp, vp, t.ip, t.ix, t.lp, t.st, B, T, H, HKV, D, BS, window,
+  kernels().paged_window_attention(qp, kp, vp, t.ip, t.ix, t.lp, t.st, B, T, H, HKV, D, BS, window,
                              static_cast<float>(scale), op, threads);
 }
 
@@ -395,11 +396,11 @@ void conv_rows(py::array x, py::array panels, int64_t taps, int64_t dil, int64_t
   }
   py::gil_scoped_release nogil;
   if (sum != nullptr && taps == 2) {
-    conv2_pairs_f32(c, sum, threads);
+    kernels().conv2_pairs(c, sum, threads);
   } else if (sum != nullptr) {
-    conv3_pairs_f32(c, sum, threads);
+    kernels().conv3_pairs(c, sum, threads);
   } else {
-    conv_rows_f32(c, threads);
+    kernels().conv_rows(c, threads);
   }
 }
 
@@ -423,7 +424,7 @@ void conv_rows_to_one(py::array x, py::array w, double bias, int64_t taps, int64
   float* yp = static_cast<float*>(y.mutable_data());
   const int64_t ys = y.strides(0) / static_cast<int64_t>(sizeof(float));
   py::gil_scoped_release nogil;
-  conv_rows_to_one_f32(xv.data, xv.bstride, B, T, cin, taps, dil, wp, static_cast<float>(bias),
+  kernels().conv_rows_to_one(xv.data, xv.bstride, B, T, cin, taps, dil, wp, static_cast<float>(bias),
                        yp, ys, threads);
 }
 
@@ -538,7 +539,7 @@ void decode_step(py::list layers, int64_t heads, int64_t kv_heads, double eps, p
   }
   const DecodeShape shape{d, heads, kv_heads, D, ff, BS, static_cast<float>(eps)};
   py::gil_scoped_release nogil;
-  decode_step_f32(ws, shape, xp, B, cp, sp, kp, vp, NB, sl, t.ip, t.ix, t.lp, t.st, queries,
+  kernels().decode_step(ws, shape, xp, B, cp, sp, kp, vp, NB, sl, t.ip, t.ix, t.lp, t.st, queries,
                   window, last_kv_only, last_rows_only, threads);
 }
 
@@ -613,12 +614,11 @@ PYBIND11_MODULE(_C, m) {
   // rounded rows and weights through fp32 multiply-adds)
   m.attr("has_bf16_dot") = calm_fast::has_bf16_dot();
   m.attr("has_int8_dot") = calm_fast::has_int8_dot();
-  m.attr("f32_isa") = calm_fast::f32_isa();
-#if defined(CALM_FAST_F32_AVX512)
-  m.attr("f32_avx512_built") = true;
-#else
-  m.attr("f32_avx512_built") = false;  // built without CMake (scripts/device_build.sh)
-#endif
+  // the instruction set the fp32 GEMM, attention, conv and decode-step kernels run with
+  // (isa_kernels.h), the built sets this CPU can run, and whether "build" is -march=native
+  m.attr("isa") = kernels().isa;
+  m.attr("runnable_isas") = runnable_isas();
+  m.attr("native_build") = native_build();
 
 #ifdef CALM_FAST_OPENMP
   m.attr("has_openmp") = true;

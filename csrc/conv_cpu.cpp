@@ -16,11 +16,12 @@
 #include "simd.h"
 
 namespace calm_fast {
+inline namespace CALM_FAST_ISA {  // isa.h
 
 namespace {
 
-constexpr int kRows = 6;    // register block: 6 rows x 2 vectors, as gemm_cpu.cpp
-constexpr int kGroup = 8;   // row blocks per task: a panel is fetched once per 48 rows
+constexpr int kRows = kRegRows;  // register block (simd.h): 6 rows x 2 vectors with AVX-512
+constexpr int kGroup = 8;   // row blocks per task: a panel is fetched once per 8 blocks
 
 // The store of output row t of batch b, columns n0 .. n0 + cols - 1 (v0, v1: the sums).
 inline void store_row(const ConvCall& c, int64_t b, int64_t t, int64_t n0, int64_t cols,
@@ -231,9 +232,9 @@ std::vector<float> column_bias(const ConvCall& c, int64_t P) {
   return bias;
 }
 
-// fn(m0, rows, p, n0, cols) for every block of <= 6 rows (of M) and panel p (of N columns),
+// fn(m0, rows, p, n0, cols) for every block of <= kRows rows (of M) and panel p (of N columns),
 // group-major: a thread's consecutive tasks share their rows (in L1/L2) and walk the
-// panels; each panel is read once per group of 48 rows.
+// panels; each panel is read once per group of kGroup blocks.
 template <typename Fn>
 void for_blocks(int64_t M, int64_t N, int threads, Fn&& fn) {
   if (M <= 0 || N <= 0) return;
@@ -320,4 +321,5 @@ void conv_rows_to_one_f32(const float* x, int64_t x_bstride, int64_t B, int64_t 
   });
 }
 
+}  // inline namespace CALM_FAST_ISA
 }  // namespace calm_fast

@@ -4,6 +4,8 @@
 #pragma once
 #include <cstdint>
 
+#include "isa.h"
+
 namespace calm_fast {
 
 // y[b, t, n] = bias[n % bias_n] + sum_{j < taps} sum_{c < cin} x[b, t + j * dil, c] W[j * cin + c, n]
@@ -32,6 +34,8 @@ struct ConvCall {
   int64_t e_bstride = 0;
 };
 
+inline namespace CALM_FAST_ISA {  // isa.h
+
 void conv_rows_f32(const ConvCall& c, int threads);
 
 // The same for taps = 2, dil = 1 and an even T, with 3/4 of the multiplies (Winograd
@@ -48,4 +52,5 @@ void conv_rows_to_one_f32(const float* x, int64_t x_bstride, int64_t B, int64_t 
                           int64_t taps, int64_t dil, const float* w, float bias, float* y,
                           int64_t y_bstride, int threads);
 
+}  // inline namespace CALM_FAST_ISA
 }  // namespace calm_fast

@@ -17,6 +17,7 @@
 
 
 namespace calm_fast {
+inline namespace CALM_FAST_ISA {  // isa.h
 
 namespace {
 
@@ -158,4 +159,5 @@ void decode_step_f32(const std::vector<DecodeLayerWeights>& layers, const Decode
   }
 }
 
+}  // inline namespace CALM_FAST_ISA
 }  // namespace calm_fast

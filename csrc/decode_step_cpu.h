@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "gemm_cpu.h"
+#include "isa.h"
 
 namespace calm_fast {
 
@@ -22,6 +23,8 @@ struct DecodeShape {
   int64_t d_model, heads, kv_heads, head_dim, ff, block_size;
   float eps;
 };
+
+inline namespace CALM_FAST_ISA {  // isa.h
 
 // x [B, d] is updated in place through every layer. cos/sin [B, head_dim/2] rotate q and k
 // ((real, imag) pairs interleaved). k_cache/v_cache: [layers, num_blocks, block_size,
@@ -42,4 +45,5 @@ void decode_step_f32(const std::vector<DecodeLayerWeights>& layers, const Decode
                      int64_t window, bool last_kv_only, bool last_rows_only,
                      int threads);
 
+}  // inline namespace CALM_FAST_ISA
 }  // namespace calm_fast

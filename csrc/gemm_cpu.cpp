@@ -20,6 +20,7 @@
 #include <immintrin.h>
 #endif
 
+#include "isa_kernels.h"
 #include "simd.h"
 
 namespace calm_fast {
@@ -359,36 +360,29 @@ void gemm_panels_i8(const float* x, int64_t M, int64_t K, const int8_t* panels,
   gemm_i8(x, M, K, panels, scales, colsum, N, y, threads);
 }
 
-namespace {
-// CALM_FAST_F32_ISA=build (read once) keeps the build's own kernel on an AVX-512 CPU (the
-// tests compare both; A/B timings of a portable build).
-bool use_f32_avx512() {
-#if defined(CALM_FAST_F32_AVX512)
-  static const bool use = [] {
-    const char* env = std::getenv("CALM_FAST_F32_ISA");
-    if (env != nullptr && std::string(env) == "build") return false;
-    return static_cast<bool>(__builtin_cpu_supports("avx512f"));
-  }();
-  return use;
-#else
-  return false;
-#endif
-}
-}  // namespace
-
-const char* f32_isa() { return use_f32_avx512() ? "avx512" : "build"; }
-
 void gemm_panels_f32(const float* x, int64_t M, int64_t K, const float* panels, int64_t N,
                      const float* bias, float* y, int threads) {
-#if defined(CALM_FAST_F32_AVX512)
-  if (use_f32_avx512()) return gemm_panels_f32_avx512(x, M, K, panels, N, bias, y, threads);
-#endif
-  gemm_panels(x, M, K, panels, N, bias, y, threads);
+  kernels().gemm_f32(x, M, K, panels, N, bias, y, threads);
 }
 
 void gemm_panels_bf16(const float* x, int64_t M, int64_t K, const uint16_t* panels, int64_t N,
                       const float* bias, float* y, int threads) {
   gemm_bf16(x, M, K, panels, N, bias, y, threads);
+}
+
+void gemm_panels_any(const float* x, int64_t M, int64_t K, Panels w, int64_t N,
+                     const float* bias, float* y, int threads) {
+  if (w.scales != nullptr) {  // int8 projections carry no bias (the decode step has none)
+    gemm_panels_i8(x, M, K, static_cast<const int8_t*>(w.data), w.scales, w.colsum, N, y,
+                   threads);
+    for (int64_t m = 0; bias != nullptr && m < M; ++m) {
+      for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
+    }
+  } else if (w.bf16) {
+    gemm_panels_bf16(x, M, K, static_cast<const uint16_t*>(w.data), N, bias, y, threads);
+  } else {
+    gemm_panels_f32(x, M, K, static_cast<const float*>(w.data), N, bias, y, threads);
+  }
 }
 
 }  // namespace calm_fast

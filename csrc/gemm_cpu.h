@@ -2,6 +2,8 @@
 #pragma once
 #include <cstdint>
 
+#include "isa.h"
+
 namespace calm_fast {
 
 constexpr int64_t kPanel = 32;  // output columns per panel
@@ -20,11 +22,12 @@ void gemm_panels_bf16(const float* x, int64_t M, int64_t K, const uint16_t* pane
 
 bool has_bf16_dot();
 
-// The instruction set the fp32 panel GEMM runs with: "avx512" (gemm_f32_avx512.cpp, where
-// the CPU has AVX-512F and CALM_FAST_F32_ISA is not "build") or "build" (the build's flags).
-const char* f32_isa();
-void gemm_panels_f32_avx512(const float* x, int64_t M, int64_t K, const float* panels,
-                            int64_t N, const float* bias, float* y, int threads);
+// The fp32 panel GEMM of one instruction set (gemm_f32_isa.cpp, compiled once per set:
+// isa.h); gemm_panels_f32 runs the one isa_kernels.h's kernels() chose.
+inline namespace CALM_FAST_ISA {
+void gemm_panels_f32_isa(const float* x, int64_t M, int64_t K, const float* panels, int64_t N,
+                         const float* bias, float* y, int threads);
+}  // inline namespace CALM_FAST_ISA
 
 // int8 panels [ceil(N / 32), K4 = ceil(K / 4), 32, 4]: byte b of column c in quad j is the
 // weight W[4j + b, 32p + c] quantized per column (symmetric: W = scales[n] * q), zero past K
@@ -49,19 +52,9 @@ struct Panels {
   const int32_t* colsum = nullptr;
 };
 
-inline void gemm_panels_any(const float* x, int64_t M, int64_t K, Panels w, int64_t N,
-                            const float* bias, float* y, int threads) {
-  if (w.scales != nullptr) {  // int8 projections carry no bias (the decode step has none)
-    gemm_panels_i8(x, M, K, static_cast<const int8_t*>(w.data), w.scales, w.colsum, N, y,
-                   threads);
-    for (int64_t m = 0; bias != nullptr && m < M; ++m) {
-      for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
-    }
-  } else if (w.bf16) {
-    gemm_panels_bf16(x, M, K, static_cast<const uint16_t*>(w.data), N, bias, y, threads);
-  } else {
-    gemm_panels_f32(x, M, K, static_cast<const float*>(w.data), N, bias, y, threads);
-  }
-}
+// Out of line: an inline body here would be compiled into every instruction set's copy of
+// the kernels that call it, and the linker keeps any one of them.
+void gemm_panels_any(const float* x, int64_t M, int64_t K, Panels w, int64_t N,
+                     const float* bias, float* y, int threads);
 
 }  // namespace calm_fast

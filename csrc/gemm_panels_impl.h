@@ -1,23 +1,18 @@
 // The fp32 panel GEMM's kernels (see gemm_cpu.cpp), included inside an anonymous namespace
-// by each translation unit that compiles them for one instruction set: gemm_cpu.cpp (the
-// build's flags) and gemm_f32_avx512.cpp (AVX-512, chosen at run time where the CPU has
-// it, so a portable build, CALM_FAST_NATIVE=OFF, still multiplies with AVX-512). Its
+// by each translation unit that compiles them for one instruction set: gemm_f32_isa.cpp
+// (once per set: isa.h) and gemm_cpu.cpp (its bf16 kernels share the panel loops). Its
 // includers include <algorithm>, <cstring>, <vector> and simd.h first.
 #pragma once
 // A panel row's 32 weights as two fp32 vectors: fp32 as stored, or bf16 (the top half of
 // an fp32) widened by a shift. bf16 panels halve the bytes a batch-1 step reads (it is bound
 // by them); the products and sums stay fp32.
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-
 inline void load_w(const float* w, v16& w0, v16& w1) {
   w0 = load(w);
   w1 = load(w + 16);
 }
 
 inline v16 widen_bf16(const uint16_t* w) {
-  u16x16 h;
-  std::memcpy(&h, w, sizeof h);
-  return __builtin_bit_cast(v16, __builtin_convertvector(h, i16) << 16);
+  return __builtin_bit_cast(v16, widen_u16(w) << 16);
 }
 
 inline void load_w(const uint16_t* w, v16& w0, v16& w1) {
@@ -108,8 +103,8 @@ struct Block<1, W> {
   }
 };
 
-constexpr int kRows = 6;  // register block: 6 rows x 2 vectors = 12 accumulators
-constexpr int kRows8 = 8;  // for row counts that are multiples of 8 (16 accumulators)
+constexpr int kRows = kRegRows;  // register block (simd.h): with AVX-512 6 rows x 2 vectors
+constexpr int kRows8 = kRegRows8;  // for row counts that are multiples of it
 
 template <typename W>
 void rows_times_panel(const float* x, int64_t rows, int64_t K, const W* panel,

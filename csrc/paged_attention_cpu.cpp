@@ -10,6 +10,7 @@
 #endif
 
 namespace calm_fast {
+inline namespace CALM_FAST_ISA {  // isa.h
 
 namespace {
 
@@ -154,4 +155,5 @@ void paged_decode_attention_cpu(const float* q, const float* k, const float* v,
   }
 }
 
+}  // inline namespace CALM_FAST_ISA
 }  // namespace calm_fast

@@ -1,7 +1,10 @@
 #pragma once
 #include <cstdint>
 
+#include "isa.h"
+
 namespace calm_fast {
+inline namespace CALM_FAST_ISA {  // isa.h
 
 // Live rows of stream b in a CSR page table (pages indptr[b] .. indptr[b + 1], the last one
 // holding last_page_len[b] rows, the first starting at row start[b]; start may be null);
@@ -26,4 +29,5 @@ void paged_decode_attention_cpu(const float* q, const float* k, const float* v,
                                 int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim,
                                 int64_t block_size, float scale, float* out);
 
+}  // inline namespace CALM_FAST_ISA
 }  // namespace calm_fast

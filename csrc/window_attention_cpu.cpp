@@ -16,6 +16,7 @@
 #include "simd.h"
 
 namespace calm_fast {
+inline namespace CALM_FAST_ISA {  // isa.h
 
 namespace {
 
@@ -57,8 +58,8 @@ void softmax_lanes(const Task& t, float* inv) {
     for (int64_t j = 0; j < t.L; ++j) {
       const v16 jj = splat(static_cast<float>(j));
       const v16 sv = load(t.s + j * t.Mp + mv);
-      const v16 in = (jj >= lo && jj <= hi) ? sv : ninf;
-      mx = mx > in ? mx : in;
+      const v16 in = select((jj >= lo) & (jj <= hi), sv, ninf);
+      mx = select(mx > in, mx, in);
     }
     v16 sum = splat(0.0f);
     for (int64_t j = 0; j < t.L; ++j) {
@@ -67,12 +68,12 @@ void softmax_lanes(const Task& t, float* inv) {
       float e[16];
       store(e, load(sp) - mx);
       for (int i = 0; i < 16; ++i) e[i] = exp_approx(e[i]);
-      const v16 p = (jj >= lo && jj <= hi) ? load(e) : splat(0.0f);
+      const v16 p = select((jj >= lo) & (jj <= hi), load(e), splat(0.0f));
       store(sp, p);
       sum += p;
     }
     // lanes past the last query have no key: their sum is 0, and nobody reads them
-    store(inv + mv, sum > 0.0f ? 1.0f / sum : splat(0.0f));
+    store(inv + mv, select(sum > 0.0f, 1.0f / sum, splat(0.0f)));
   }
 }
 
@@ -167,4 +168,5 @@ void paged_window_attention_cpu(const float* q, const float* k, const float* v,
   });
 }
 
+}  // inline namespace CALM_FAST_ISA
 }  // namespace calm_fast

@@ -1,7 +1,10 @@
 #pragma once
 #include <cstdint>
 
+#include "isa.h"
+
 namespace calm_fast {
+inline namespace CALM_FAST_ISA {  // isa.h
 
 // Causal sliding-window attention of T new rows per stream over a paged K/V cache (fp32):
 // the VAE's windowed Transformer decoding a few frames of many streams at once.
@@ -20,4 +23,5 @@ void paged_window_attention_cpu(const float* q, const float* k, const float* v,
                                 int64_t dim, int64_t block_size, int64_t window, float scale,
                                 float* out, int threads);
 
+}  // inline namespace CALM_FAST_ISA
 }  // namespace calm_fast

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 C_FUNCTIONS = ("KVManager", "paged_decode_attention", "window_attention", "decode_step",
-               "linear", "conv_rows", "conv_rows_to_one", "has_openmp")
+               "linear", "conv_rows", "conv_rows_to_one", "has_openmp", "isa", "runnable_isas")
 checkout = pytest.mark.skipif(not (ROOT / "pyproject.toml").exists(),
                               reason="needs a source checkout")
 
@@ -89,11 +89,30 @@ def test_device_build_compiles_the_cmake_sources_in_a_clean_copy(tmp_path):
     code = ("import importlib.util, sys\n"
             f"spec = importlib.util.spec_from_file_location('_C', {str(so)!r})\n"
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-            f"print([f for f in {C_FUNCTIONS!r} if not hasattr(m, f)])")
+            f"print([f for f in {C_FUNCTIONS!r} if not hasattr(m, f)], m.isa, m.runnable_isas)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.strip() == "[]"
+    # one copy of the kernels, for the script's own flags (CMake builds the others)
+    assert res.stdout.strip() == "[] build ['build']"
+    # That copy is the x86-64 baseline (SSE2: simd.h's 16 lanes as 4 registers, which a
+    # native build never compiles): the kernel tests against their references, run on it.
+    from isa_runs import KERNEL_TESTS
+
+    tests = [str(ROOT / "python_tests" / "fast" / f) for f in KERNEL_TESTS]
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('calm_fast._C', {str(so)!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "sys.modules['calm_fast._C'] = m\n"
+            "import calm_fast; calm_fast._C = m\n"
+            "from calm_fast.fast import ops; assert ops._C is m\n"
+            "import pytest\n"
+            f"sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', *{tests!r}]))")
+    env = {k: v for k, v in os.environ.items() if k != "CALM_FAST_ISA"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT / "python_tests", env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout.strip().splitlines()[-1]
 
 
 def test_torch_is_not_a_build_requirement_and_there_is_no_cuda_switch():

@@ -19,12 +19,14 @@ if [ -z "${CALM_FAST_NO_CMAKE:-}" ] && command -v cmake >/dev/null; then
   cmake --build build/device -j "$(nproc)" >/dev/null
   cp build/device/_C*"$ext" "calm_fast/_C$ext"
 else
-  # the sources between "pybind11_add_module(_C MODULE" and ")" in CMakeLists.txt
-  mapfile -t srcs < <(sed -n '/^pybind11_add_module(_C MODULE/,/^)/{/csrc\//s/^ *//p}' CMakeLists.txt)
+  # the sources of "pybind11_add_module(_C MODULE ...)" and "set(CALM_FAST_ISA_SOURCES ...)"
+  # in CMakeLists.txt; the kernels once, for the flags below ("build" alone: csrc/isa.h)
+  mapfile -t srcs < <(sed -n -e '/^pybind11_add_module(_C MODULE/,/^)/{/csrc\//s/^ *//p}' \
+    -e '/^set(CALM_FAST_ISA_SOURCES/,/^)/{/csrc\//s/^ *//p}' CMakeLists.txt)
   inc=$($py -c "import sysconfig; print(sysconfig.get_paths()['include'])")
   pyb=$($py -c "import pybind11; print(pybind11.get_include())")
-  march=(); [ "$native" = ON ] && march=(-march=native)
-  g++ -O3 "${march[@]}" -fopenmp -DCALM_FAST_OPENMP=1 -shared -fPIC -std=c++17 \
+  march=(); [ "$native" = ON ] && march=(-march=native -DCALM_FAST_NATIVE_BUILD=1)
+  g++ -O3 -Wno-psabi "${march[@]}" -fopenmp -DCALM_FAST_OPENMP=1 -shared -fPIC -std=c++17 \
     -I"$inc" -I"$pyb" -Icsrc "${srcs[@]}" -o "calm_fast/_C$ext"
 fi
 ln -sfn ../kernels calm_fast/kernels

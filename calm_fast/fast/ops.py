@@ -29,6 +29,15 @@ try:
 except ImportError:  # the extension is optional at import time; the reference still runs
     _C = None
 
+# CALM_FAST_ISA picks the kernels' instruction set (csrc/isa_kernels.h); one this build
+# cannot run on this CPU falls back to the default there, and is said here.
+if _C is not None and os.environ.get("CALM_FAST_ISA") not in (None, _C.isa):
+    import warnings
+
+    warnings.warn(f"CALM_FAST_ISA={os.environ['CALM_FAST_ISA']!r} is not an instruction set "
+                  f"this build runs on this CPU (it runs {', '.join(_C.runnable_isas)}); "
+                  f"the kernels run {_C.isa!r}", stacklevel=2)
+
 
 def _tensors(**named) -> None:
     """The kernels' array arguments are torch tensors (a numpy array or a list would reach
@@ -67,7 +76,9 @@ def native_info() -> str:
     """One line for ``calm-fast info``."""
     if _C is None:
         return "not built"
-    return (f"yes (openmp={_C.has_openmp}, fp32 GEMM {_C.f32_isa}, bf16 dot products "
+    build = "native" if _C.native_build else "portable"
+    return (f"yes ({build} build, kernels {_C.isa} of {'/'.join(_C.runnable_isas)}, "
+            f"openmp={_C.has_openmp}, bf16 dot products "
             f"{_C.has_bf16_dot}, int8 dot products {_C.has_int8_dot})")
 
 

@@ -156,37 +156,3 @@ def test_cached_for_remakes_only_when_a_weight_changes():
     assert b is not a and len(made) == 2
     x = torch.randn(3, 24)
     torch.testing.assert_close(b(x), x @ mod.weight.detach().t(), rtol=1e-5, atol=1e-5)
-
-
-F32_SCRIPT = """
-import torch
-from calm_fast import _C
-from calm_fast.fast.cpu_linear import SplitLinear
-out = {"isa": _C.f32_isa}
-for m, k, n in ((1, 64, 96), (3, 33, 70), (8, 256, 128), (13, 100, 40)):
-    g = torch.Generator().manual_seed(m * k + n)
-    w, b, x = torch.randn(k, n, generator=g), torch.randn(n, generator=g), torch.randn(m, k, generator=g)
-    out[(m, k, n)] = SplitLinear(w, b)(x)
-torch.save(out, "PATH")
-"""
-
-
-def test_the_fp32_gemm_picks_avx512_at_run_time_and_the_build_kernel_agrees(tmp_path):
-    """The fp32 panel GEMM is compiled twice (the build's flags, and AVX-512 in
-    gemm_f32_avx512.cpp) and picks AVX-512 at run time where the CPU has it, so a portable
-    build (CALM_FAST_NATIVE=OFF) multiplies with it too; CALM_FAST_F32_ISA=build keeps the
-    build's kernel: the same products, to fp32 rounding."""
-    import os
-
-    from calm_fast import _C
-
-    if _C is None:
-        pytest.skip("calm_fast._C not built")
-    has = "avx512f" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None
-    res = outputs_under(tmp_path, "CALM_FAST_F32_ISA", ("auto", "build"), F32_SCRIPT)
-    assert res["build"]["isa"] == "build"
-    if has is not None:
-        assert res["auto"]["isa"] == ("avx512" if has and _C.f32_avx512_built else "build")
-    for key, y in res["auto"].items():
-        if key != "isa":
-            torch.testing.assert_close(y, res["build"][key], rtol=1e-5, atol=1e-5)
