@@ -168,7 +168,7 @@ void gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* panels, int
     const uint32_t u = static_cast<uint32_t>(bf16_bits(x[i])) << 16;
     std::memcpy(&xr[i], &u, 4);
   }
-  gemm_panels(xr.data(), M, K, panels, N, bias, y, threads);
+  kernels().gemm_bf16_widen(xr.data(), M, K, panels, N, bias, y, threads);
 }
 
 

@@ -22,11 +22,14 @@ void gemm_panels_bf16(const float* x, int64_t M, int64_t K, const uint16_t* pane
 
 bool has_bf16_dot();
 
-// The fp32 panel GEMM of one instruction set (gemm_f32_isa.cpp, compiled once per set:
-// isa.h); gemm_panels_f32 runs the one isa_kernels.h's kernels() chose.
+// The panel GEMMs of one instruction set (gemm_panels_isa.cpp, compiled once per set: isa.h);
+// gemm_panels_f32 / _bf16 run the ones isa_kernels.h's kernels() chose. bf16w: bf16 panels
+// widened to fp32 (rows already rounded to bf16), where the CPU has no bf16 dot products.
 inline namespace CALM_FAST_ISA {
 void gemm_panels_f32_isa(const float* x, int64_t M, int64_t K, const float* panels, int64_t N,
                          const float* bias, float* y, int threads);
+void gemm_panels_bf16w_isa(const float* x, int64_t M, int64_t K, const uint16_t* panels,
+                           int64_t N, const float* bias, float* y, int threads);
 }  // inline namespace CALM_FAST_ISA
 
 // int8 panels [ceil(N / 32), K4 = ceil(K / 4), 32, 4]: byte b of column c in quad j is the

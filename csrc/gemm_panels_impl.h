@@ -1,6 +1,6 @@
 // The fp32 panel GEMM's kernels (see gemm_cpu.cpp), included inside an anonymous namespace
-// by each translation unit that compiles them for one instruction set: gemm_f32_isa.cpp
-// (once per set: isa.h) and gemm_cpu.cpp (its bf16 kernels share the panel loops). Its
+// by each translation unit that compiles them for one instruction set: gemm_panels_isa.cpp
+// (once per set: isa.h) and gemm_cpu.cpp (its AVX512-BF16 kernel shares the task split). Its
 // includers include <algorithm>, <cstring>, <vector> and simd.h first.
 #pragma once
 // A panel row's 32 weights as two fp32 vectors: fp32 as stored, or bf16 (the top half of

@@ -25,6 +25,7 @@ struct IsaKernels {
   decltype(&conv3_pairs_f32) conv3_pairs;
   decltype(&conv_rows_to_one_f32) conv_rows_to_one;
   decltype(&gemm_panels_f32_isa) gemm_f32;
+  decltype(&gemm_panels_bf16w_isa) gemm_bf16_widen;
 };
 
 // isa_table.cpp, once per built set (CMakeLists.txt defines CALM_FAST_HAVE_AVX2 / _AVX512

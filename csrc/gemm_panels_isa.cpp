@@ -1,5 +1,5 @@
-// The fp32 panel GEMM, one copy per instruction set (CALM_FAST_ISA_SOURCES): the public
-// gemm_panels_f32 (gemm_cpu.cpp) calls the copy kernels() chose, so a portable build
+// The panel GEMMs over fp32 and (widened) bf16 panels, one copy per instruction set
+// (CALM_FAST_ISA_SOURCES): gemm_cpu.cpp calls the copy kernels() chose, so a portable build
 // (CALM_FAST_NATIVE=OFF: the rest compiled for the baseline) still multiplies with 256- or
 // 512-bit FMAs, which is where a step spends its time.
 #include <algorithm>
@@ -18,6 +18,11 @@ namespace {
 
 void gemm_panels_f32_isa(const float* x, int64_t M, int64_t K, const float* panels, int64_t N,
                          const float* bias, float* y, int threads) {
+  gemm_panels(x, M, K, panels, N, bias, y, threads);
+}
+
+void gemm_panels_bf16w_isa(const float* x, int64_t M, int64_t K, const uint16_t* panels,
+                           int64_t N, const float* bias, float* y, int threads) {
   gemm_panels(x, M, K, panels, N, bias, y, threads);
 }
 
