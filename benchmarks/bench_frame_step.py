@@ -69,6 +69,10 @@ def main() -> None:
     bw, peak = read_bandwidth(), matmul_flops()
     print(f"measured: read {bw / 1e9:.1f} GB/s, fp32 matmul {peak / 1e9:.1f} GFLOP/s")
     rows = []
+    from calm_fast.fast import ops
+
+    C = ops.native()  # which copy of the C++ kernels runs (csrc/isa_kernels.h), which build
+    kernels = f"{C.isa} ({'native' if C.native_build else 'portable'})"
     with torch.inference_mode():
         # -- peer, batch 1 (its cache needs equal offsets across a batch) --
         state = init_states(tr, batch_size=1, sequence_length=args.ctx + 400)
@@ -130,7 +134,7 @@ def main() -> None:
             t_ours, bw_row, ratio = (statistics.median(p[i] for p in pairs) for i in range(3))
             bound = bound_at(bw_row)
             rows.append({
-                "weights": kind, "batch": B, "ctx": args.ctx,
+                "weights": kind, "batch": B, "ctx": args.ctx, "kernels": kernels,
                 "peer_ms": f"{t_pk * 1e3:.1f}" if B == 1 else "",
                 "ours_ms": f"{t_ours * 1e3:.1f}",
                 "ours_ms_per_stream": f"{t_ours * 1e3 / B:.2f}",
